@@ -1,0 +1,1 @@
+"""Shared foundation of the four method packages: backbones, data, MACs, explanations, run utilities."""

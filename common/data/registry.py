@@ -1,0 +1,61 @@
+"""``load_dataset``: one entry point from a dataset name to train / val / test tensors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from . import sources
+from .containers import DatasetSplits
+from .paths import resolve_cache_dir, resolve_data_root
+from .splits import stratified_split
+
+IMAGEFOLDER_PREFIX = "imagefolder:"
+
+_SOURCES: dict[str, Callable[[Path, bool, Path | None], sources.Loaded]] = {
+    "cifar10": sources.load_cifar10,
+    "cifar100": sources.load_cifar100,
+    "digits": sources.load_digits,
+    "mnist": sources.load_mnist,
+    "stl10": sources.load_stl10,
+    "svhn": sources.load_svhn,
+}
+
+
+def list_datasets() -> list[str]:
+    """The built-in dataset names; user folders are loaded as ``imagefolder:<path>`` on top of these."""
+    return sorted(_SOURCES)
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    download: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> DatasetSplits:
+    """Load ``name`` as uint8 tensors, with ``val`` a class-stratified hold-out of the training set.
+
+    ``root`` defaults to ``$DATA_ROOT``, else ``./data``; ``cache_dir`` (decoded image folders) defaults
+    to ``$ICNN_CACHE``, else ``~/.cache/interpretable-cnns``. ``val_fraction`` of every class is held out
+    with ``numpy.random.RandomState(seed)``, so the same arguments always give the same split.
+    Raises ``DatasetNotFoundError`` when the files are missing and ``ValueError`` for an unknown name.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    data_root = resolve_data_root(root)
+    cache = resolve_cache_dir(cache_dir)
+    if name.startswith(IMAGEFOLDER_PREFIX):
+        full, test, classes = sources.load_imagefolder(name[len(IMAGEFOLDER_PREFIX) :], data_root, cache)
+    elif name.lower() in _SOURCES:
+        full, test, classes = _SOURCES[name.lower()](data_root, download, cache)
+    else:
+        known = ", ".join(list_datasets())
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {known}, or {IMAGEFOLDER_PREFIX}<path>")
+    train_idx, val_idx = stratified_split(full.labels.numpy(), val_fraction, seed)
+    return DatasetSplits(
+        name=name, train=full.subset(train_idx), val=full.subset(val_idx), test=test, classes=list(classes)
+    )

@@ -1,0 +1,58 @@
+"""Evaluation loops every method needs; each method's training step stays in its own package."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .run import progress
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], desc: str = "predict"
+                   ) -> tuple[Tensor, Tensor]:
+    """Logits and labels (on CPU) for every batch, with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for x, y in progress(batches, desc):
+            logits.append(model(x).float().cpu())
+            labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate_top1(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], desc: str = "evaluate") -> float:
+    """Top-1 accuracy in percent."""
+    logits, labels = predict_logits(model, batches, desc)
+    return 100.0 * (logits.argmax(1) == labels).double().mean().item()
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, input_size: tuple[int, int, int], batch_size: int,
+                    device: torch.device | str = "cpu", repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds per forward pass of one batch (eval mode)."""
+    import time
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    x = torch.rand(batch_size, *input_size, device=device)
+    times = []
+    try:
+        for i in range(warmup + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return float(torch.tensor(times).median())
