@@ -1,0 +1,75 @@
+"""PICNN (Guo, Yang et al., AAAI 2024): an interpretation pathway that groups the filters of a late conv-layer
+into class-specific clusters through a learnable filter-class correspondence matrix P.
+
+Entry for the benchmark: ``run_method``. Pieces: ``sampling`` (Eq. 5-10), ``model`` (pathways, Eq. 1-4),
+``train`` (Eq. 3, resumable), ``metrics`` (ACC1/ACC2/ACC3, MIS), ``explain`` (class-cluster Grad-CAM).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.backbones import Backbone
+from common.data import DatasetSplits
+from common.method import Budget, MethodResult
+from common.run import RunDir, seed_everything
+
+from .explain import class_cluster_saliency, cluster_grad_cams
+from .metrics import evaluate_picnn, interpretation_accuracies
+from .model import PicnnNet, picnn_losses
+from .sampling import bernoulli_assignment, gumbel_assignment, pseudo_label
+from .train import PicnnSettings, build_picnn, load_model, save_model, train_picnn
+
+__all__ = [
+    "PicnnNet",
+    "PicnnSettings",
+    "bernoulli_assignment",
+    "build_picnn",
+    "class_cluster_saliency",
+    "cluster_grad_cams",
+    "evaluate_picnn",
+    "gumbel_assignment",
+    "interpretation_accuracies",
+    "load_model",
+    "picnn_losses",
+    "pseudo_label",
+    "run_method",
+    "train_picnn",
+]
+
+
+def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Path, *,
+               device: torch.device | str, seed: int = 0, settings: dict[str, Any] | None = None) -> MethodResult:
+    """Train PICNN from ``start`` (a copy of it; the caller's backbone is not modified) within ``budget``.
+
+    Resumes from ``out_dir/checkpoint.pt``. Selects the weights with the best validation ACC1, evaluates them
+    on ``data.test`` (ACC1/ACC2/ACC3, MIS, MACs, params; written to ``out_dir/metrics.json``) and returns the
+    model with its native saliency (Grad-CAM of the target class from its cluster of filters), the target
+    layer as ``mis_layer``, and the measured training seconds. PICNN is a static model: ``dynamic_forward``
+    and ``dynamic_filter_share`` are None.
+    """
+    config = PicnnSettings.from_dict(settings)
+    device = torch.device(device)
+    seed_everything(seed)
+    model = PicnnNet(copy.deepcopy(start), data.num_classes, config.filters).to(device)
+    run = RunDir(out_dir)
+    run.write_config({"entry": "run_method", "backbone": type(start).__name__, "dataset": data.name,
+                      "budget": {"epochs": budget.epochs, "seconds": budget.seconds,
+                                 "max_batches": budget.max_batches},
+                      "seed": seed, "settings": config.to_dict()})
+    run.write_environment(device)
+    report = train_picnn(model, data, budget, run, config, device, seed)
+    save_model(model, run, {"backbone_class": type(start).__name__, "num_classes": data.num_classes,
+                            "filters": model.filters, "best_step": report.best_step})
+    metrics = evaluate_picnn(model, data.test, assignment=config.assignment, draws=config.eval_draws,
+                             mis_samples=config.mis_samples, device=device, seed=seed)
+    metrics.update(best_val_acc1=report.best_val_acc1, best_step=report.best_step, steps=report.steps)
+    run.write_metrics(metrics)
+    model.eval()
+    return MethodResult(model=model, saliency=class_cluster_saliency(model), dynamic_forward=None,
+                        mis_layer=model.target_layer, dynamic_filter_share=None, metrics=metrics,
+                        train_seconds=report.train_seconds)

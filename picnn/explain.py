@@ -1,0 +1,104 @@
+"""PICNN's native explanation: Grad-CAM restricted to a class's cluster of filters (Fig. 7), and figures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+from common.explain import grad_cam
+from common.method import SaliencyFn
+
+from .model import PicnnNet
+
+
+def _targets(model: PicnnNet, images: Tensor, targets: Tensor | None) -> Tensor:
+    if targets is None:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            targets = model(images).argmax(1)
+            model.train(was_training)
+    return torch.as_tensor(targets, device=images.device).long().reshape(-1)
+
+
+def cluster_grad_cams(model: PicnnNet, images: Tensor, targets: Tensor | None = None) -> dict[str, Tensor]:
+    """Grad-CAM of each image's target class from (a) all filters, (b) the class's cluster, (c) the other
+    clusters (Fig. 7). Clusters are the deterministic argmax assignment of P. Maps are B x H x W."""
+    images = images.to(next(model.parameters()).device)
+    targets = _targets(model, images, targets)
+    cluster = model.correspondence.argmax_clusters()[targets]  # B x N bool
+    layer = model.target_layer
+    return {
+        "all": grad_cam(model, layer, images, targets),
+        "cluster": grad_cam(model, layer, images, targets, channels=cluster),
+        "complement": grad_cam(model, layer, images, targets, channels=~cluster),
+    }
+
+
+def class_cluster_saliency(model: PicnnNet) -> SaliencyFn:
+    """The benchmark's saliency function: Grad-CAM of the target class from that class's cluster only."""
+
+    def saliency(images: Tensor, targets: Tensor) -> Tensor:
+        images = images.to(next(model.parameters()).device)
+        targets = _targets(model, images, targets)
+        cluster = model.correspondence.argmax_clusters()[targets]
+        return grad_cam(model, model.target_layer, images, targets, channels=cluster)
+
+    return saliency
+
+
+def plot_correspondence(ax: plt.Axes, p: Tensor, class_names: Sequence[str]) -> None:
+    """P as a heatmap (Fig. 1 bottom), filters ordered by their argmax class so clusters show as blocks."""
+    p = p.detach().cpu()
+    order = torch.argsort(p.argmax(dim=0) * 2.0 - p.max(dim=0).values, stable=True)
+    image = ax.imshow(p[:, order].numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(class_names)), list(class_names), fontsize=7)
+    ax.set_xlabel("filter (sorted by argmax class)")
+    ax.set_title("filter-class correspondence matrix P")
+    plt.colorbar(image, ax=ax, fraction=0.02)
+
+
+def save_explanation_figure(model: PicnnNet, images: Tensor, labels: Tensor, class_names: Sequence[str],
+                            out_path: str | Path) -> Path:
+    """Images with Grad-CAM from all filters / the class cluster / the other clusters, above P's heatmap."""
+    out_path = Path(out_path)
+    if out_path.suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file, got {out_path}")
+    cams = cluster_grad_cams(model, images, labels)
+    rows = len(images)
+    fig = plt.figure(figsize=(8, 1.8 * rows + 2.5))
+    grid = fig.add_gridspec(rows + 1, 4, height_ratios=[1.0] * rows + [1.3])
+    titles = ("image", "(a) all filters", "(b) class cluster", "(c) other clusters")
+    clusters = model.correspondence.argmax_clusters().sum(dim=1).cpu()
+    for r in range(rows):
+        picture = images[r].detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
+        # One colour scale per row, so a weak map (e.g. from the other clusters) looks weak.
+        top = max(float(cams[key][r].max()) for key in cams) or 1.0
+        for c, key in enumerate((None, "all", "cluster", "complement")):
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(picture)
+            if key is not None:
+                ax.imshow(cams[key][r].cpu().numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=top)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+            if c == 0:
+                label = int(labels[r])
+                ax.set_ylabel(f"{class_names[label]}\nN_f={int(clusters[label])}", fontsize=8)
+    plot_correspondence(fig.add_subplot(grid[rows, :]), model.correspondence(), class_names)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(f".{out_path.name}.tmp.png")
+    fig.savefig(partial, dpi=120)
+    plt.close(fig)
+    os.replace(partial, out_path)  # never leave a half-written figure
+    return out_path

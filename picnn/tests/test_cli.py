@@ -1,0 +1,88 @@
+"""End to end on the embedded digits dataset: train, resume, evaluate, explain, run_method, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.backbones import build_backbone
+from common.data import load_dataset
+from common.method import Budget
+from common.run import NonFiniteLossError, RunDir, load_checkpoint
+from picnn import PicnnSettings, build_picnn, run_method, train_picnn
+from picnn.__main__ import main
+
+TINY = ["--backbone", "resnet20", "--dataset", "digits", "--batch-size", "16", "--max-batches", "2",
+        "--device", "cpu", "--mis-samples", "100"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_dataset("digits")
+    small = lambda split, n: split.subset(range(n))  # noqa: E731
+    data.train, data.val, data.test = small(data.train, 64), small(data.val, 32), small(data.test, 40)
+    return data
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_the_run_files(trained_run):
+    for name in ("config.json", "environment.json", "log.txt", "checkpoint.pt", "model.pt"):
+        assert (trained_run / name).is_file(), name
+    assert load_checkpoint(trained_run / "checkpoint.pt")["step"] == 2
+
+
+def test_train_resumes_from_the_checkpoint(trained_run):
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(trained_run)]) == 0
+    assert load_checkpoint(trained_run / "checkpoint.pt")["step"] == 4
+    assert "resumed from step 2 of 4" in (trained_run / "log.txt").read_text()
+
+
+def test_evaluate_and_explain(trained_run, tmp_path):
+    assert main(["evaluate", "--run", str(trained_run), "--draws", "2"]) == 0
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for key in ("acc1", "acc2", "acc3", "mis", "macs", "params"):
+        assert key in metrics, key
+    assert metrics["mis_samples"] == 100
+    figure = tmp_path / "fig.png"
+    assert main(["explain", "--run", str(trained_run), "--out", str(figure), "--images", "2"]) == 0
+    assert figure.stat().st_size > 1000
+
+
+def test_bad_input_gives_a_clear_error(trained_run, tmp_path, capsys):
+    assert main(["train", "--backbone", "resnet99", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown backbone 'resnet99'" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", *TINY, "--lam", "0", "--out", str(trained_run)]) == 2
+    assert "different" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown PICNN setting"):
+        PicnnSettings.from_dict({"lambda": 2})
+
+
+def test_nan_loss_raises(digits, tmp_path):
+    model = build_picnn("resnet20", digits.num_classes)
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    settings = PicnnSettings(batch_size=16)
+    with pytest.raises(NonFiniteLossError):
+        train_picnn(model, digits, Budget(epochs=1, max_batches=1), RunDir(tmp_path), settings, torch.device("cpu"))
+
+
+def test_run_method_returns_the_benchmark_contract(digits, tmp_path):
+    start = build_backbone("resnet20", digits.num_classes)
+    result = run_method(start, digits, Budget(epochs=1, max_batches=2), tmp_path, device="cpu",
+                        settings={"batch_size": 16, "eval_draws": 1, "mis_samples": 40})
+    assert {"acc1", "acc2", "acc3", "mis", "macs", "params"} <= set(result.metrics)
+    assert result.mis_layer is result.model.target_layer and result.dynamic_forward is None
+    assert result.train_seconds > 0 and (tmp_path / "model.pt").is_file()
+    images, targets = digits.test.images[:3].float() / 255, digits.test.labels[:3]
+    maps = result.saliency(images, targets)
+    assert maps.shape == (3, 32, 32) and (maps >= 0).all()
+    assert start.linear.weight.grad is None  # the caller's backbone was copied, not trained

@@ -1,0 +1,235 @@
+"""Training PICNN: L = L_dis + lambda L_int (Eq. 3) with Adam, resumable, model selection on validation ACC1."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.backbones import build_backbone
+from common.data import BatchLoader, DatasetSplits
+from common.method import Budget
+from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_checkpoint, progress
+
+from .metrics import collect_pooled, interpretation_accuracies
+from .model import ASSIGNMENTS, CLUSTER_INDEX, PicnnNet, picnn_losses
+
+
+@dataclass
+class PicnnSettings:
+    """Hyperparameters; the defaults are the paper's (Implementation Details) unless a comment says otherwise."""
+
+    lam: float = 2.0  # lambda of Eq. 3
+    filters: int | None = None  # N of the target layer; None = round(12.8 K), the paper's filter-to-class ratio
+    assignment: str = "bernoulli"  # "bernoulli" (Eq. 5-7) or "gumbel" (Table 4 ablation)
+    gumbel_temperature: float = 0.01  # Table 4
+    cluster_index: str = "pseudo"  # "pseudo" (Eq. 8-10) or "label" (leaks y: the trivial solution, Fig. 4)
+    lr: float = 1e-3  # Adam
+    p_lr: float | None = None  # learning rate of P's logits; None = lr
+    backbone_lr_scale: float = 1.0  # backbone lr = lr * scale (1 in the paper; < 1 suits short fine-tunes)
+    weight_decay: float = 1e-4  # not in the paper; the authors' code uses 1e-4 (never applied to P)
+    final_lr_scale: float = 1e-3  # cosine decay to lr * scale over the run (not in the paper; authors' code)
+    batch_size: int = 128
+    augment: bool = True  # random crop + flip
+    eval_draws: int = 5  # Bernoulli draws averaged for the sampled ACC2 / ACC3
+    mis_samples: int | None = None  # cap on test images used for MIS (the k-NN estimator is O(M log M))
+    checkpoint_every: int = 200  # steps between mid-epoch checkpoints (one is also written every epoch)
+    log_every: int = 50  # steps between loss logs and finite-loss checks
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> PicnnSettings:
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown PICNN setting(s) {unknown}; known settings: {sorted(known)}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
+        if self.cluster_index not in CLUSTER_INDEX:
+            raise ValueError(f"cluster_index must be one of {CLUSTER_INDEX}, got {self.cluster_index!r}")
+        for name in ("lr", "backbone_lr_scale", "final_lr_scale", "gumbel_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("batch_size", "eval_draws", "checkpoint_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.filters is not None and self.filters < 1:
+            raise ValueError(f"filters must be >= 1, got {self.filters}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainReport:
+    train_seconds: float
+    steps: int
+    total_steps: int
+    best_val_acc1: float | None
+    best_step: int | None
+    stopped_on_time: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_picnn(backbone: str, num_classes: int, filters: int | None = None, weights: str | None = None
+                ) -> PicnnNet:
+    """A PICNN model on the named common backbone, optionally loading the backbone's pretrained weights."""
+    return PicnnNet(build_backbone(backbone, num_classes, weights), num_classes, filters)
+
+
+def make_optimizer(model: PicnnNet, settings: PicnnSettings) -> torch.optim.Adam:
+    """Adam with three groups: backbone, new layers (target conv + classifier) and P (no weight decay)."""
+    p_params = list(model.correspondence.parameters())
+    unused = {id(p) for p in model.unused_parameters()}
+    head_ids = {id(p) for m in (model.target, model.classifier) for p in m.parameters()}
+    backbone = [p for p in model.backbone.parameters() if id(p) not in head_ids and id(p) not in unused]
+    head = [p for m in (model.target, model.classifier) for p in m.parameters()]
+    groups = [
+        {"params": backbone, "lr": settings.lr * settings.backbone_lr_scale, "weight_decay": settings.weight_decay},
+        {"params": head, "lr": settings.lr, "weight_decay": settings.weight_decay},
+        {"params": p_params, "lr": settings.p_lr or settings.lr, "weight_decay": 0.0},
+    ]
+    return torch.optim.Adam([g for g in groups if g["params"]])
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, final_scale: float
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        progress_ = min(step, total_steps) / max(1, total_steps)
+        return final_scale + (1 - final_scale) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def validate(model: PicnnNet, data: DatasetSplits, settings: PicnnSettings, device: torch.device,
+             seed: int) -> dict[str, float]:
+    """ACC1/ACC2/ACC3 on the validation split (one Bernoulli draw: it only informs the log)."""
+    pooled, labels = collect_pooled(model, data.val, 256, device)
+    return interpretation_accuracies(pooled, labels, model.classifier, model.correspondence(),
+                                     model.correspondence.logits, assignment=settings.assignment, draws=1,
+                                     seed=seed)
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def train_picnn(model: PicnnNet, data: DatasetSplits, budget: Budget, run: RunDir, settings: PicnnSettings,
+                device: torch.device, seed: int = 0) -> TrainReport:
+    """Train ``model`` in place for ``budget``; resume from ``run/checkpoint.pt`` if present.
+
+    The model finally holds the weights with the best validation ACC1 among the evaluations made at the end
+    of every epoch (the last weights when there is no validation split); they are also written to model.pt.
+    """
+    log = run.logger("picnn")
+    model.to(device)
+    loader = BatchLoader(data.train, settings.batch_size, train=True, device=device, augment=settings.augment,
+                         seed=seed)
+    if len(loader) == 0:
+        raise ValueError("the training split is empty")
+    per_epoch = len(loader) if budget.max_batches is None else min(len(loader), budget.max_batches)
+    total = budget.batches(len(loader))
+    optimizer = make_optimizer(model, settings)
+    scheduler = cosine_schedule(optimizer, total, settings.final_lr_scale)
+    state: dict[str, Any] = {"step": 0, "train_seconds": 0.0, "best_val_acc1": None, "best_step": None,
+                             "best_state": None, "history": [], "stopped_on_time": False}
+    if run.checkpoint_path.is_file():
+        saved = load_checkpoint(run.checkpoint_path, map_location="cpu")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng_cpu"])
+        if device.type == "cuda" and saved.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng_cuda"], device)
+        state.update({k: saved[k] for k in state})
+        if budget.seconds is None or state["train_seconds"] < budget.seconds:
+            state["stopped_on_time"] = False  # a larger time budget continues a run stopped on time
+        log.info("resumed from step %d of %d", state["step"], total)
+    clock = Stopwatch(device, elapsed=state["train_seconds"])
+
+    def save_checkpoint() -> None:
+        state["train_seconds"] = clock.elapsed
+        atomic_torch_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                           "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                          run.checkpoint_path)
+
+    def end_of_epoch() -> None:
+        entry: dict[str, float] = {"step": state["step"], "train_seconds": clock.elapsed}
+        if len(data.val):
+            entry.update({f"val_{k}": v for k, v in validate(model, data, settings, device, seed).items()})
+            if state["best_val_acc1"] is None or entry["val_acc1"] > state["best_val_acc1"]:
+                state.update(best_val_acc1=entry["val_acc1"], best_step=state["step"], best_state=_cpu_state(model))
+        state["history"].append(entry)
+        log.info("validation %s", entry)
+        save_checkpoint()
+
+    model.train()
+    bar = progress(range(total), "picnn train", total=total)
+    for _ in itertools.islice(bar, state["step"]):
+        pass  # advance the bar to the resumed position
+    while state["step"] < total and not state["stopped_on_time"]:
+        epoch, offset = divmod(state["step"], per_epoch)
+        loader.set_epoch(epoch)
+        for x, y in itertools.islice(loader, offset, per_epoch):
+            with clock:
+                out = model.pathways(x, y, assignment=settings.assignment, cluster_index=settings.cluster_index,
+                                     gumbel_temperature=settings.gumbel_temperature)
+                loss, l_dis, l_int = picnn_losses(out, y, settings.lam)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+            state["step"] += 1
+            next(bar, None)
+            step = state["step"]
+            if step % settings.log_every == 0 or step == 1:
+                check_finite(loss, f"PICNN training step {step}")
+                log.info("step %d/%d L %.4f L_dis %.4f L_int %.4f", step, total, loss.item(), l_dis.item(),
+                         l_int.item())
+            if budget.seconds is not None and clock.elapsed >= budget.seconds:
+                state["stopped_on_time"] = True
+                log.info("time budget of %.0f s reached at step %d", budget.seconds, step)
+                end_of_epoch()
+                break
+            if step % per_epoch == 0 or step == total:
+                end_of_epoch()
+                break
+            if step % settings.checkpoint_every == 0:
+                save_checkpoint()
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
+    return TrainReport(train_seconds=clock.elapsed, steps=state["step"], total_steps=total,
+                       best_val_acc1=state["best_val_acc1"], best_step=state["best_step"],
+                       stopped_on_time=state["stopped_on_time"], history=copy.deepcopy(state["history"]))
+
+
+def save_model(model: PicnnNet, run: RunDir, meta: dict[str, Any]) -> None:
+    """model.pt: the selected weights plus what is needed to rebuild the network."""
+    atomic_torch_save({"state_dict": model.state_dict(), "meta": meta}, run.model_path)
+
+
+def load_model(run: RunDir, device: torch.device | str = "cpu") -> tuple[PicnnNet, dict[str, Any]]:
+    """Rebuild the network saved in ``run/model.pt``."""
+    if not run.model_path.is_file():
+        raise FileNotFoundError(f"{run.model_path} does not exist; run `python -m picnn train --out {run.path}` "
+                                "to completion first")
+    blob = load_checkpoint(run.model_path, map_location="cpu")
+    meta = blob["meta"]
+    model = build_picnn(meta["backbone"], meta["num_classes"], meta["filters"])
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval(), meta
