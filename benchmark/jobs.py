@@ -1,0 +1,118 @@
+"""One job = (preset, method, seed): train through the method's ``run_method``, measure, write metrics last.
+
+Run directory ``<results>/<preset>/runs/<method>-seed<k>/``:
+    config.json, environment.json, log.txt   written at the start of every attempt
+    method/                                  the method's own out_dir (its checkpoints: it resumes there)
+    explanations.pt                          the method's maps on the figure images
+    metrics.json                             written atomically, last: its presence means "finished"
+    error.json                               the last failure (removed when a later attempt starts)
+
+A method that raises becomes a failed job with its error; ``KeyboardInterrupt``/``SystemExit`` (a kill)
+propagate, leaving the directory to be resumed on the next run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.data import DatasetSplits, load_dataset
+from common.method import MethodResult
+from common.run import RunDir, atomic_torch_save, atomic_write_json, pick_device, seed_everything
+
+from .metrics import evaluate_result
+from .presets import Preset
+from .registry import Registry, default_registry
+from .start import prepare_start
+
+SPLIT_SEED = 0  # the validation split never moves with the run's seed: the same hold-out for every job
+
+
+@dataclass(frozen=True)
+class Job:
+    method: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every job of one preset shares; plain data so that it pickles for submitit."""
+
+    preset: Preset
+    results_dir: Path  # <out>/<preset>
+    data_root: str | None = None
+    weights_dir: str | None = None
+    device: str | None = None
+
+    def run_dir(self, job: Job) -> Path:
+        return self.results_dir / "runs" / job.name
+
+
+def is_finished(ctx: Context, job: Job) -> bool:
+    return (ctx.run_dir(job) / "metrics.json").is_file()
+
+
+def load_data(ctx: Context) -> DatasetSplits:
+    return load_dataset(ctx.preset.dataset, ctx.data_root, val_fraction=ctx.preset.val_fraction, seed=SPLIT_SEED)
+
+
+def _config(ctx: Context, job: Job) -> dict[str, Any]:
+    preset = ctx.preset
+    return {"preset": preset.name, "method": job.method, "seed": job.seed, "dataset": preset.dataset,
+            "backbone": preset.backbone, "start": asdict(preset.start), "budget": asdict(preset.budget()),
+            "settings": preset.method_settings(job.method), "metrics": asdict(preset.metrics),
+            "val_fraction": preset.val_fraction, "split_seed": SPLIT_SEED, "device": ctx.device}
+
+
+def run_job(job: Job, ctx: Context, registry: Registry | None = None,
+            data: DatasetSplits | None = None) -> str:
+    """Run one job unless finished. Returns "skipped", "finished" or "failed"."""
+    run = RunDir(ctx.run_dir(job))
+    if run.metrics_path.is_file():
+        return "skipped"
+    (run.path / "error.json").unlink(missing_ok=True)
+    registry = default_registry() if registry is None else registry
+    device = pick_device(ctx.device)
+    run.write_config(_config(ctx, job))
+    run.write_environment(device)
+    log = run.logger("benchmark")
+    log.info("job %s of preset %s on %s (pid %d)", job.name, ctx.preset.name, device, os.getpid())
+    began = time.perf_counter()
+    try:
+        if job.method not in registry:
+            raise KeyError(f"method {job.method!r} is not in the registry ({', '.join(registry)})")
+        data = load_data(ctx) if data is None else data
+        start = prepare_start(ctx.preset, data, ctx.results_dir, weights_dir=ctx.weights_dir, device=device)
+        entry = registry[job.method]()
+        seed_everything(job.seed)
+        result = entry(copy.deepcopy(start).to(device), data, ctx.preset.budget(), run.path / "method",
+                       device=device, seed=job.seed, settings=ctx.preset.method_settings(job.method))
+        if not isinstance(result, MethodResult):
+            raise TypeError(f"run_method returned {type(result).__name__}, expected common.method.MethodResult")
+        log.info("trained in %.1f s of device time; measuring", result.train_seconds)
+        evaluation = evaluate_result(result, start.to(device), data, ctx.preset.metrics, device=device,
+                                     batch_size=max(ctx.preset.batch_size, 256))
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}".strip()
+        log.error("failed: %s\n%s", message, traceback.format_exc())
+        atomic_write_json({"status": "failed", "method": job.method, "seed": job.seed, "error": message,
+                           "traceback": traceback.format_exc()}, run.path / "error.json")
+        return "failed"
+    atomic_torch_save(evaluation.explanations, run.path / "explanations.pt")
+    metrics = {"status": "finished", "method": job.method, "seed": job.seed, **evaluation.metrics,
+               "wall_seconds": time.perf_counter() - began, "device": str(device),
+               "torch_threads": torch.get_num_threads()}
+    run.write_metrics(metrics)
+    log.info("finished: top-1 %.2f%%, mean MACs %.1fM", metrics["top1"], metrics["mean_macs"] / 1e6)
+    return "finished"

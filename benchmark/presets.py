@@ -1,0 +1,207 @@
+"""Presets: everything a leaderboard depends on, named once and shared by every method.
+
+A preset fixes the dataset and its validation split, the backbone and its pretrained start, the one
+``Budget`` every method gets, the batch size, the seeds, per-method settings and the size of the fixed
+test subsets the interpretability metrics run on. Methods read their own keys from ``settings``; the
+benchmark adds ``batch_size`` to every method's settings so that all of them train on the same batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+from common.method import Budget
+
+METHODS = ("baseline", "drib", "picnn", "decoupling", "isp")
+
+# Where each method reads its training batch size (dotted = nested section). The preset's one batch size is
+# written there unless the preset's own settings for that method name the key. ISP's selector keeps its
+# paper batch of 16: it trains an explainer on a frozen network, not the network itself.
+BATCH_SIZE_KEYS: dict[str, tuple[str, ...]] = {
+    "baseline": ("batch_size",),
+    "drib": ("train.batch_size",),
+    "picnn": ("batch_size",),
+    "decoupling": ("batch_size",),
+    "isp": ("predictor_batch", "gate_batch", "finetune_batch"),
+}
+# Fine-tuning from a pretrained start: learning rates for methods whose defaults are from-scratch values
+# (a method's own recipe file overrides these).
+FINETUNE_FALLBACK: dict[str, dict[str, Any]] = {"baseline": {"lr": 0.01}, "decoupling": {"lr": 0.01}}
+
+
+@dataclass(frozen=True)
+class StartSpec:
+    """Where the pretrained start comes from.
+
+    kind "weights": load ``<weights dir>/<file>`` (the published checkpoints).
+    kind "scratch": train the backbone from random init with plain cross-entropy for ``epochs`` (smoke
+    presets on datasets without published weights); the result is cached in the preset's results folder.
+    """
+
+    kind: str
+    file: str | None = None
+    epochs: float = 0.0
+    lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("weights", "scratch"):
+            raise ValueError(f"start kind must be 'weights' or 'scratch', got {self.kind!r}")
+        if self.kind == "weights" and not self.file:
+            raise ValueError("a 'weights' start needs a file name")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """Sizes of the fixed, seeded test subsets the metrics use (full test set for accuracy and MACs).
+
+    explain_images: images for deletion / insertion AUC. mis_images: images for MIS (0: no MIS).
+    figure_images: columns of explanations.png. perturbation_steps / step_fraction: the deletion and
+    insertion games (113 steps of 0.9% as in DRIB's Fig. 3). latency_repeats: timed forward passes per
+    round; latency_rounds: alternating rounds of (model, start), the minimum is kept.
+    """
+
+    explain_images: int = 200
+    mis_images: int = 1000
+    figure_images: int = 6
+    perturbation_steps: int = 113
+    step_fraction: float = 0.009
+    latency_repeats: int = 20
+    latency_rounds: int = 3
+    latency_batches: tuple[int, ...] = (1, 128)
+    subset_seed: int = 0
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dataset: str
+    backbone: str
+    start: StartSpec
+    epochs: float
+    batch_size: int = 128
+    max_batches: int | None = None
+    seconds: float | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    val_fraction: float = 0.1
+    methods: tuple[str, ...] = METHODS
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recipe: str | None = None  # method config name, e.g. "{backbone}_{dataset}_cpu" (see method_settings)
+    recipe_epochs: bool = False  # keep the recipes' own stage lengths (paper preset) instead of the budget
+    metrics: MetricSpec = field(default_factory=MetricSpec)
+    description: str = ""
+
+    def budget(self) -> Budget:
+        """The one budget every method of this preset gets."""
+        return Budget(epochs=self.epochs, seconds=self.seconds, max_batches=self.max_batches)
+
+    def method_settings(self, method: str) -> dict[str, Any]:
+        """The settings handed to ``run_method``.
+
+        Layers, later wins: the preset's fallback ``settings[method]``; the method's own recipe
+        ``<method>/configs/<recipe>.json`` (its ``*epochs`` keys dropped unless ``recipe_epochs``: the
+        shared budget decides the length); the preset's batch size at every key of ``BATCH_SIZE_KEYS``.
+        """
+        settings = copy.deepcopy(self.settings.get(method, {}))
+        if self.recipe and method != "baseline":
+            recipe = read_recipe(method, self.recipe.format(backbone=self.backbone, dataset=self.dataset))
+            settings = _merged(settings, recipe if self.recipe_epochs else _without_epoch_keys(recipe))
+        for dotted in BATCH_SIZE_KEYS.get(method, ()):
+            *sections, key = dotted.split(".")
+            node = settings
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[key] = self.batch_size
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_recipe(method: str, name: str) -> dict[str, Any]:
+    """Settings from ``<method>/configs/<name>.json``; {} when the package or file is missing.
+
+    Two file shapes exist: a plain settings dict, or a CLI config with a ``settings`` entry. Keys starting
+    with an underscore and ``description`` are comments.
+    """
+    try:
+        text = resources.files(method).joinpath("configs", f"{name}.json").read_text()
+    except (ImportError, FileNotFoundError, NotADirectoryError, OSError):
+        return {}
+    config = json.loads(text)
+    if isinstance(config.get("settings"), dict):
+        config = config["settings"]
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "description"}
+
+
+def _without_epoch_keys(settings: dict[str, Any]) -> dict[str, Any]:
+    """Drop every ``*epochs`` key (at any depth): under a shared budget the preset decides the length."""
+    return {k: _without_epoch_keys(v) if isinstance(v, dict) else v
+            for k, v in settings.items() if not k.endswith("epochs")}
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _paper_preset() -> Preset:
+    """Each method's own paper recipe (``<method>/configs/<backbone>_cifar10.json``) with its own stage
+    lengths; methods whose length follows ``Budget.epochs`` get 200 epochs (the longest CIFAR schedule of
+    the four papers). Equal budgets are not the point of this preset: reproducing the papers is."""
+    return Preset(
+        name="paper", dataset="cifar10", backbone="resnet56",
+        start=StartSpec("weights", "resnet56-4bfd9763.th"), epochs=200.0, batch_size=128,
+        settings={"baseline": {"lr": 0.01}}, recipe="{backbone}_{dataset}", recipe_epochs=True,
+        metrics=MetricSpec(explain_images=500, mis_images=5000, figure_images=6),
+        description="each method's paper recipe (<method>/configs/), its own stage lengths; needs a GPU",
+    )
+
+
+def _static_presets() -> dict[str, Preset]:
+    smoke = Preset(
+        name="smoke", dataset="digits", backbone="resnet20",
+        start=StartSpec("scratch", epochs=4, lr=0.1), epochs=1, batch_size=64, max_batches=3, seeds=(0,),
+        settings={"baseline": {"lr": 0.01}},
+        metrics=MetricSpec(explain_images=8, mis_images=120, figure_images=4, perturbation_steps=10,
+                           step_fraction=0.1, latency_repeats=2, latency_rounds=1),
+        description="embedded digits, ResNet-20 briefly trained from scratch as the start, 3 batches",
+    )
+    cifar_cpu = Preset(
+        name="cifar10-cpu", dataset="cifar10", backbone="resnet20",
+        start=StartSpec("weights", "resnet20-12fca82f.th"), epochs=0.2, batch_size=128, max_batches=None,
+        seeds=(0, 1, 2), settings=FINETUNE_FALLBACK, recipe="{backbone}_{dataset}_cpu",
+        metrics=MetricSpec(explain_images=32, mis_images=1000, figure_images=6, perturbation_steps=113,
+                           step_fraction=0.009, latency_repeats=5, latency_rounds=2),
+        description="pretrained ResNet-20, 0.2 epoch (70 batches) of fine-tuning per method, 3 seeds, 2 CPU cores",
+    )
+    cifar = Preset(
+        name="cifar10", dataset="cifar10", backbone="resnet56",
+        start=StartSpec("weights", "resnet56-4bfd9763.th"), epochs=30, batch_size=128, seeds=(0, 1, 2),
+        settings=FINETUNE_FALLBACK, recipe="{backbone}_{dataset}",
+        metrics=MetricSpec(explain_images=500, mis_images=5000, figure_images=6),
+        description="pretrained ResNet-56, 30 epochs per method, 3 seeds, one GPU",
+    )
+    return {p.name: p for p in (smoke, cifar_cpu, cifar)}
+
+
+def list_presets() -> list[str]:
+    return [*_static_presets(), "paper"]
+
+
+def get_preset(name: str, **overrides: Any) -> Preset:
+    """The preset called ``name`` with dataclass fields replaced by ``overrides`` (None values ignored)."""
+    presets = _static_presets()
+    if name == "paper":
+        preset = _paper_preset()
+    elif name in presets:
+        preset = presets[name]
+    else:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(list_presets())}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return replace(preset, **overrides)
