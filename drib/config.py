@@ -1,0 +1,117 @@
+"""DRIB hyper-parameters in one place, with the defaults of the paper and of the works it builds on.
+
+Sources of the defaults: Wang et al. (AAAI 2020) for the decision module (m = 40 actions, density target 0.7,
+lambda = 0.5, Adam 0.01 for heads and code books, SGD 0.01 / momentum 0.9 for the backbone) and Schulz et al.
+(ICLR 2020) for the per-sample information bottleneck (beta = 10, 10 Adam steps at lr 1, 10 copies, alpha_0 = 5,
+Gaussian smoothing sigma = 1). The DRIB paper itself gives none of these numbers; it targets ~50% MACs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DecisionConfig:
+    """The dynamic reasoning decision module (paper Sec. 3.1, Eq. 2-4, Algorithm 1)."""
+
+    actions: int = 40  # m: number of candidate masks in each code book G_l
+    tau_start: float = 1.0  # Gumbel-softmax temperature (Eq. 3) at the first step
+    tau_end: float = 0.1  # ... annealed exponentially to this value at the last step
+    prune_below: float = 0.05  # code book entries below this are skipped channels (exact zeros)
+    # "ones": G_l starts all-ones, every action keeps every channel (Wang et al.). "importance": each row
+    # keeps the channels with the largest E[ReLU(BN out)] x ||consumer weights|| on training images (row 0
+    # exactly, the others with a log-normal jitter so the actions differ), as many as the MAC / density
+    # target allows, from the first step (for short runs).
+    codebook_init: str = "ones"
+    init_jitter: float = 0.5  # std of the log-normal jitter of the importance ranking (rows 1..m-1)
+    init_images: int = 1024  # training images that measure the importance
+    codebook_max: float = 5.0  # G_l is clamped to [0, codebook_max] after every update (Wang et al.)
+    # "macs": penalise the expected MAC fraction of the gated layers (the paper's ~50% MAC target);
+    # "density": Wang et al.'s (mean |G| - target)^2 on the code books.
+    regulariser: str = "macs"
+    target: float = 0.5  # MAC fraction (regulariser="macs") or mask density (regulariser="density")
+    lam: float = 0.5  # weight of the sparsity regulariser
+    gate_lr: float = 0.01  # Adam on heads and code books
+    alternate: bool = True  # Wang et al.: gate step, then a second forward for the backbone step
+
+
+@dataclass
+class BottleneckConfig:
+    """The per-sample information bottleneck used for verification (paper Sec. 3.2; Schulz et al.)."""
+
+    site: int | str = "middle"  # gate site index or qualified conv name where the bottleneck sits
+    beta: float = 10.0
+    steps: int = 10
+    lr: float = 1.0
+    copies: int = 10  # batch of noisy copies of the one image
+    alpha_init: float = 5.0  # lambda = sigmoid(5) ~ 0.993: the bottleneck starts almost open
+    sigma: float = 1.0  # Gaussian smoothing of lambda (feature-map pixels)
+    min_std: float = 0.01
+    estimator_samples: int = 10000  # training images for the feature mean / std
+
+
+@dataclass
+class TrainConfig:
+    backbone_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    augment: bool = False  # Wang et al. train the decision stage without augmentation
+    lr_schedule: str = "constant"  # "constant" (Wang et al.) or "cosine" (decay to 0 over the run)
+    # Wang et al.'s last stage: gates frozen with deterministic (argmax) decisions, backbone trained alone.
+    # The share of the steps given to it (0 = none; their separate 160-epoch stage is out of a short budget).
+    finetune_fraction: float = 0.0
+    log_every: int = 50  # steps between loss checks / log lines
+    val_every_epoch: bool = True  # pick the epoch with the best validation top-1 (never the test set)
+
+
+@dataclass
+class DRIBConfig:
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> DRIBConfig:
+        """Build from a (possibly partial) nested dict; unknown keys are an error, not silently ignored."""
+        data = dict(data or {})
+        parts = {"decision": DecisionConfig, "bottleneck": BottleneckConfig, "train": TrainConfig}
+        unknown = set(data) - set(parts)
+        if unknown:
+            raise ValueError(f"unknown DRIB config section(s) {sorted(unknown)}; expected {sorted(parts)}")
+        built = {}
+        for name, kind in parts.items():
+            section = dict(data.get(name) or {})
+            known = {f.name for f in dataclasses.fields(kind)}
+            bad = set(section) - known
+            if bad:
+                raise ValueError(f"unknown key(s) {sorted(bad)} in config section {name!r}; known: {sorted(known)}")
+            built[name] = kind(**section)
+        config = cls(**built)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        d, b = self.decision, self.bottleneck
+        if d.actions < 1:
+            raise ValueError("decision.actions (m) must be >= 1")
+        if not (d.tau_start > 0 and d.tau_end > 0):
+            raise ValueError("Gumbel temperatures must be > 0")
+        if d.codebook_init not in ("ones", "importance"):
+            raise ValueError(f"decision.codebook_init must be 'ones' or 'importance', got {d.codebook_init!r}")
+        if d.regulariser not in ("macs", "density"):
+            raise ValueError(f"decision.regulariser must be 'macs' or 'density', got {d.regulariser!r}")
+        if not 0 < d.target <= 1:
+            raise ValueError("decision.target must be in (0, 1]")
+        if self.train.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.train.lr_schedule!r}")
+        if not 0 <= self.train.finetune_fraction < 1:
+            raise ValueError("train.finetune_fraction must be in [0, 1)")
+        if b.steps < 1 or b.copies < 1:
+            raise ValueError("bottleneck.steps and bottleneck.copies must be >= 1")

@@ -1,0 +1,59 @@
+"""`python -m drib explain`: the input, its IB heatmap and the channels the decision module selected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+from common.data import DatasetSplits
+
+from .pipeline import TrainedDRIB
+from .verification import bottleneck_site, ib_saliency
+
+
+def explain_figure(trained: TrainedDRIB, data: DatasetSplits, index: int, out: Path,
+                   device: torch.device) -> dict[str, object]:
+    """Save a 3-panel PNG for test image ``index``; returns what it shows (class, prediction, MAC share)."""
+    if not 0 <= index < len(data.test):
+        raise ValueError(f"--index must be in [0, {len(data.test) - 1}], got {index}")
+    net = trained.net.eval()
+    image = data.test.images[index:index + 1].float().div(255).to(device)
+    masks = net.channel_masks(image)
+    with torch.no_grad():
+        prediction = int(net(image).argmax(1))
+    heatmap = ib_saliency(net, image, torch.tensor([prediction]), trained.stats, trained.config.bottleneck)[0]
+    width = max(m.shape[1] for m in masks)
+    grid = torch.full((len(masks), width), float("nan"))
+    for row, mask in enumerate(masks):
+        grid[row, : mask.shape[1]] = mask[0].cpu()
+    fraction = float(net.per_sample_macs(masks)[0]) / net.dense_backbone_macs()
+    site = bottleneck_site(net, trained.config.bottleneck.site).site.name
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1, 1.6]})
+    axes[0].imshow(image[0].permute(1, 2, 0).cpu().numpy())
+    axes[0].set_title(f"input #{index}: {data.classes[int(data.test.labels[index])]}\n"
+                      f"predicted: {data.classes[prediction]}")
+    shown = axes[1].imshow(heatmap.cpu().numpy(), cmap="inferno")
+    axes[1].set_title(f"IB heatmap at {site}\n{float(heatmap.sum()):.1f} bits in total")
+    fig.colorbar(shown, ax=axes[1], fraction=0.046, label="bits / pixel")
+    selected = axes[2].imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    axes[2].set_title(f"selected channels G_l[i] per gated layer (0 = skipped)\nMACs: {100 * fraction:.1f}% of dense")
+    axes[2].set_xlabel("output channel")
+    axes[2].set_ylabel("gated layer")
+    axes[2].set_yticks(range(len(masks)), [g.site.name for g in net.gated], fontsize=6)
+    fig.colorbar(selected, ax=axes[2], fraction=0.046, label="mask value")
+    for ax in axes[:2]:
+        ax.axis("off")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(out)
+    return {"index": index, "label": data.classes[int(data.test.labels[index])],
+            "prediction": data.classes[prediction], "mac_fraction": fraction, "ib_bits": float(heatmap.sum())}

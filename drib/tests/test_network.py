@@ -1,0 +1,113 @@
+import pytest
+import torch
+from torch import nn
+
+from common.backbones import Backbone, GateSite, build_backbone
+from drib.config import DecisionConfig
+from drib.network import DynamicNetwork, default_gate_sites
+from drib.sparse_inference import channel_skipping, sparse_forward
+
+
+def _randomise(net: DynamicNetwork, keep: float = 0.6) -> None:
+    """Random binary-ish code books and heads, so samples pick different actions with zeros in them."""
+    with torch.no_grad():
+        for g in net.gates:
+            g.codebook.copy_((torch.rand_like(g.codebook) < keep) * (0.5 + torch.rand_like(g.codebook)))
+            g.head.weight.normal_(0, 3)
+        for module in net.backbone.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.bias.data.uniform_(-0.3, 0.3)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg16"])
+def test_gathered_sparse_inference_equals_masked_dense(name):
+    net = DynamicNetwork(build_backbone(name), DecisionConfig(actions=6)).eval()
+    _randomise(net)
+    x = torch.rand(10, 1, 1, 1) * torch.rand(10, 3, 32, 32)  # brightness varies, so do the decisions
+    with torch.no_grad():
+        dense = net(x)
+    dense_masks = [m.clone() for m in net.masks()]
+    patterns = [len({tuple(row) for row in (m != 0).int().tolist()}) for m in dense_masks]
+    assert max(patterns) > 1  # actions differ per sample somewhere, so the grouping is exercised
+    sparse, macs = sparse_forward(net, x)
+    assert torch.allclose(sparse, dense, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(dense_masks, net.masks()))
+    assert torch.equal(macs, net.per_sample_macs(dense_masks))
+    assert (macs < net.dense_backbone_macs()).all()
+    # the swap is undone: the dense modules are back
+    assert all(isinstance(g.site.bn, nn.BatchNorm2d) for g in net.gated)
+    assert net.gated[0].site.conv in list(net.backbone.modules())
+
+
+def test_channel_skipping_refuses_training_mode():
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=2)).train()
+    with pytest.raises(RuntimeError, match="eval mode"), channel_skipping(net):
+        pass
+
+
+def test_default_gates_keep_the_residual_stream_dense():
+    resnet = build_backbone("resnet20")
+    names = [s.name for s in default_gate_sites(resnet)]
+    assert names == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    vgg = build_backbone("vgg16")
+    assert len(default_gate_sites(vgg)) == 12  # every conv but the first of the 13
+
+
+class TinyNet(Backbone):
+    """stem 3->4 (3x3), gated conv 4->6 (3x3), consumer conv 6->4 (1x1), linear 4->2; input 3 x 8 x 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.conv_a, self.bn_a = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv_b, self.bn_b = nn.Conv2d(6, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    @property
+    def classifier(self):  # type: ignore[override]
+        return self.fc
+
+    def forward_features(self, x):
+        out = torch.relu(self.stem(self.normalize(x)))
+        out = torch.relu(self.bn_a(self.conv_a(out)))
+        return torch.relu(self.bn_b(self.conv_b(out)))
+
+    def gate_sites(self):
+        return [GateSite("conv_a", self.conv_a, self.bn_a, internal=True, consumer=self.conv_b)]
+
+
+def test_dynamic_macs_equal_a_hand_count():
+    actions = 3
+    net = DynamicNetwork(TinyNet(), DecisionConfig(actions=actions), input_size=(3, 8, 8))
+    masks = [torch.tensor([[1.0, 0, 2.0, 0, 0, 1.0], [0, 0, 0, 0.5, 0, 0]])]  # 3 and 1 active channels
+    pixels = 8 * 8
+    fixed = 3 * 4 * 9 * pixels + 4 * 2 + 4 * actions  # stem + classifier + decision head
+    hand = [fixed + 4 * a * 9 * pixels + a * 4 * 1 * pixels for a in (3, 1)]
+    assert net.per_sample_macs(masks).tolist() == hand
+    dense = fixed + 4 * 6 * 9 * pixels + 6 * 4 * pixels
+    assert net.per_sample_macs([torch.ones(2, 6)]).tolist() == [dense, dense]
+    assert torch.allclose(net.mac_fraction(masks), torch.tensor(hand, dtype=torch.float32) / dense)
+    assert net.dense_backbone_macs() == dense - 4 * actions
+
+
+def test_mac_fraction_gradient_pushes_the_mask_down():
+    net = DynamicNetwork(TinyNet(), DecisionConfig(actions=2), input_size=(3, 8, 8))
+    mask = torch.ones(2, 6, requires_grad=True)
+    net.mac_fraction([mask]).sum().backward()
+    assert (mask.grad > 0).all()
+
+
+def test_keep_fraction_hits_the_mac_target():
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=2))
+    keep = net.keep_fraction_for(0.6)
+    masks = [torch.zeros(1, g.site.channels).index_fill_(1, torch.arange(round(keep * g.site.channels)), 1.0)
+             for g in net.gated]
+    assert abs(float(net.mac_fraction(masks)[0]) - 0.6) < 0.02
+
+
+def test_bad_input_gives_a_clear_error():
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=2))
+    with pytest.raises(ValueError, match="B x 3 x H x W"):
+        net(torch.rand(2, 1, 32, 32))

@@ -1,0 +1,103 @@
+"""End to end on the embedded digits dataset with tiny settings: run_method, resume, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from common.backbones import build_backbone
+from common.data import load_dataset
+from common.method import Budget
+from drib import run_method
+from drib.cli import main
+
+TINY = {"decision": {"actions": 4, "codebook_init": "importance", "target": 0.7, "init_images": 64},
+        "bottleneck": {"steps": 2, "copies": 2, "estimator_samples": 64},
+        "train": {"batch_size": 32, "log_every": 1}}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_dataset("digits")
+    data.val = data.val.subset(range(64))
+    data.test = data.test.subset(range(64))
+    return data
+
+
+def test_run_method_returns_a_dynamic_model_and_resumes(tmp_path, digits):
+    start = build_backbone("resnet20", num_classes=digits.num_classes)
+    result = run_method(start, digits, Budget(epochs=1, max_batches=3), tmp_path, device="cpu", settings=TINY)
+    x = digits.test.images[:5].float() / 255
+    logits, macs = result.dynamic_forward(x)
+    with torch.no_grad():
+        assert torch.allclose(logits, result.model.eval()(x), atol=1e-4)
+    dense = result.model.dense_backbone_macs()
+    assert macs.shape == (5,) and macs.dtype == torch.float64 and (macs < dense).all()
+    maps = result.saliency(x[:2], torch.tensor([0, 1]))
+    assert maps.shape == (2, 32, 32) and (maps >= 0).all()
+    assert 0.0 <= result.dynamic_filter_share <= 1.0
+    assert result.mis_layer is result.model.backbone.cam_layer()
+    assert {"val_top1", "val_mac_reduction"} <= set(result.metrics) and result.train_seconds > 0
+    masks = result.model.channel_masks(x)
+    assert len(masks) == 9 and masks[0].shape == (5, 16)
+    # a second call finds model.pt and does not train again
+    before = (tmp_path / "checkpoint.pt").stat().st_mtime
+    again = run_method(build_backbone("resnet20", num_classes=digits.num_classes), digits,
+                       Budget(epochs=1, max_batches=3), tmp_path, device="cpu", settings=TINY)
+    assert (tmp_path / "checkpoint.pt").stat().st_mtime == before
+    assert torch.equal(again.dynamic_forward(x)[1], macs)
+
+
+def test_training_resumes_from_checkpoint(tmp_path, digits):
+    from drib.config import DRIBConfig
+    from drib.network import DynamicNetwork
+    from drib.train import train
+
+    config = DRIBConfig.from_dict(TINY)
+    net = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
+    train(net, digits, Budget(epochs=1, max_batches=2), tmp_path, config, torch.device("cpu"))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]
+    assert state["step"] == 2 and state["epoch"] == 1
+    net2 = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
+    train(net2, digits, Budget(epochs=2, max_batches=2), tmp_path, config, torch.device("cpu"))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]
+    assert state["step"] == 4 and [h["epoch"] for h in state["history"]] == [1, 2]
+
+
+def test_unknown_config_keys_are_rejected():
+    from drib.config import DRIBConfig
+
+    with pytest.raises(ValueError, match="unknown key"):
+        DRIBConfig.from_dict({"decision": {"actoins": 3}})
+    with pytest.raises(ValueError, match="regulariser"):
+        DRIBConfig.from_dict({"decision": {"regulariser": "l1"}})
+
+
+def test_cli_train_evaluate_explain(tmp_path, capsys):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    run = tmp_path / "run"
+    assert main(["train", "--backbone", "resnet20", "--dataset", "digits", "--from-scratch", "--epochs", "1",
+                 "--max-batches", "2", "--out", str(run), "--config", str(config), "--device", "cpu"]) == 0
+    for name in ("config.json", "environment.json", "log.txt", "checkpoint.pt", "model.pt"):
+        assert (run / name).is_file(), name
+    assert main(["evaluate", "--run", str(run), "--subset", "2", "--degradation-points", "3",
+                 "--device", "cpu"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("top1", "macs_mean", "macs_dense", "mac_reduction", "params", "credibility", "deletion_auc",
+                "insertion_auc", "gradcam_deletion_auc", "smoothgrad_insertion_auc", "degradation_2px_score"):
+        assert key in metrics, key
+    assert 0 <= metrics["credibility"] <= 1 and metrics["macs_mean"] < metrics["macs_dense"]
+    png = tmp_path / "explain.png"
+    assert main(["explain", "--run", str(run), "--index", "3", "--out", str(png), "--device", "cpu"]) == 0
+    assert png.stat().st_size > 10_000
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["train", "--dataset", "digits", "--out", str(tmp_path / "r")]) == 2
+    assert "--weights PATH is required" in capsys.readouterr().err
+    assert main(["train", "--dataset", "digits", "--weights", str(tmp_path / "missing.th"),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(tmp_path / "nothing")]) == 2
+    assert "train into" in capsys.readouterr().err

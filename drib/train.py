@@ -1,0 +1,198 @@
+"""Training of the decision modules and the backbone (Wang et al.'s alternating scheme), resumable.
+
+Each step: (1) gate step: loss = CE + lam * R_sparsity, Adam on heads and code books, then G is clamped to
+[0, 5] and the head rows renormalised; (2) backbone step: a second forward, CE only, SGD on the backbone.
+With `alternate=False` one forward serves both optimisers. The Gumbel temperature decays exponentially from
+tau_start to tau_end over the run. Model selection: the epoch with the best validation top-1 among those
+meeting the sparsity target (else the last); never the test set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common.data import BatchLoader, DatasetSplits
+from common.method import Budget
+from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_checkpoint, progress
+
+from .config import DRIBConfig
+from .network import DynamicNetwork
+
+TARGET_TOLERANCE = 0.05  # an epoch "meets the target" within 5 points of MAC fraction / density
+SAVE_EVERY_STEPS = 100
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    train_seconds: float
+    val_top1: float
+    val_mac_fraction: float
+    selected_epoch: int
+
+
+def temperature(step: int, total: int, start: float, end: float) -> float:
+    """Exponential decay from ``start`` (step 0) to ``end`` (last step)."""
+    if total <= 1:
+        return end
+    return start * (end / start) ** (step / (total - 1))
+
+
+def backbone_lr(t, step: int, total: int) -> float:
+    """Constant, or cosine decay from backbone_lr to 0 over the run."""
+    if t.lr_schedule == "cosine" and total > 1:
+        return 0.5 * t.backbone_lr * (1 + math.cos(math.pi * step / total))
+    return t.backbone_lr
+
+
+def sparsity_loss(net: DynamicNetwork, masks: list[Tensor], config: DRIBConfig) -> Tensor:
+    """Wang et al.'s quadratic pull towards the target: (measure - target)^2, where the measure is the
+    mean MAC fraction of the batch ("macs") or the mean |G| over all code books ("density")."""
+    d = config.decision
+    if d.regulariser == "macs":
+        measure = net.mac_fraction(masks).mean()
+    else:
+        measure = torch.cat([g.codebook.abs().flatten() for g in net.gates]).mean()
+    return (measure - d.target) ** 2
+
+
+@torch.no_grad()
+def validate(net: DynamicNetwork, loader: BatchLoader) -> tuple[float, float, float]:
+    """Top-1 (%), mean MAC fraction of the whole network and mean gate density, argmax decisions."""
+    was_training = net.training
+    net.eval()
+    correct, total, mac_sum, density_sum = 0, 0, 0.0, 0.0
+    dense = float(sum(s.macs for s in net.shapes()))
+    try:
+        for x, y in loader:
+            logits = net(x)
+            masks = net.masks()
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+            mac_sum += float(net.per_sample_macs(masks).sum()) / dense
+            density_sum += float(torch.stack([(m != 0).float().mean(1) for m in masks]).mean(0).sum())
+    finally:
+        net.train(was_training)
+    return 100.0 * correct / total, mac_sum / total, density_sum / total
+
+
+def _meets_target(config: DRIBConfig, mac_fraction: float, density: float) -> bool:
+    measure = mac_fraction if config.decision.regulariser == "macs" else density
+    return measure <= config.decision.target + TARGET_TOLERANCE
+
+
+def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Path, config: DRIBConfig,
+          device: torch.device, seed: int = 0) -> TrainOutcome:
+    """Train ``net`` in place within ``budget``; resumes from out_dir/checkpoint.pt; loads the selected
+    weights into ``net`` before returning."""
+    run = RunDir(out_dir)
+    log = run.logger("drib")
+    t, d = config.train, config.decision
+    net.to(device)
+    loader = BatchLoader(data.train, t.batch_size, train=True, device=device, augment=t.augment, seed=seed)
+    val_loader = BatchLoader(data.val, 256, train=False, device=device)
+    per_epoch = len(loader) if budget.max_batches is None else min(len(loader), budget.max_batches)
+    total_steps = budget.batches(len(loader))
+    epochs = math.ceil(total_steps / per_epoch)
+    gate_opt = torch.optim.Adam(net.gate_parameters(), lr=d.gate_lr)
+    backbone_opt = torch.optim.SGD(net.backbone_parameters(), lr=t.backbone_lr, momentum=t.momentum,
+                                   weight_decay=t.weight_decay)
+    finetune_from = round(total_steps * (1 - t.finetune_fraction)) if t.finetune_fraction > 0 else total_steps
+    state = {"step": 0, "epoch": 0, "best": None, "history": [], "seconds": 0.0}
+    if run.checkpoint_path.is_file():
+        ckpt = load_checkpoint(run.checkpoint_path, map_location=device)
+        net.load_state_dict(ckpt["model"])
+        gate_opt.load_state_dict(ckpt["gate_opt"])
+        backbone_opt.load_state_dict(ckpt["backbone_opt"])
+        state = ckpt["state"]
+        log.info("resumed at step %d (epoch %d)", state["step"], state["epoch"])
+    watch = Stopwatch(device, elapsed=state["seconds"])
+
+    def save() -> None:
+        state["seconds"] = watch.elapsed
+        atomic_torch_save({"model": net.state_dict(), "gate_opt": gate_opt.state_dict(),
+                           "backbone_opt": backbone_opt.state_dict(), "state": state}, run.checkpoint_path)
+
+    out_of_time = False
+    while state["step"] < total_steps and not out_of_time:
+        epoch = state["epoch"]
+        loader.set_epoch(epoch)
+        done_in_epoch = state["step"] - epoch * per_epoch
+        steps_here = min(per_epoch, total_steps - epoch * per_epoch)
+        net.train()
+        batches = progress(loader, f"drib epoch {epoch + 1}/{epochs}", total=steps_here)
+        for i, (x, y) in enumerate(batches):
+            if i >= steps_here:
+                break
+            if i < done_in_epoch:  # resuming mid-epoch: the loader replays the same order, skip what is done
+                continue
+            with watch:
+                step = state["step"]
+                net.set_tau(temperature(step, total_steps, d.tau_start, d.tau_end))
+                for group in backbone_opt.param_groups:
+                    group["lr"] = backbone_lr(t, step, total_steps)
+                finetuning = step >= finetune_from
+                for gate in net.gates:
+                    gate.train(not finetuning)  # fine-tuning: argmax decisions, as at inference
+                logits = net(x)
+                ce = F.cross_entropy(logits, y)
+                reg = sparsity_loss(net, net.masks(), config)
+                loss = ce + d.lam * reg
+                gate_opt.zero_grad(set_to_none=True)
+                backbone_opt.zero_grad(set_to_none=True)
+                if finetuning:
+                    ce.backward(inputs=net.backbone_parameters())
+                elif d.alternate:
+                    loss.backward(inputs=net.gate_parameters())
+                    gate_opt.step()
+                    net.project_()
+                    ce = F.cross_entropy(net(x), y)
+                    ce.backward(inputs=net.backbone_parameters())
+                else:
+                    loss.backward()
+                    gate_opt.step()
+                    net.project_()
+                backbone_opt.step()
+            state["step"] += 1
+            if state["step"] % t.log_every == 0:
+                check_finite(loss.detach(), "DRIB training")
+                log.info("step %d/%d ce %.4f reg %.5f tau %.3f", state["step"], total_steps, float(ce.detach()),
+                         float(reg.detach()), net.gates[0].tau)
+            if state["step"] % SAVE_EVERY_STEPS == 0:
+                save()
+            if budget.seconds is not None and watch.elapsed >= budget.seconds:
+                out_of_time = True
+                log.info("time budget of %.0f s reached at step %d", budget.seconds, state["step"])
+                break
+        if out_of_time and state["step"] < min(total_steps, (epoch + 1) * per_epoch):
+            save()
+            break
+        top1, mac_fraction, density = validate(net, val_loader)
+        record = {"epoch": epoch + 1, "step": state["step"], "val_top1": top1, "val_mac_fraction": mac_fraction,
+                  "val_density": density}
+        state["history"].append(record)
+        log.info("epoch %d: val top-1 %.2f%% MAC fraction %.3f density %.3f", epoch + 1, top1, mac_fraction,
+                 density)
+        best = state["best"]
+        meets = _meets_target(config, mac_fraction, density)
+        if best is None or (meets and (not best["meets"] or top1 > best["val_top1"])):
+            state["best"] = {**record, "meets": meets,
+                             "model": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+        elif not best["meets"] and not meets:  # nothing meets the target yet: keep the latest
+            state["best"] = {**record, "meets": False,
+                             "model": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+        state["epoch"] = epoch + 1
+        save()
+
+    best = state["best"]
+    if best is None:  # stopped by time before any epoch ended: use the current weights
+        top1, mac_fraction, _ = validate(net, val_loader)
+        return TrainOutcome(state["step"], watch.elapsed, top1, mac_fraction, 0)
+    net.load_state_dict(best["model"])
+    return TrainOutcome(state["step"], watch.elapsed, best["val_top1"], best["val_mac_fraction"], best["epoch"])
