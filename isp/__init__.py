@@ -1,0 +1,50 @@
+"""ISP: Interpretations Steered Network Pruning via Amortized Inferred Saliency Maps (Ganjdanesh, Gao and
+Huang, ECCV 2022), as a pipeline of resumable stages on top of ``common``.
+
+Entry for the benchmark: ``run_method(start, data, budget, out_dir, device=..., seed=0, settings=None)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.backbones import Backbone
+from common.data import DatasetSplits
+from common.method import Budget, MethodResult
+
+from .pipeline import Pipeline, load_backbone, load_decoder
+from .selector import Selector
+from .settings import ISPSettings
+
+__all__ = ["ISPSettings", "Pipeline", "Selector", "load_backbone", "load_decoder", "run_method"]
+
+
+def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Path, *,
+               device: torch.device | str = "cpu", seed: int = 0, settings: dict[str, Any] | None = None
+               ) -> MethodResult:
+    """Run (or resume) the whole ISP pipeline from the pretrained ``start`` and return the slim model.
+
+    ``budget.epochs`` is shared over the stages (30% predictor, 10% selector, 10% gate search as passes over
+    the 5% subset, 50% fine-tuning) unless ``settings`` fixes a stage's epochs; ``budget.seconds`` is split
+    in the same shares. The returned model is the physically pruned, fine-tuned network (static: no
+    ``dynamic_forward``); ``saliency`` is the selector with the slim network as its encoder, returning the
+    RBF Bernoulli map of Eq. 4-5 for the given targets.
+    """
+    device = torch.device(device)
+    config = ISPSettings.from_dict(settings)
+    pipeline = Pipeline(out_dir, start, data, budget, config, device, seed)
+    pipeline.run_dir.write_config({"method": "isp", "backbone": pipeline.name, "dataset": data.name,
+                                   "budget": {"epochs": budget.epochs, "seconds": budget.seconds,
+                                              "max_batches": budget.max_batches},
+                                   "seed": seed, "settings": config.to_dict()})
+    pipeline.run_dir.write_environment(device)
+    pipeline.run()
+    model = pipeline.final_model()
+    selector = Selector(model, pipeline.decoder())
+    metrics = pipeline.run_dir.read_metrics()
+    return MethodResult(model=model, saliency=selector.saliency, dynamic_forward=None,
+                        mis_layer=model.cam_layer(), dynamic_filter_share=None, metrics=metrics,
+                        train_seconds=pipeline.train_seconds())

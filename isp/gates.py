@@ -1,0 +1,194 @@
+"""Channel gates for pruning (paper Eq. 10; supplementary Eq. 15-16) and the prunable MAC count T(v).
+
+Gates sit on the prunable channels: the ``internal`` gate sites of the backbone (a ResNet block's first conv,
+a MobileNetV2 expansion, a VGG conv). Residual streams are never gated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from common.backbones import Backbone
+from common.macs import layer_shapes
+
+from .rbf import logistic_noise
+
+
+@dataclass(eq=False)
+class PrunableSite:
+    """An internal gate site plus the depthwise convs that carry its channels (MobileNetV2)."""
+
+    name: str
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    consumer: nn.Module
+    followers: tuple[nn.BatchNorm2d, ...]
+    depthwise: tuple[nn.Conv2d, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.conv.out_channels
+
+
+def prunable_sites(backbone: Backbone, input_size: tuple[int, int, int] = (3, 32, 32)) -> list[PrunableSite]:
+    """The backbone's internal gate sites, with the conv feeding each follower BN found by tracing one pass."""
+    sites = [s for s in backbone.gate_sites() if s.internal]
+    if not sites:
+        raise ValueError(f"{type(backbone).__name__} exposes no internal (prunable) gate sites")
+    followers = {id(bn) for s in sites for bn in s.followers}
+    previous_conv = _conv_before_each_bn(backbone, followers, input_size)
+    out = []
+    for s in sites:
+        if s.consumer is None:
+            raise ValueError(f"internal gate site {s.name} has no consumer layer; cannot prune it")
+        out.append(PrunableSite(s.name, s.conv, s.bn, s.consumer, tuple(s.followers),
+                                tuple(previous_conv[id(bn)] for bn in s.followers)))
+    return out
+
+
+def _conv_before_each_bn(backbone: nn.Module, bn_ids: set[int], input_size: tuple[int, int, int]
+                         ) -> dict[int, nn.Conv2d]:
+    last: list[nn.Conv2d] = []
+    found: dict[int, nn.Conv2d] = {}
+
+    def on_conv(module, _inputs, _output):
+        last[:] = [module]
+
+    def on_bn(module, _inputs, _output):
+        if id(module) in bn_ids and last:
+            found[id(module)] = last[0]
+
+    handles = [m.register_forward_hook(on_conv if isinstance(m, nn.Conv2d) else on_bn)
+               for m in backbone.modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            param = next(backbone.parameters())
+            backbone(torch.zeros(1, *input_size, device=param.device))
+    finally:
+        for h in handles:
+            h.remove()
+        backbone.train(was_training)
+    for bn_id in bn_ids:
+        conv = found.get(bn_id)
+        if conv is None or conv.groups != conv.in_channels or conv.in_channels != conv.out_channels:
+            raise ValueError("a follower BatchNorm is not preceded by a depthwise conv; cannot prune it")
+    return found
+
+
+class ChannelGates(nn.Module):
+    """v = sigmoid((theta + g + b) / tau) per channel (supplementary Eq. 15), g Logistic noise, b = 3 so that
+    every gate starts open, tau = 0.4. Only theta (one logit per prunable channel) is trained."""
+
+    def __init__(self, channels: Sequence[int], bias: float = 3.0, tau: float = 0.4):
+        super().__init__()
+        self.channels = list(channels)
+        self.bias = bias
+        self.tau = tau
+        self.theta = nn.Parameter(torch.zeros(sum(self.channels)))
+
+    def _split(self, flat: Tensor) -> list[Tensor]:
+        return list(torch.split(flat, self.channels))
+
+    def sample(self, generator: torch.Generator | None = None) -> list[Tensor]:
+        """Relaxed gate values for one training step (one draw shared by the whole batch)."""
+        noise = logistic_noise(self.theta.shape, self.theta.device, generator)
+        return self._split(torch.sigmoid((self.theta + noise + self.bias) / self.tau))
+
+    def open_probability(self) -> list[Tensor]:
+        """Noise-free sigmoid((theta + b) / tau) per channel."""
+        return self._split(torch.sigmoid((self.theta + self.bias) / self.tau))
+
+    @torch.no_grad()
+    def hard(self) -> list[Tensor]:
+        """The final architecture: channel open iff theta + b > 0; every site keeps at least its best channel
+        (a layer with no channel cannot be built, and the slim model must equal the gated one)."""
+        values = []
+        for logits in self._split(self.theta.detach() + self.bias):
+            keep = (logits > 0).float()
+            if keep.sum() == 0:
+                keep[logits.argmax()] = 1.0
+            values.append(keep)
+        return values
+
+
+class GateInjector:
+    """Multiplies every prunable site's BN output (and its followers') by the current gate values (Eq. 16).
+
+    v >= 0, so gating before the ReLU equals gating after it. Set ``values`` before each forward.
+    """
+
+    def __init__(self, sites: Sequence[PrunableSite]):
+        self.sites = list(sites)
+        self.values: list[Tensor] | None = None
+        self._handles: list = []
+
+    def _hook(self, index: int):
+        def hook(_module, _inputs, output: Tensor) -> Tensor:
+            if self.values is None:
+                return output
+            return output * self.values[index].to(output.dtype).view(1, -1, 1, 1)
+        return hook
+
+    def __enter__(self) -> GateInjector:
+        for i, site in enumerate(self.sites):
+            for bn in (site.bn, *site.followers):
+                self._handles.append(bn.register_forward_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class PrunableMacs:
+    """T(v): MACs of every layer whose input or output channels are gated, counted with soft channel
+    activity (a_in / groups) x a_out x k x H x W, the same formula as ``common.macs.dynamic_macs``.
+
+    T_all is the same sum with every gate open: both count the same layers (each gated conv, its consumer,
+    and the depthwise convs in between), so p T_all is a meaningful target (unlike the reference code, whose
+    regulariser counted only the first conv of each pair while its total counted both).
+    """
+
+    def __init__(self, backbone: Backbone, sites: Sequence[PrunableSite], input_size: tuple[int, int, int]):
+        shapes = {layer.name: layer for layer in layer_shapes(backbone, input_size)}
+        self.model_macs = float(sum(layer.macs for layer in shapes.values()))
+        role: dict[str, dict] = {}
+        for i, site in enumerate(sites):
+            role.setdefault(backbone.module_name(site.conv), {})["out"] = i
+            role.setdefault(backbone.module_name(site.consumer), {})["in"] = i
+            for conv in site.depthwise:
+                role.setdefault(backbone.module_name(conv), {})["depthwise"] = i
+        self.terms: list[tuple[float, int, int, int, int, int]] = []  # macs, in, c_in, out, c_out, dw
+        for name, r in role.items():
+            layer = shapes[name]
+            self.terms.append((float(layer.macs), r.get("in", -1), layer.in_channels, r.get("out", -1),
+                               layer.out_channels, r.get("depthwise", -1)))
+        self.total = float(sum(t[0] for t in self.terms))  # T_all
+
+    def __call__(self, values: Sequence[Tensor]) -> Tensor:
+        count = values[0].new_zeros(())
+        for macs, i_in, c_in, i_out, c_out, i_dw in self.terms:
+            if i_dw >= 0:  # a depthwise channel is computed iff its (shared) gate is open
+                count = count + macs * values[i_dw].sum() / c_in
+                continue
+            frac_in = values[i_in].sum() / c_in if i_in >= 0 else 1.0
+            frac_out = values[i_out].sum() / c_out if i_out >= 0 else 1.0
+            count = count + macs * frac_in * frac_out
+        return count
+
+    @property
+    def fixed(self) -> float:
+        """MACs no gate can change (stem, residual-stream convs not fed by a gate, classifier)."""
+        return self.model_macs - self.total
+
+
+def resource_loss(macs: Tensor, target: float) -> Tensor:
+    """R_res(x, y) = log(max(x, y) / y) (supplementary Sec. 3.2): zero once T(v) <= p T_all."""
+    return torch.log(torch.clamp(macs, min=target) / target)

@@ -1,0 +1,104 @@
+"""RBF-style explanatory masks (paper Eq. 1, 4-7, 9; supplementary Eq. 12, 14).
+
+Coordinates: pixel (i, j) of an M x N image sits at (z, t) = (i + 0.5, j + 0.5), the origin being the top-left
+corner of the frame, so a centre of (M/2, N/2) is the exact middle of the image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Softplus can underflow to 0; an RBF with sigma = 0 would divide by zero.
+MIN_SIGMA = 1e-3
+
+
+def pixel_grid(height: int, width: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """(z, t) coordinates of every pixel centre, each H x W."""
+    z = torch.arange(height, device=device, dtype=torch.float32) + 0.5
+    t = torch.arange(width, device=device, dtype=torch.float32) + 0.5
+    return torch.meshgrid(z, t, indexing="ij")
+
+
+def rbf_bernoulli(params: Tensor, height: int, width: int) -> Tensor:
+    """Eq. 4: f_BP(z, t; c_z, c_t, sigma) = exp(-((z - c_z)^2 + (t - c_t)^2) / (2 sigma^2)).
+
+    params: B x 3 rows (c_z, c_t, sigma). Returns the Bernoulli parameter of every pixel, B x H x W.
+    """
+    if params.dim() != 2 or params.shape[1] != 3:
+        raise ValueError(f"RBF parameters must be B x 3 (c_z, c_t, sigma), got {tuple(params.shape)}")
+    z, t = pixel_grid(height, width, params.device)
+    c_z, c_t = params[:, 0, None, None], params[:, 1, None, None]
+    sigma = params[:, 2, None, None].clamp_min(MIN_SIGMA)
+    return torch.exp(-((z - c_z) ** 2 + (t - c_t) ** 2) / (2 * sigma**2))
+
+
+def centre_nonlinearity(u: Tensor, size: int, margin: float = 2.0) -> Tensor:
+    """Supplementary Sec. 3: c = r tanh(u / r) + size / 2 with r = size / 2 - margin.
+
+    For 32 px and margin 2 this is 14 tanh(u / 14) + 16: centres stay in the central 28 x 28 frame and tanh is
+    in its active range while |u| <= 14 (ImageNet: margin 4 gives 108 tanh(u / 108) + 112).
+    """
+    half_range = size / 2 - margin
+    if half_range <= 0:
+        raise ValueError(f"centre margin {margin} leaves no room in a {size}-pixel image")
+    return half_range * torch.tanh(u / half_range) + size / 2
+
+
+def sigma_nonlinearity(u: Tensor) -> Tensor:
+    """Supplementary Sec. 3: sigma = softplus(u), always positive."""
+    return F.softplus(u)
+
+
+def sample_random_rbf_params(batch: int, height: int, width: int, generator: torch.Generator | None = None,
+                             device: torch.device | str = "cpu") -> Tensor:
+    """The predictor's random kernels (Sec. 3.5): c_z ~ U[0, M], c_t ~ U[0, N], sigma ~ U[0, 2 max(M, N)]."""
+    u = torch.rand(batch, 3, generator=generator).to(device)
+    scale = torch.tensor([height, width, 2 * max(height, width)], dtype=torch.float32, device=device)
+    return u * scale
+
+
+def bernoulli_mask(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A hard mask m' ~ prod Bernoulli(probs) (Eq. 5, 7): 1 keeps the pixel, 0 removes it."""
+    u = torch.rand(probs.shape, generator=generator).to(probs.device)
+    return (u < probs).to(probs.dtype)
+
+
+def logistic_noise(shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu",
+                   generator: torch.Generator | None = None) -> Tensor:
+    """g1 - g2 for two independent Gumbel(0, 1) draws, i.e. Logistic(0, 1) = log u - log(1 - u)."""
+    u = torch.rand(shape, generator=generator).clamp_(1e-6, 1 - 1e-6).to(device)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def gumbel_sigmoid(probs: Tensor, tau: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """Eq. 14, a differentiable relaxed sample of Bernoulli(probs) at temperature tau.
+
+    m = sigmoid((logit(p) + g) / tau) with g Logistic(0, 1) (the binary Concrete of Maddison et al.). As
+    tau -> 0, P(m > 1/2) = p exactly. The paper writes log(p) + a single Gumbel draw, whose limit would be
+    Bernoulli(1 - exp(-p)) instead; see README, deviations.
+    """
+    eps = 1e-6
+    p = probs.clamp(eps, 1 - eps)
+    logits = torch.log(p) - torch.log1p(-p)
+    return torch.sigmoid((logits + logistic_noise(p.shape, p.device, generator)) / tau)
+
+
+def mask_input(images: Tensor, mask: Tensor) -> Tensor:
+    """Eq. 1: keep the pixels where m = 1 and set the others to 0 (black in [0, 1] pixel space)."""
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    return images * mask
+
+
+def area_penalty(mask: Tensor) -> Tensor:
+    """R(m') of Eq. 9, ||m'||_0 relaxed to the mean of the relaxed mask (fraction of kept pixels), per sample."""
+    return mask.flatten(1).mean(1)
+
+
+def smoothness_penalty(mask: Tensor) -> Tensor:
+    """S(m') of Eq. 9: sum of squared differences between vertical and horizontal neighbours, per sample."""
+    vertical = (mask[:, 1:, :] - mask[:, :-1, :]).pow(2).flatten(1).sum(1)
+    horizontal = (mask[:, :, 1:] - mask[:, :, :-1]).pow(2).flatten(1).sum(1)
+    return vertical + horizontal

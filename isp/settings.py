@@ -1,0 +1,95 @@
+"""Every hyperparameter of the pipeline, with the paper's values as defaults (supplementary Sec. 3)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+STAGE_SHARES = {"predictor": 0.3, "selector": 0.1, "gates": 0.1, "finetune": 0.5}
+
+
+@dataclass
+class ISPSettings:
+    selector: str = "rbf"  # "rbf" (ISP) or "realx" (independent per-pixel Bernoulli, for Fig. 1 / Fig. 4a)
+    # Stage lengths in epochs; None takes the stage's share of the budget (STAGE_SHARES). Gate epochs are
+    # passes over the pruning subset. Paper CIFAR-10: 300 / 10 / 200 / 200.
+    predictor_epochs: float | None = None
+    selector_epochs: float | None = None
+    gate_epochs: float | None = None
+    finetune_epochs: float | None = None
+    # Predictor (Eq. 6-7): Adam 1e-4, betas (0.9, 0.999), weight decay 1e-4, batch 128.
+    predictor_batch: int = 128
+    predictor_lr: float = 1e-4
+    predictor_weight_decay: float = 1e-4
+    predictor_from_classifier: bool = True  # start from the classifier's weights (paper: ImageNet yes, CIFAR no)
+    # Selector (Eq. 8-9, 14): same optimiser, batch 16, lambda1 = 0.2, lambda2 = 0.001 (CIFAR), tau = 1.
+    selector_batch: int = 16
+    selector_lr: float = 1e-4
+    selector_weight_decay: float = 1e-4
+    lambda1: float = 0.2
+    lambda2: float = 0.001
+    selector_tau: float = 1.0
+    centre_margin: float = 2.0  # c = (S/2 - margin) tanh(u / (S/2 - margin)) + S/2
+    sigma_bias: float | None = None  # None: 10 for 32-pixel images (paper), scaled with the image size
+    # Gate search (Eq. 10, supplementary Eq. 15): b = 3, tau = 0.4, gamma1 = 0.5, gamma2 = 2, 5% subset,
+    # Adam, batch 128. The learning rate is not in the paper (reference code: 1e-3).
+    subset_fraction: float = 0.05
+    gate_batch: int = 128
+    gate_lr: float = 1e-3
+    gate_bias: float = 3.0
+    gate_tau: float = 0.4
+    classification_weight: float = 1.0  # 0 reproduces the paper's "w/o classification loss" ablation
+    gamma1: float = 0.5
+    gamma2: float = 2.0
+    target_ratio: float = 0.5  # p: keep p of the prunable MACs T_all
+    interpretation_units: str = "image"  # C_x compared in units of the image side ("pixels": as predicted)
+    # Fine-tuning: SGD momentum 0.9, weight decay 1e-4, start lr 0.1, batch 128 (reference: steps at 50%, 75%).
+    finetune_batch: int = 128
+    finetune_lr: float = 0.1
+    finetune_momentum: float = 0.9
+    finetune_weight_decay: float = 1e-4
+    finetune_schedule: str = "step"
+    val_every_epochs: float = 1.0
+    # Reporting.
+    latency_batch: int = 64
+    latency_threads: int = 1
+    figure_images: int = 6
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> ISPSettings:
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in values if k not in known and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"unknown ISP settings {unknown}; known settings: {sorted(known)}")
+        settings = cls(**{k: v for k, v in values.items() if k in known})
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.selector not in ("rbf", "realx"):
+            raise ValueError(f"selector must be 'rbf' or 'realx', got {self.selector!r}")
+        if not 0.0 < self.target_ratio <= 1.0:
+            raise ValueError(f"target_ratio p must be in (0, 1], got {self.target_ratio}")
+        if not 0.0 < self.subset_fraction <= 1.0:
+            raise ValueError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
+        if self.interpretation_units not in ("image", "pixels"):
+            raise ValueError(f"interpretation_units must be 'image' or 'pixels', got {self.interpretation_units!r}")
+        if self.finetune_schedule not in ("cosine", "step"):
+            raise ValueError(f"finetune_schedule must be 'cosine' or 'step', got {self.finetune_schedule!r}")
+        for name in ("selector_tau", "gate_tau"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def stage_epochs(self, stage: str, budget_epochs: float) -> float:
+        """Epochs of ``stage``: the explicit setting, else its share of the budget (gate search runs over the
+        subset, so its share of full-set epochs is divided by the subset fraction)."""
+        explicit = {"predictor": self.predictor_epochs, "selector": self.selector_epochs,
+                    "gates": self.gate_epochs, "finetune": self.finetune_epochs}[stage]
+        if explicit is not None:
+            return float(explicit)
+        share = STAGE_SHARES[stage] * budget_epochs
+        return share / self.subset_fraction if stage == "gates" else share

@@ -1,0 +1,75 @@
+"""A tiny end-to-end ISP run on the embedded digits dataset, resuming, and the CLI's error handling."""
+
+import pytest
+import torch
+
+from common.backbones import build_backbone
+from common.data import load_dataset
+from common.method import Budget
+from isp import run_method
+from isp.__main__ import main
+from isp.settings import ISPSettings
+
+TINY = {"predictor_epochs": 1, "selector_epochs": 1, "gate_epochs": 2, "finetune_epochs": 1,
+        "predictor_batch": 32, "selector_batch": 16, "gate_batch": 16, "subset_fraction": 0.05,
+        "gate_lr": 1.5, "target_ratio": 0.5, "finetune_lr": 0.01, "latency_batch": 4}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    data = load_dataset("digits")
+    start = build_backbone("resnet20", data.num_classes)
+    out = tmp_path_factory.mktemp("isp_run")
+    result = run_method(start, data, Budget(1, max_batches=3), out, device="cpu", seed=0, settings=TINY)
+    return out, data, start, result
+
+
+def test_pipeline_writes_every_artefact_and_metric(tiny_run):
+    out, _, _, result = tiny_run
+    for name in ("config.json", "environment.json", "log.txt", "checkpoint.pt", "classifier.pt", "predictor.pt",
+                 "selector.pt", "targets.pt", "gates.pt", "slim.pt", "model.pt", "metrics.json"):
+        assert (out / name).is_file(), name
+    m = result.metrics
+    for key in ("top1_before", "top1_after", "macs", "params", "pruned_macs_ratio", "cpu_speedup", "rbf_distance"):
+        assert key in m
+    assert m["slim_max_abs_logit_difference"] < 1e-3
+    assert 0.0 < m["pruned_macs_ratio"] < 1.0  # a large gate lr prunes even in two tiny passes
+    assert m["macs"] < m["macs_before"] and m["params"] < m["params_before"]
+
+
+def test_result_is_the_slim_model_with_its_selector(tiny_run):
+    _, data, start, result = tiny_run
+    assert result.dynamic_forward is None and result.dynamic_filter_share is None
+    assert sum(p.numel() for p in result.model.parameters()) < sum(p.numel() for p in start.parameters())
+    x = data.test.images[:3].float() / 255
+    maps = result.saliency(x, torch.tensor([0, 1, 2]))
+    assert maps.shape == (3, 32, 32) and torch.all((maps >= 0) & (maps <= 1))
+    assert result.mis_layer is result.model.cam_layer()
+    assert result.train_seconds > 0
+
+
+def test_rerun_skips_finished_stages(tiny_run):
+    out, data, start, _ = tiny_run
+    before = (out / "model.pt").stat().st_mtime_ns
+    run_method(start, data, Budget(1, max_batches=3), out, device="cpu", seed=0, settings=TINY)
+    assert (out / "model.pt").stat().st_mtime_ns == before
+    assert "finetune: model.pt exists, skipped" in (out / "log.txt").read_text()
+
+
+def test_cli_explain_and_evaluate_on_the_finished_run(tiny_run, tmp_path):
+    out, *_ = tiny_run
+    png = tmp_path / "saliency.png"
+    assert main(["explain", "--run", str(out), "--out", str(png), "--images", "2", "--device", "cpu"]) == 0
+    assert png.stat().st_size > 1000
+
+
+def test_cli_reports_a_missing_run_clearly(tmp_path, capsys):
+    assert main(["evaluate", "--run", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(ValueError, match="unknown ISP settings"):
+        ISPSettings.from_dict({"lamda1": 0.3})
