@@ -1,0 +1,70 @@
+"""``run_method``: the Python entry the benchmark calls (contract in ``common.method``)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.backbones import Backbone
+from common.data import BatchLoader, DatasetSplits
+from common.macs import count_macs
+from common.method import Budget, MethodResult
+from common.run import RunDir, seed_everything
+from common.training import evaluate_top1
+
+from .analysis import collect_paths, filter_states
+from .evaluate import mean_dynamic_macs
+from .model import DecoupledNet, save_decoupled
+from .settings import resolve_settings
+from .train import build_objective, train_decoupled
+
+
+def backbone_name(model: Backbone) -> str:
+    """The registry name of a backbone instance (for Table 5 defaults and to rebuild it from model.pt)."""
+    kind = type(model).__name__
+    if kind == "CifarResNet":
+        return f"resnet{2 * len(model.blocks()) + 2}"  # type: ignore[attr-defined]
+    if kind == "VGG":
+        return "vgg16"
+    if kind == "ResNet18":
+        return "resnet18"
+    raise ValueError(f"decoupling does not support backbone class {kind}; use a CIFAR ResNet, resnet18 or vgg16")
+
+
+def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Path, *, device: torch.device,
+               seed: int = 0, settings: dict[str, Any] | None = None) -> MethodResult:
+    """Decouple a copy of ``start`` (``start`` itself is not modified) with Eq. 12 for ``budget``.
+
+    Resumes from ``out_dir/checkpoint.pt``; writes ``out_dir/model.pt``. The returned result carries the
+    decoupled model, ``dynamic_forward`` (logits and per-sample MACs of the channel-skipping execution),
+    ``mis_layer`` (the backbone's last feature map), ``dynamic_filter_share`` (share of gated filters whose
+    state depends on the input, on the validation split) and metrics measured on the validation split.
+    The paper's explanations are path-level, not pixel saliency: ``saliency`` is None (common Grad-CAM).
+    Per-sample calculation paths: ``result.model.paths(images)``.
+    """
+    name = backbone_name(start)
+    config = resolve_settings(name, settings)
+    seed_everything(seed)
+    run = RunDir(out_dir)
+    run.write_config({"backbone": name, "dataset": data.name, "budget": vars(budget), "seed": seed,
+                      "settings": config, "entry": "run_method"})
+    run.write_environment(device)
+    model = DecoupledNet(copy.deepcopy(start).cpu(), config["reduction"], config["init_bias"])
+    objective = build_objective(model, data.num_classes, config)
+    outcome = train_decoupled(model, objective, data, budget, run, config, device, seed)
+    save_decoupled(model, run.model_path, name, data.num_classes, config["reduction"], config["init_bias"])
+    val = BatchLoader(data.val, 256, train=False, device=device)
+    states = filter_states(collect_paths(model, val))
+    size = (3, *data.image_size)
+    dense_macs = float(count_macs(start, size))
+    macs = mean_dynamic_macs(model, val)
+    metrics = {"val_top1": evaluate_top1(model, val), "val_macs_mean": macs, "macs_dense": dense_macs,
+               "val_mac_reduction": 1.0 - macs / dense_macs, **{f"{k}_filters": v for k, v in states.fractions.items()},
+               "train_steps": outcome.steps, "stopped_by_time": outcome.stopped_by_time}
+    return MethodResult(model=model, saliency=None, dynamic_forward=model.dynamic_forward,
+                        mis_layer=model.backbone.cam_layer(), dynamic_filter_share=states.fractions["dynamic"],
+                        metrics=metrics, train_seconds=outcome.train_seconds)
+

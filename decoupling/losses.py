@@ -1,0 +1,75 @@
+"""The decoupling losses (paper Eq. 9-12), summed over the gated layers l = 1..L.
+
+L = L_ce + lambda_m L_mi + lambda_k L_kl + lambda_s L_s                                  (Eq. 12)
+L_mi = sum_l CE(W_cla^l z^l, label)       variational lower bound on I(a; z^l), Eq. 6-9
+L_kl = sum_l KL(z^l || y^l)               y^l = GAP(Y^l); both normalised by a softmax over filters, Eq. 10
+L_s  = sum_l max(0, ||z^l||_1 - R N^l)    sparsity with target ratio R, Eq. 11
+Every term is a mean over the samples of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def mutual_information_loss(masks: Sequence[Tensor], heads: Sequence[nn.Linear], targets: Tensor) -> Tensor:
+    """Eq. 9: -sum_l log Q~(a | z^l), with Q~(z) = softmax(W_cla^l z) a per-layer linear classifier."""
+    return sum(F.cross_entropy(head(z), targets) for z, head in zip(masks, heads, strict=True))
+
+
+def kl_divergence_loss(masks: Sequence[Tensor], pooled: Sequence[Tensor]) -> Tensor:
+    """Eq. 10: sum_l KL(p(z^l) || p(y^l)), p = softmax over the N^l filters of one sample."""
+    total = masks[0].new_zeros(())
+    for z, y in zip(masks, pooled, strict=True):
+        log_p_z = F.log_softmax(z, dim=1)
+        log_p_y = F.log_softmax(y, dim=1)
+        total = total + (log_p_z.exp() * (log_p_z - log_p_y)).sum(dim=1).mean()
+    return total
+
+
+def sparsity_loss(masks: Sequence[Tensor], target_ratio: float = 0.0) -> Tensor:
+    """Eq. 11: sum_l (||z^l||_1 - R N^l), read as a hinge so that R is a real target: layers already at
+    or below R N^l active filters are not pushed further. R = 0 is the plain l1 penalty."""
+    if not 0.0 <= target_ratio <= 1.0:
+        raise ValueError(f"target ratio R must lie in [0, 1], got {target_ratio}")
+    total = masks[0].new_zeros(())
+    for z in masks:
+        total = total + F.relu(z.abs().sum(dim=1) - target_ratio * z.shape[1]).mean()
+    return total
+
+
+@dataclass
+class LossTerms:
+    total: Tensor
+    ce: Tensor
+    mi: Tensor
+    kl: Tensor
+    sparsity: Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in ("total", "ce", "mi", "kl", "sparsity")}
+
+
+class DecouplingObjective(nn.Module):
+    """Eq. 12 with its own parameters: the per-layer classifiers W_cla^l of L_mi (K x N^l, no bias).
+    They serve training only and never run at inference."""
+
+    def __init__(self, layer_channels: Sequence[int], num_classes: int, lambda_m: float, lambda_k: float,
+                 lambda_s: float, target_ratio: float = 0.0):
+        super().__init__()
+        self.mi_heads = nn.ModuleList(nn.Linear(n, num_classes, bias=False) for n in layer_channels)
+        self.lambda_m, self.lambda_k, self.lambda_s = lambda_m, lambda_k, lambda_s
+        self.target_ratio = target_ratio
+
+    def forward(self, logits: Tensor, targets: Tensor, masks: Sequence[Tensor], pooled: Sequence[Tensor]
+                ) -> LossTerms:
+        ce = F.cross_entropy(logits, targets)
+        mi = mutual_information_loss(masks, self.mi_heads, targets)
+        kl = kl_divergence_loss(masks, pooled)
+        sparsity = sparsity_loss(masks, self.target_ratio)
+        total = ce + self.lambda_m * mi + self.lambda_k * kl + self.lambda_s * sparsity
+        return LossTerms(total=total, ce=ce, mi=mi, kl=kl, sparsity=sparsity)

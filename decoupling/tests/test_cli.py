@@ -1,0 +1,77 @@
+"""CLI and run_method end to end on the embedded digits dataset (a few batches), resume, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from common.backbones import build_backbone
+from common.data import load_dataset
+from common.method import Budget
+from decoupling import run_method
+from decoupling.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    args = ["train", "--backbone", "resnet20", "--dataset", "digits", "--epochs", "1", "--max-batches", "2",
+            "--out", str(out), "--device", "cpu", "--set", "batch_size=32", "--set", "controller_lr=0.05"]
+    assert main(args) == 0
+    return out, args
+
+
+def test_train_writes_the_run_and_resumes(trained_run):
+    out, args = trained_run
+    for name in ("config.json", "environment.json", "log.txt", "checkpoint.pt", "model.pt"):
+        assert (out / name).is_file()
+    assert json.loads((out / "config.json").read_text())["settings"]["controller_lr"] == 0.05
+    before = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert before == 2
+    args = [a if a != "2" else "3" for a in args]  # a larger budget continues from the checkpoint
+    assert main(args) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert "resumed at step 2 of 3" in (out / "log.txt").read_text()
+
+
+def test_evaluate_and_explain(trained_run, tmp_path):
+    out, _ = trained_run
+    assert main(["evaluate", "--run", str(out), "--device", "cpu", "--latency-images", "3", "--adv-runs", "1",
+                 "--adv-shots", "1", "--adv-test-per-class", "2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("top1", "macs_mean", "macs_dense", "mac_reduction", "params", "cpu_speedup",
+                "energetic_filters", "silent_filters", "dynamic_filters", "adv_auc"):
+        assert key in metrics
+    assert metrics["energetic_filters"] + metrics["silent_filters"] + metrics["dynamic_filters"] == pytest.approx(1)
+    assert set(metrics["adv_auc"]) == {"fgsm", "pgd"}
+    png = tmp_path / "explain.png"
+    assert main(["explain", "--run", str(out), "--out", str(png), "--device", "cpu", "--per-class", "4"]) == 0
+    assert png.stat().st_size > 10_000
+    assert (tmp_path / "explain_paths.npz").is_file() and (tmp_path / "explain_decision_tree.txt").is_file()
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main(["evaluate", "--run", str(tmp_path / "missing")]) == 2
+    assert "train into it first" in capsys.readouterr().err
+    assert main(["train", "--backbone", "mobilenetv2", "--dataset", "digits", "--epochs", "1",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "no defaults for backbone" in capsys.readouterr().err
+    assert main(["train", "--backbone", "resnet20", "--dataset", "digits", "--epochs", "1", "--out",
+                 str(tmp_path / "r2"), "--set", "lamda_s=0.1"]) == 2
+    assert "unknown decoupling settings" in capsys.readouterr().err
+
+
+def test_run_method_contract(tmp_path):
+    data = load_dataset("digits")
+    start = build_backbone("resnet20", data.num_classes)
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    result = run_method(start, data, Budget(epochs=1, max_batches=1), tmp_path, device=torch.device("cpu"),
+                        settings={"batch_size": 32})
+    assert all(torch.equal(before[k], v) for k, v in start.state_dict().items())  # start is not modified
+    x = data.test.images[:5].float() / 255
+    logits, macs = result.dynamic_forward(x)
+    assert logits.shape == (5, 10) and macs.shape == (5,) and macs.dtype == torch.float64
+    assert result.mis_layer is result.model.backbone.cam_layer()
+    assert 0.0 <= result.dynamic_filter_share <= 1.0
+    assert result.train_seconds > 0 and "val_top1" in result.metrics
+    assert (tmp_path / "model.pt").is_file()

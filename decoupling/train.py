@@ -1,0 +1,149 @@
+"""Fine-tuning a decoupled network with Eq. 12 under a budget, resumable from ``checkpoint.pt``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.data import BatchLoader, DatasetSplits
+from common.method import Budget
+from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_checkpoint, progress
+
+from .losses import DecouplingObjective
+from .model import DecoupledNet
+
+
+def _batches_from(loader: BatchLoader, step: int, per_epoch: int):
+    """Batches from global step ``step`` on, epoch after epoch; a resumed run sees the same sequence."""
+    epoch, position = divmod(step, per_epoch)
+    while True:
+        loader.set_epoch(epoch)
+        for index, batch in enumerate(loader):
+            if index >= per_epoch:
+                break
+            if index >= position:
+                yield batch
+        epoch, position = epoch + 1, 0
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: DecoupledNet, loader: BatchLoader, batches: int) -> None:
+    """Re-estimate every BN's running statistics (cumulative average) on training batches with the gates
+    in inference mode (Eq. 5). Training sees noisy SemHash gates, inference sees hard ones; the BN
+    statistics of the layers downstream of a gate differ between the two."""
+    model.eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    for index, (x, _) in enumerate(loader):
+        if index >= batches:
+            break
+        model(x)
+    for norm in norms:
+        norm.momentum = 0.1
+    model.eval()
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    total_steps: int
+    train_seconds: float
+    stopped_by_time: bool
+    last_losses: dict[str, float]
+
+
+def lr_factor(step: int, total_steps: int, settings: dict[str, Any]) -> float:
+    """Step schedule: gamma to the number of milestones (fractions of all steps) already passed."""
+    passed = sum(step >= round(m * total_steps) for m in settings["lr_milestones"])
+    return settings["lr_gamma"] ** passed
+
+
+def parameter_groups(model: DecoupledNet, objective: DecouplingObjective, settings: dict[str, Any]
+                     ) -> list[dict[str, Any]]:
+    """Backbone weights at ``lr``; controllers and L_mi heads (new, randomly initialised) at
+    ``controller_lr`` when set."""
+    controller_ids = {id(p) for layer in model.gated_layers for p in layer.controller.parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in controller_ids]
+    controllers = [p for p in model.parameters() if id(p) in controller_ids] + list(objective.parameters())
+    controller_lr = settings["controller_lr"] if settings["controller_lr"] is not None else settings["lr"]
+    return [{"params": backbone, "base_lr": settings["lr"]}, {"params": controllers, "base_lr": controller_lr}]
+
+
+def build_objective(model: DecoupledNet, num_classes: int, settings: dict[str, Any]) -> DecouplingObjective:
+    return DecouplingObjective(model.layer_channels, num_classes, settings["lambda_m"], settings["lambda_k"],
+                               settings["lambda_s"], settings["target_ratio"])
+
+
+def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: DatasetSplits, budget: Budget,
+                    run: RunDir, settings: dict[str, Any], device: torch.device, seed: int = 0,
+                    logger: logging.Logger | None = None) -> TrainOutcome:
+    """Train ``model`` and ``objective`` (its L_mi heads) in place. Saves ``checkpoint.pt`` every
+    ``checkpoint_every`` steps, at every epoch end and when the time budget runs out; resumes from it."""
+    logger = logger or run.logger("decoupling")
+    model.to(device)
+    objective.to(device)
+    # Weight decay on every parameter, controllers included (as the authors' code does).
+    optimizer = torch.optim.SGD(parameter_groups(model, objective, settings), lr=settings["lr"],
+                                momentum=settings["momentum"], weight_decay=settings["weight_decay"])
+    loader = BatchLoader(data.train, settings["batch_size"], train=True, device=device, seed=seed)
+    per_epoch = len(loader) if budget.max_batches is None else min(len(loader), budget.max_batches)
+    total_steps = budget.batches(len(loader))
+    step, elapsed, last = 0, 0.0, {}
+    if run.checkpoint_path.is_file():
+        state = load_checkpoint(run.checkpoint_path, map_location=device)
+        model.load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed, last = state["step"], state["train_seconds"], state.get("last_losses", {})
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("resumed at step %d of %d", step, total_steps)
+
+    def save() -> None:
+        atomic_torch_save({"model": model.state_dict(), "objective": objective.state_dict(),
+                           "optimizer": optimizer.state_dict(), "step": step, "total_steps": total_steps,
+                           "train_seconds": clock.elapsed, "last_losses": last,
+                           "torch_rng": torch.get_rng_state()}, run.checkpoint_path)
+
+    clock = Stopwatch(device, elapsed)
+    stopped_by_time = False
+    model.train()
+    bar = progress(range(step, total_steps), "decoupling train", total=total_steps - step)
+    for _, (x, y) in zip(bar, _batches_from(loader, step, per_epoch)):
+        if budget.seconds is not None and clock.elapsed >= budget.seconds:
+            stopped_by_time = True
+            break
+        with clock:
+            factor = lr_factor(step, total_steps, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            logits, record = model.forward_with_paths(x)
+            terms = objective(logits, y, record.masks, record.pooled)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            optimizer.step()
+        step += 1
+        if step % settings["log_every"] == 0 or step == total_steps:
+            check_finite(terms.total, f"decoupling step {step}")
+            last = terms.as_floats()
+            open_share = float(torch.cat([m.detach() for m in record.masks], 1).mean())
+            logger.info("step %d/%d lr %.4g %s open %.3f", step, total_steps, optimizer.param_groups[0]["lr"],
+                        " ".join(f"{k} {v:.4f}" for k, v in last.items()), open_share)
+        if step % settings["checkpoint_every"] == 0 or step % per_epoch == 0:
+            save()
+    if stopped_by_time:
+        logger.info("time budget of %.0f s reached at step %d", budget.seconds, step)
+    if settings["bn_recalibration_batches"] > 0:
+        with clock:
+            recalibrate_batch_norm(model, loader, settings["bn_recalibration_batches"])
+        logger.info("BN statistics re-estimated on %d batches under inference-mode gates",
+                    settings["bn_recalibration_batches"])
+    save()
+    model.eval()
+    return TrainOutcome(steps=step, total_steps=total_steps, train_seconds=clock.elapsed,
+                        stopped_by_time=stopped_by_time, last_losses=last)
