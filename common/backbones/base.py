@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -103,6 +103,25 @@ class Backbone(nn.Module):
             if candidate is module:
                 return name
         raise KeyError("module is not part of this backbone")
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut, then ReLU. ``shortcut(in_planes, planes, stride)`` builds
+    the shortcut used when the block changes resolution or width (option A or B); otherwise identity."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int,
+                 shortcut: Callable[[int, int, int], nn.Module]):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(in_planes, planes, 3, stride)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3, 1)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = shortcut(in_planes, planes, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = nn.functional.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return nn.functional.relu(out + self.shortcut(x))
 
 
 def conv_bn(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, groups: int = 1,

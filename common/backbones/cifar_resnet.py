@@ -7,33 +7,19 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Backbone, GateSite, conv_bn
+from .base import Backbone, BasicBlock, GateSite, conv_bn
 
 
 class ZeroPadShortcut(nn.Module):
     """Option A: x[:, :, ::2, ::2] padded with zero channels on both sides (no parameters, no MACs)."""
 
-    def __init__(self, extra_channels: int):
+    def __init__(self, in_planes: int, planes: int, stride: int):
         super().__init__()
-        self.pad = extra_channels // 2
+        self.stride = stride
+        self.pad = (planes - in_planes) // 2
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1, self.bn1 = conv_bn(in_planes, planes, 3, stride)
-        self.conv2, self.bn2 = conv_bn(planes, planes, 3, 1)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = ZeroPadShortcut(planes - in_planes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad, self.pad))
 
 
 class CifarResNet(Backbone):
@@ -47,7 +33,7 @@ class CifarResNet(Backbone):
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for i in range(n):
-                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, ZeroPadShortcut))
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages

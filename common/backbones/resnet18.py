@@ -6,22 +6,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Backbone, GateSite, conv_bn
+from .base import Backbone, BasicBlock, GateSite, conv_bn
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1, self.bn1 = conv_bn(in_planes, planes, 3, stride)
-        self.conv2, self.bn2 = conv_bn(planes, planes, 3, 1)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(*conv_bn(in_planes, planes, 1, stride))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+def projection_shortcut(in_planes: int, planes: int, stride: int) -> nn.Module:
+    """Option B: a strided 1x1 conv + BN when the block changes resolution or width."""
+    return nn.Sequential(*conv_bn(in_planes, planes, 1, stride))
 
 
 class ResNet18(Backbone):
@@ -30,7 +20,8 @@ class ResNet18(Backbone):
         self.conv1, self.bn1 = conv_bn(3, 64, 3, 1)
         stages, in_planes = [], 64
         for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)))
+            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride, projection_shortcut),
+                                        BasicBlock(planes, planes, 1, projection_shortcut)))
             in_planes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.classifier = nn.Linear(512, num_classes)
