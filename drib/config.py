@@ -64,6 +64,9 @@ class TrainConfig:
     # Wang et al.'s last stage: gates frozen with deterministic (argmax) decisions, backbone trained alone.
     # The share of the steps given to it (0 = none; their separate 160-epoch stage is out of a short budget).
     finetune_fraction: float = 0.0
+    # Standard crop (4 px zero padding) + horizontal flip augmentation during that fine-tuning share only
+    # (the decision stage keeps `augment`); the batches are the same images in the same order either way.
+    finetune_augment: bool = False
     log_every: int = 50  # steps between loss checks / log lines
     val_every_epoch: bool = True  # pick the epoch with the best validation top-1 (never the test set)
 

@@ -4,7 +4,8 @@ Each step: (1) gate step: loss = CE + lam * R_sparsity, Adam on heads and code b
 [0, 5] and the head rows renormalised; (2) backbone step: a second forward, CE only, SGD on the backbone.
 With `alternate=False` one forward serves both optimisers. The Gumbel temperature decays exponentially from
 tau_start to tau_end over the run. Model selection: the epoch with the best validation top-1 among those
-meeting the sparsity target (else the last); never the test set.
+meeting the sparsity target (else the last), plus the current weights when `--max-seconds` stops a run
+mid-epoch; never the test set. `finetune_augment` feeds the fine-tuning share crop + flip copies of the batches.
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ def _meets_target(config: DRIBConfig, mac_fraction: float, density: float) -> bo
     return measure <= config.decision.target + TARGET_TOLERANCE
 
 
+def _consider(state: dict, record: dict, meets: bool, net: DynamicNetwork) -> None:
+    """Keep ``net``'s weights as state["best"] if this validated candidate beats the current one: the best
+    validation top-1 among candidates meeting the target, else the latest."""
+    best = state["best"]
+    if (best is None or (meets and (not best["meets"] or record["val_top1"] > best["val_top1"]))
+            or (not best["meets"] and not meets)):
+        state["best"] = {**record, "meets": meets,
+                         "model": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+
+
 def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Path, config: DRIBConfig,
           device: torch.device, seed: int = 0) -> TrainOutcome:
     """Train ``net`` in place within ``budget``; resumes from out_dir/checkpoint.pt; loads the selected
@@ -96,6 +107,9 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
     t, d = config.train, config.decision
     net.to(device)
     loader = BatchLoader(data.train, t.batch_size, train=True, device=device, augment=t.augment, seed=seed)
+    # Same seed, so the same shuffle: the fine-tuning share takes the augmented copy of each batch.
+    aug_loader = (BatchLoader(data.train, t.batch_size, train=True, device=device, augment=True, seed=seed)
+                  if t.finetune_augment and t.finetune_fraction > 0 and not t.augment else None)
     val_loader = BatchLoader(data.val, 256, train=False, device=device)
     per_epoch = len(loader) if budget.max_batches is None else min(len(loader), budget.max_batches)
     total_steps = budget.batches(len(loader))
@@ -126,12 +140,19 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
         done_in_epoch = state["step"] - epoch * per_epoch
         steps_here = min(per_epoch, total_steps - epoch * per_epoch)
         net.train()
-        batches = progress(loader, f"drib epoch {epoch + 1}/{epochs}", total=steps_here)
-        for i, (x, y) in enumerate(batches):
+        if aug_loader is not None:
+            aug_loader.set_epoch(epoch)
+            pairs = zip(loader, aug_loader)
+        else:
+            pairs = ((batch, batch) for batch in loader)
+        batches = progress(pairs, f"drib epoch {epoch + 1}/{epochs}", total=steps_here)
+        for i, ((x, y), (x_aug, y_aug)) in enumerate(batches):
             if i >= steps_here:
                 break
             if i < done_in_epoch:  # resuming mid-epoch: the loader replays the same order, skip what is done
                 continue
+            if state["step"] >= finetune_from:
+                x, y = x_aug, y_aug
             with watch:
                 step = state["step"]
                 net.set_tau(temperature(step, total_steps, d.tau_start, d.tau_end))
@@ -171,6 +192,15 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
                 log.info("time budget of %.0f s reached at step %d", budget.seconds, state["step"])
                 break
         if out_of_time and state["step"] < min(total_steps, (epoch + 1) * per_epoch):
+            # Stopped mid-epoch: the current weights are one more validated candidate (they may be the only
+            # ones that went through the fine-tuning share), then the resumable checkpoint.
+            top1, mac_fraction, density = validate(net, val_loader)
+            record = {"epoch": epoch + 1, "step": state["step"], "val_top1": top1,
+                      "val_mac_fraction": mac_fraction, "val_density": density, "partial": True}
+            state["history"].append(record)
+            log.info("stopped in epoch %d: val top-1 %.2f%% MAC fraction %.3f density %.3f", epoch + 1, top1,
+                     mac_fraction, density)
+            _consider(state, record, _meets_target(config, mac_fraction, density), net)
             save()
             break
         top1, mac_fraction, density = validate(net, val_loader)
@@ -179,14 +209,7 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
         state["history"].append(record)
         log.info("epoch %d: val top-1 %.2f%% MAC fraction %.3f density %.3f", epoch + 1, top1, mac_fraction,
                  density)
-        best = state["best"]
-        meets = _meets_target(config, mac_fraction, density)
-        if best is None or (meets and (not best["meets"] or top1 > best["val_top1"])):
-            state["best"] = {**record, "meets": meets,
-                             "model": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
-        elif not best["meets"] and not meets:  # nothing meets the target yet: keep the latest
-            state["best"] = {**record, "meets": False,
-                             "model": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+        _consider(state, record, _meets_target(config, mac_fraction, density), net)
         state["epoch"] = epoch + 1
         save()
 

@@ -64,6 +64,29 @@ def test_training_resumes_from_checkpoint(tmp_path, digits):
     assert state["step"] == 4 and [h["epoch"] for h in state["history"]] == [1, 2]
 
 
+def test_time_budget_stop_validates_saves_and_resumes(tmp_path, digits):
+    from common.data import BatchLoader
+    from drib.config import DRIBConfig
+    from drib.network import DynamicNetwork
+    from drib.train import train
+
+    settings = {**TINY, "train": {**TINY["train"], "finetune_fraction": 0.5, "finetune_augment": True}}
+    config = DRIBConfig.from_dict(settings)
+    # the fine-tuning share swaps in the augmented copy of the same batch: same images, same order
+    plain, augmented = (BatchLoader(digits.train, 32, train=True, augment=a, seed=0) for a in (False, True))
+    assert all(torch.equal(y, y_aug) for (_, y), (_, y_aug) in zip(plain, augmented))
+    net = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
+    outcome = train(net, digits, Budget(epochs=1, max_batches=4, seconds=1e-9), tmp_path, config,
+                    torch.device("cpu"))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]
+    assert outcome.steps == 1 and state["step"] == 1 and state["epoch"] == 0
+    assert [h.get("partial") for h in state["history"]] == [True] and state["best"]["step"] == 1
+    net2 = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
+    outcome = train(net2, digits, Budget(epochs=1, max_batches=4), tmp_path, config, torch.device("cpu"))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]
+    assert outcome.steps == 4 and [h["step"] for h in state["history"]] == [1, 4]
+
+
 def test_unknown_config_keys_are_rejected():
     from drib.config import DRIBConfig
 
