@@ -70,6 +70,8 @@ def run_steps(run: RunDir, stage: str, stateful: dict[str, Any], total_steps: in
     for step in bar:
         start = time.perf_counter()
         loss = step_fn(step)
+        if loss.is_cuda:  # CUDA runs asynchronously: wait for the step so the time budget counts device time
+            torch.cuda.synchronize(loss.device)
         if step % CHECK_EVERY == 0:
             check_finite(loss, f"isp {stage} step {step}")
             if log:
