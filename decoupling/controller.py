@@ -60,6 +60,7 @@ class GatedConvBN(nn.Module):
         self.bn = bn
         self.controller = ArchitectureController(conv.in_channels, conv.out_channels, reduction, init_bias)
         self.gathered = False
+        self.hard_gates = False  # training with inference-mode gates (the fine-tuning phase)
         self.keep_maps = False
         # The gated layer whose mask zeroes this layer's input channels; a tuple so that nn.Module does
         # not register it as a child a second time.
@@ -85,7 +86,7 @@ class GatedConvBN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.controller(x)
-        z = improved_semhash(logits, self.training)
+        z = improved_semhash(logits, self.training and not self.hard_gates)
         self.last_logits, self.last_mask = logits, z
         if self.gathered and not self.training:
             out = self._gathered_forward(x, z)

@@ -81,6 +81,15 @@ class DecoupledNet(nn.Module):
             logits, record = self.forward_with_paths(x)
         return logits, torch.cat(record.masks, dim=1)
 
+    def set_hard_gates(self, hard: bool) -> None:
+        """Hard gates: SemHash in its inference form (Eq. 5) even in training mode, so that the backbone
+        (BN statistics included) can be fine-tuned on exactly the paths it will run at inference."""
+        for layer in self.gated_layers:
+            layer.hard_gates = hard
+
+    def controller_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.gated_layers for p in layer.controller.parameters()]
+
     @contextmanager
     def inference(self, gathered: bool = False) -> Iterator[None]:
         """Eval mode for the duration; ``gathered`` computes only the selected filters."""

@@ -24,6 +24,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "lr_gamma": 0.1,
     "reduction": 4,  # gamma in Eq. 2
     "init_bias": 1.0,  # G(s) at initialisation: every gate starts open
+    "finetune_fraction": 0.0,  # >0: this last share of the steps trains the backbone on CE under hard,
+    # frozen gates (not in the paper, which trains 200 epochs; a short budget needs it, see README)
     "bn_recalibration_batches": 0,  # >0: re-estimate BN statistics under inference-mode gates after training
     "checkpoint_every": 200,  # steps between checkpoints (and at every epoch end)
     "log_every": 50,  # steps between finite-loss checks and log lines

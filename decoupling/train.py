@@ -1,4 +1,8 @@
-"""Fine-tuning a decoupled network with Eq. 12 under a budget, resumable from ``checkpoint.pt``."""
+"""Fine-tuning a decoupled network with Eq. 12 under a budget, resumable from ``checkpoint.pt``.
+
+With ``finetune_fraction`` > 0 the last share of the steps is a second phase (not in the paper): gates
+in their inference form (Eq. 5) and frozen, only the backbone trained, on L_ce alone.
+"""
 
 from __future__ import annotations
 
@@ -64,6 +68,14 @@ def lr_factor(step: int, total_steps: int, settings: dict[str, Any]) -> float:
     return settings["lr_gamma"] ** passed
 
 
+def finetune_start(total_steps: int, settings: dict[str, Any]) -> int:
+    """First step of the hard-gate fine-tuning phase (``total_steps`` when there is none)."""
+    fraction = settings["finetune_fraction"]
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"finetune_fraction must be in [0, 1), got {fraction}")
+    return total_steps - round(fraction * total_steps)
+
+
 def parameter_groups(model: DecoupledNet, objective: DecouplingObjective, settings: dict[str, Any]
                      ) -> list[dict[str, Any]]:
     """Backbone weights at ``lr``; controllers and L_mi heads (new, randomly initialised) at
@@ -94,6 +106,8 @@ def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: D
     loader = BatchLoader(data.train, settings["batch_size"], train=True, device=device, seed=seed)
     per_epoch = len(loader) if budget.max_batches is None else min(len(loader), budget.max_batches)
     total_steps = budget.batches(len(loader))
+    finetune_from = finetune_start(total_steps, settings)
+    backbone_params = optimizer.param_groups[0]["params"]
     step, elapsed, last = 0, 0.0, {}
     if run.checkpoint_path.is_file():
         state = load_checkpoint(run.checkpoint_path, map_location=device)
@@ -122,10 +136,15 @@ def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: D
             factor = lr_factor(step, total_steps, settings)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
+            finetuning = step >= finetune_from
+            model.set_hard_gates(finetuning)
             logits, record = model.forward_with_paths(x)
             terms = objective(logits, y, record.masks, record.pooled)
             optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
+            if finetuning:  # frozen controllers: their grads stay None, so SGD leaves them (and their decay) be
+                terms.ce.backward(inputs=backbone_params)
+            else:
+                terms.total.backward()
             optimizer.step()
         step += 1
         if step % settings["log_every"] == 0 or step == total_steps:
@@ -136,6 +155,7 @@ def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: D
                         " ".join(f"{k} {v:.4f}" for k, v in last.items()), open_share)
         if step % settings["checkpoint_every"] == 0 or step % per_epoch == 0:
             save()
+    model.set_hard_gates(False)
     if stopped_by_time:
         logger.info("time budget of %.0f s reached at step %d", budget.seconds, step)
     if settings["bn_recalibration_batches"] > 0:
