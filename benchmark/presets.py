@@ -174,11 +174,11 @@ def _static_presets() -> dict[str, Preset]:
     )
     cifar_cpu = Preset(
         name="cifar10-cpu", dataset="cifar10", backbone="resnet20",
-        start=StartSpec("weights", "resnet20-12fca82f.th"), epochs=0.2, batch_size=128, max_batches=None,
+        start=StartSpec("weights", "resnet20-12fca82f.th"), epochs=1.0, batch_size=128, max_batches=None,
         seeds=(0, 1, 2), settings=FINETUNE_FALLBACK, recipe="{backbone}_{dataset}_cpu",
         metrics=MetricSpec(explain_images=32, mis_images=1000, figure_images=6, perturbation_steps=113,
                            step_fraction=0.009, latency_repeats=5, latency_rounds=2),
-        description="pretrained ResNet-20, 0.2 epoch (70 batches) of fine-tuning per method, 3 seeds, 2 CPU cores",
+        description="pretrained ResNet-20, 1 epoch (351 batches) of fine-tuning per method, 3 seeds, 2 CPU cores",
     )
     cifar = Preset(
         name="cifar10", dataset="cifar10", backbone="resnet56",
