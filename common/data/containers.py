@@ -38,17 +38,26 @@ class ImageTensors:
 
 @dataclass
 class DatasetSplits:
-    """A dataset ready for training: ``val`` is a hold-out of the training set, ``test`` stays untouched."""
+    """A dataset ready for training. ``val_source`` says where ``val`` came from: ``"train"`` (a hold-out
+    of the training set; ``test`` is the whole test set) or ``"test-half"`` (half of the test set; ``test``
+    is the other, held-out half, and ``train`` the whole training set)."""
 
     name: str
     train: ImageTensors
     val: ImageTensors
     test: ImageTensors
     classes: list[str]
+    val_source: str = "train"
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def test_split_name(self) -> str:
+        """How the reported split is named next to a figure ("held-out test half (5,000)" or "test (10,000)")."""
+        kind = "held-out test half" if self.val_source == "test-half" else "test"
+        return f"{kind} ({len(self.test):,})"
 
     @property
     def image_size(self) -> tuple[int, int]:

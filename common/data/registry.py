@@ -13,6 +13,13 @@ from .splits import stratified_split
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
 
+# Where the validation split comes from. "train": a class-stratified hold-out of the training set (runs
+# that start from a network we trained on train minus val). "test-half": for runs that start from the
+# published weights, which saw all 50,000 training images: validation is a fixed, class-stratified half of
+# the test set and the reported test split is the other half (evaluation-protocol.md, section 1).
+VAL_SOURCES = ("train", "test-half")
+TEST_HALF_SEED = 0  # fixed: the two halves must not move with a run's seed
+
 _SOURCES: dict[str, Callable[[Path, bool, Path | None], sources.Loaded]] = {
     "cifar10": sources.load_cifar10,
     "cifar100": sources.load_cifar100,
@@ -36,8 +43,14 @@ def load_dataset(
     seed: int = 0,
     download: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    val_source: str = "train",
 ) -> DatasetSplits:
     """Load ``name`` as uint8 tensors, with ``val`` a class-stratified hold-out of the training set.
+
+    ``val_source="test-half"`` (for runs from published weights trained on the whole training set) instead
+    keeps the whole training set as ``train``, takes ``val`` as a fixed class-stratified half of the test
+    set (seed ``TEST_HALF_SEED``, independent of ``seed``) and leaves the other half as ``test``;
+    ``val_fraction`` is then unused.
 
     ``root`` defaults to ``$DATA_ROOT``, else ``./data``; ``cache_dir`` (decoded image folders) defaults
     to ``$ICNN_CACHE``, else ``~/.cache/interpretable-cnns``. ``val_fraction`` of every class is held out
@@ -46,6 +59,8 @@ def load_dataset(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_source not in VAL_SOURCES:
+        raise ValueError(f"val_source must be one of {', '.join(VAL_SOURCES)}, got {val_source!r}")
     data_root = resolve_data_root(root)
     cache = resolve_cache_dir(cache_dir)
     if name.startswith(IMAGEFOLDER_PREFIX):
@@ -55,7 +70,16 @@ def load_dataset(
     else:
         known = ", ".join(list_datasets())
         raise ValueError(f"unknown dataset {name!r}; known datasets: {known}, or {IMAGEFOLDER_PREFIX}<path>")
+    if val_source == "test-half":
+        test_idx, val_idx = stratified_split(test.labels.numpy(), 0.5, TEST_HALF_SEED)
+        return DatasetSplits(name=name, train=full, val=test.subset(val_idx), test=test.subset(test_idx),
+                             classes=list(classes), val_source=val_source)
     train_idx, val_idx = stratified_split(full.labels.numpy(), val_fraction, seed)
     return DatasetSplits(
         name=name, train=full.subset(train_idx), val=full.subset(val_idx), test=test, classes=list(classes)
     )
+
+
+def default_val_source(pretrained: bool) -> str:
+    """The split rule of evaluation-protocol.md: ``test-half`` for a published start, ``train`` otherwise."""
+    return "test-half" if pretrained else "train"

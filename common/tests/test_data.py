@@ -485,3 +485,22 @@ def test_mnist_from_data_root() -> None:
     assert s.image_size == (32, 32)
     counts = torch.bincount(torch.cat([s.train.labels, s.val.labels])).tolist()
     assert counts == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def test_test_half_split_partitions_test_set_fixed_and_stratified() -> None:
+    plain = load_dataset("digits", val_fraction=0.1, seed=3)
+    a = load_dataset("digits", seed=3, val_source="test-half")
+    b = load_dataset("digits", seed=7, val_source="test-half")
+    assert a.val_source == "test-half" and plain.val_source == "train"
+    # The training set is whole; val and test halves partition the original test set, each image once.
+    assert len(a.train) == len(plain.train) + len(plain.val)
+    rows = lambda t: sorted(bytes(r) for r in t.reshape(len(t), -1).numpy())  # noqa: E731
+    assert rows(torch.cat([a.val.images, a.test.images])) == rows(plain.test.images)
+    assert abs(len(a.val) - len(a.test)) <= 1
+    # Stratified: every class is split in half to within one image, and the seed does not move the halves.
+    counts_all = torch.bincount(plain.test.labels, minlength=10)
+    assert torch.all((torch.bincount(a.val.labels, minlength=10) - counts_all / 2).abs() <= 1)
+    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.test.images, b.test.images)
+    assert a.test_split_name.startswith("held-out test half")
+    with pytest.raises(ValueError, match="val_source"):
+        load_dataset("digits", val_source="test")
