@@ -9,9 +9,10 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +31,14 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
 
+class DeviceError(ValueError):
+    """A requested device is malformed or not available on this machine."""
+
+
+class ConfigMismatchError(ValueError):
+    """A run directory holds results or checkpoints written under a different config."""
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed python, numpy and torch (all devices). ``deterministic`` also asks cuDNN for repeatable kernels."""
     random.seed(seed)
@@ -40,14 +49,36 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def pick_device(preferred: str | None = None) -> torch.device:
-    """``preferred`` if given ('cpu', 'cuda', 'cuda:1'), else CUDA when present, else CPU."""
-    if preferred:
-        device = torch.device(preferred)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {preferred!r} requested but CUDA is not available; use --device cpu")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(preferred: str | None = None, flag: str = "--device") -> torch.device:
+    """``preferred`` if given ('cpu', 'cuda', 'cuda:1', 'mps'), else CUDA when present, else CPU.
+
+    A malformed or unavailable device is a one-line ``DeviceError`` naming ``flag``."""
+    if not preferred:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(str(preferred).strip())
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"{flag} {preferred!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{flag} {preferred!r}: CUDA is not available on this machine; use {flag} cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"{flag} {preferred!r}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise DeviceError(f"{flag} {preferred!r}: MPS is not available on this machine; use {flag} cpu")
+    elif device.type != "cpu":
+        raise DeviceError(f"{flag} {preferred!r} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+def _file_mode() -> int:
+    """The mode an ordinary new file gets (0666 minus the umask): mkstemp alone would make it 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -58,6 +89,7 @@ def _atomic_write(path: Path, write) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -117,12 +149,68 @@ def check_finite(loss: torch.Tensor, where: str = "training") -> torch.Tensor:
     return loss
 
 
+PLAIN_PROGRESS_SECONDS = 30.0  # a plain progress line at most this often (ICNN_PROGRESS_INTERVAL overrides)
+
+
+def progress_mode() -> str:
+    """"off", "bar" or "plain". ``ICNN_PROGRESS``: 0 silences every loop (tests), ``plain`` / ``bar`` force a
+    style; otherwise a tqdm bar on a terminal and plain lines when stderr is not one (CI, nox logs)."""
+    value = os.environ.get("ICNN_PROGRESS", "").strip().lower()
+    if value in ("0", "off", "no", "false", "none"):
+        return "off"
+    if value in ("plain", "bar"):
+        return value
+    stream = sys.stderr
+    return "bar" if stream is not None and hasattr(stream, "isatty") and stream.isatty() else "plain"
+
+
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False,
              disable: bool | None = None) -> Iterator[T]:
-    """A tqdm bar; silent when ICNN_PROGRESS=0 (tests, CI logs)."""
-    if disable is None:
-        disable = os.environ.get("ICNN_PROGRESS", "1") == "0"
-    return iter(tqdm(iterable, desc=desc, total=total, leave=leave, disable=disable, dynamic_ncols=True))
+    """Progress over ``iterable``: a tqdm bar on a terminal, plain lines otherwise, nothing when
+    ICNN_PROGRESS=0 (see ``progress_mode``). ``disable`` overrides the environment either way."""
+    mode = progress_mode()
+    if disable is True:
+        mode = "off"
+    elif disable is False and mode == "off":
+        mode = "bar" if sys.stderr.isatty() else "plain"
+    if mode == "off":
+        return iter(iterable)
+    if mode == "plain":
+        return _plain_progress(iterable, desc, total, leave)
+    return iter(tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True))
+
+
+def _plain_progress(iterable: Iterable[T], desc: str, total: int | None, leave: bool) -> Iterator[T]:
+    """One line per interval on stderr (no carriage returns, no escape codes), and a last line when the
+    loop printed any or ``leave`` is set."""
+    try:
+        interval = float(os.environ.get("ICNN_PROGRESS_INTERVAL", PLAIN_PROGRESS_SECONDS))
+    except ValueError:
+        interval = PLAIN_PROGRESS_SECONDS
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    began = last = time.monotonic()
+    done, printed = 0, False
+
+    def line(now: float, final: bool = False) -> str:
+        elapsed = now - began
+        if final:
+            return f"{desc}: done, {done} in {elapsed:.0f} s"
+        if total:
+            left = elapsed / done * (total - done) if done else float("nan")
+            eta = f", about {left:.0f} s left" if done and math.isfinite(left) else ""
+            return f"{desc}: {done}/{total} ({100 * done / total:.0f}%), {elapsed:.0f} s{eta}"
+        return f"{desc}: {done}, {elapsed:.0f} s"
+
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= interval and (total is None or done < total):
+            print(line(now), file=sys.stderr, flush=True)
+            last, printed = now, True
+    if printed or leave:
+        print(line(time.monotonic(), final=True), file=sys.stderr, flush=True)
 
 
 def environment_info(device: torch.device | None = None) -> dict[str, Any]:
@@ -138,6 +226,34 @@ def environment_info(device: torch.device | None = None) -> dict[str, Any]:
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+_MISSING = "(absent)"
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key whose value differs, as ``"budget.epochs: 1 -> 3"`` (nested dicts compared key by key;
+    values compared as JSON would store them, so a tuple equals the list it was read back as)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        name = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_diff(a, b, prefix=f"{name}.")
+        elif _as_json(a) != _as_json(b):
+            out.append(f"{name}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _as_json(value: Any) -> Any:
+    if value is _MISSING:
+        return value
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = value if value is _MISSING else json.dumps(value, default=_json_default)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 class RunDir:
@@ -168,6 +284,21 @@ class RunDir:
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_json(config, self.config_path)
+
+    def claim(self, config: dict[str, Any], *, what: str = "this run directory",
+              fix: str = "pass a new --out to keep the old run, or delete it") -> None:
+        """Write ``config`` as this run's identity, or check it against the one already there.
+
+        A directory that holds a config.json from a different config is never resumed or overwritten
+        silently: ``ConfigMismatchError`` names every key that differs (its checkpoints belong to the old
+        config). The same config (a resumed run) leaves the file as it is."""
+        if self.config_path.is_file():
+            differences = config_diff(read_json(self.config_path), config)
+            if differences:
+                raise ConfigMismatchError(
+                    f"{what} ({self.path}) was written by a different config ({'; '.join(differences)}); {fix}")
+            return
+        self.write_config(config)
 
     def read_config(self) -> dict[str, Any]:
         if not self.config_path.is_file():

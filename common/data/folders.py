@@ -3,6 +3,14 @@
 Decoding 50,000 PNGs costs tens of seconds; the cache turns every later load into a memory-mapped read.
 The cache key covers the resolved folder path, the class names, the file count and their total bytes, so a
 folder whose contents changed gets a fresh cache instead of a stale one.
+
+A file that does not decode (corrupt or truncated, or text named ``.jpg``) never kills the decode: it is
+skipped with one warning that names every skipped file and counts them, or, with ``strict=True`` (or
+``ICNN_STRICT_IMAGES=1``), the load fails with one ``BadImageError`` naming every bad file.
+
+torchvision's ``ImageFolder(is_valid_file=...)`` was considered: its check sees only a path, so telling a
+truncated PNG from a good one would mean decoding every file twice, and it decodes per item on access
+where this module decodes once into an array.
 """
 
 from __future__ import annotations
@@ -21,12 +29,23 @@ from typing import IO
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
+from ..run import progress
 from .containers import ImageTensors
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-CACHE_VERSION = 1  # bump when the cached array layout changes
+CACHE_VERSION = 2  # bump when the cached array layout changes (2: skipped unreadable files are recorded)
+STRICT_ENV = "ICNN_STRICT_IMAGES"  # "1": an unreadable image is an error instead of a skipped file
+_WARN_NAMES = 20  # a warning names at most this many files (the strict error names all of them)
+
+
+class BadImageError(ValueError):
+    """Image files that cannot be decoded (strict mode); the message names every one of them."""
+
+
+def strict_default() -> bool:
+    """The strict mode when a caller does not choose: ``$ICNN_STRICT_IMAGES`` set to 1/true/yes."""
+    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -72,47 +91,90 @@ def scan_folder(folder: str | os.PathLike) -> FolderListing:
     return FolderListing(folder, classes, files, np.asarray(labels, dtype=np.int64), total)
 
 
-def decode_images(files: list[str], desc: str = "decoding") -> np.ndarray:
-    """Decode same-sized images into one uint8 ``N x 3 x H x W`` array (grey and RGBA become RGB)."""
+def decode_images(files: list[str], desc: str = "decoding", *, strict: bool | None = None,
+                  skipped: list[int] | None = None) -> np.ndarray:
+    """Decode same-sized images into one uint8 ``N x 3 x H x W`` array (grey and RGBA become RGB).
+
+    A file that does not decode is left out of the array; its index goes into ``skipped`` (when given) and
+    one warning names the skipped files. ``strict`` (default: ``$ICNN_STRICT_IMAGES``) raises one
+    ``BadImageError`` naming every bad file instead, after trying them all."""
+    strict = strict_default() if strict is None else strict
     out: np.ndarray | None = None
-    quiet = os.environ.get("ICNN_PROGRESS", "1") == "0"  # the project-wide switch for bars (tests, CI logs)
-    for i, path in enumerate(tqdm(files, desc=desc, unit="img", mininterval=1.0, disable=quiet)):
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
+    first: str | None = None
+    bad: list[tuple[int, str]] = []
+    kept = 0
+    for i, path in enumerate(progress(files, desc, total=len(files))):
+        try:
+            with Image.open(path) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            bad.append((i, f"{path} ({type(err).__name__}: {err})"))
+            continue
         if out is None:
             out = np.empty((len(files), 3, *rgb.shape[:2]), dtype=np.uint8)
+            first = path
         elif rgb.shape[:2] != out.shape[2:]:
             raise ValueError(
-                f"{path} is {rgb.shape[1]}x{rgb.shape[0]} pixels but {files[0]} is "
+                f"{path} is {rgb.shape[1]}x{rgb.shape[0]} pixels but {first} is "
                 f"{out.shape[3]}x{out.shape[2]}; "
                 "every image of an image folder must have the same size (resize them first)"
             )
-        out[i] = rgb.transpose(2, 0, 1)
-    assert out is not None  # scan_folder never returns an empty listing
-    return out
+        out[kept] = rgb.transpose(2, 0, 1)
+        kept += 1
+    if bad:
+        _report_bad(bad, len(files), strict)
+        if skipped is not None:
+            skipped.extend(i for i, _ in bad)
+    if out is None:
+        raise BadImageError(f"none of the {len(files)} images decodes ({bad[0][1]}, ...)")
+    return out[:kept]
 
 
-def load_image_folder(folder: str | os.PathLike, cache_dir: str | os.PathLike | None) -> tuple[ImageTensors, list[str]]:
+def _report_bad(bad: list[tuple[int, str]], total: int, strict: bool) -> None:
+    if strict:
+        raise BadImageError(f"{len(bad)} of {total} image files cannot be decoded: "
+                            + "; ".join(reason for _, reason in bad)
+                            + f" (unset {STRICT_ENV} to skip them with a warning)")
+    names = "; ".join(reason for _, reason in bad[:_WARN_NAMES])
+    more = f"; and {len(bad) - _WARN_NAMES} more" if len(bad) > _WARN_NAMES else ""
+    warnings.warn(f"skipped {len(bad)} of {total} image files that cannot be decoded: {names}{more} "
+                  f"(set {STRICT_ENV}=1 to make this an error)", stacklevel=3)
+
+
+def load_image_folder(folder: str | os.PathLike, cache_dir: str | os.PathLike | None, *,
+                      strict: bool | None = None) -> tuple[ImageTensors, list[str]]:
     """Load one split folder, from the cache when it is current, else decode it and write the cache.
 
-    ``cache_dir=None`` decodes without caching. An unwritable cache only costs a warning.
+    ``cache_dir`` is the cache folder itself; ``None`` here means "decode without caching" (``load_dataset``
+    resolves its own ``cache_dir=None`` to the default cache, ``$ICNN_CACHE`` or ``~/.cache/...``, before
+    calling this). An unwritable cache only costs a warning. Unreadable files are skipped with a warning,
+    or with ``strict`` (default ``$ICNN_STRICT_IMAGES``) are one ``BadImageError`` (see ``decode_images``);
+    a cached folder repeats the warning (or the error) for the files it skipped.
     """
     listing = scan_folder(folder)
+    desc = f"decoding {listing.folder}"
     if cache_dir is None:
-        images = decode_images(listing.files, desc=f"decoding {listing.folder}")
-        return _to_split(images, listing.labels), listing.classes
+        skipped: list[int] = []
+        images = decode_images(listing.files, desc=desc, strict=strict, skipped=skipped)
+        return _to_split(images, _kept(listing.labels, skipped)), listing.classes
 
     stem = Path(cache_dir) / _cache_stem(listing)
     paths = {kind: stem.with_name(f"{stem.name}.{kind}") for kind in ("images.npy", "labels.npy", "json")}
     cached = _read_cache(paths, listing)
     if cached is not None:
-        return cached, listing.classes
+        split, skipped = cached
+        if skipped:
+            _report_bad([(i, f"{listing.files[i]} (skipped when the cache was built)") for i in skipped],
+                        len(listing.files), strict_default() if strict is None else strict)
+        return split, listing.classes
 
-    images = decode_images(listing.files, desc=f"decoding {listing.folder}")
+    skipped = []
+    images = decode_images(listing.files, desc=desc, strict=strict, skipped=skipped)
+    labels = _kept(listing.labels, skipped)
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         _atomic_write(paths["images.npy"], lambda f: np.save(f, images))
-        _atomic_write(paths["labels.npy"], lambda f: np.save(f, listing.labels))
+        _atomic_write(paths["labels.npy"], lambda f: np.save(f, labels))
         meta = {
             "version": CACHE_VERSION,
             "folder": str(listing.folder),
@@ -120,12 +182,17 @@ def load_image_folder(folder: str | os.PathLike, cache_dir: str | os.PathLike | 
             "count": len(listing.files),
             "bytes": listing.total_bytes,
             "shape": list(images.shape),
+            "skipped": [int(i) for i in skipped],
         }
         # The metadata goes last: its presence marks a complete cache entry.
         _atomic_write(paths["json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
     except OSError as err:
         warnings.warn(f"could not write the image cache in {cache_dir} ({err}); decoding again next time", stacklevel=2)
-    return _to_split(images, listing.labels), listing.classes
+    return _to_split(images, labels), listing.classes
+
+
+def _kept(labels: np.ndarray, skipped: list[int]) -> np.ndarray:
+    return np.delete(labels, skipped) if skipped else labels
 
 
 def _cache_stem(listing: FolderListing) -> str:
@@ -133,20 +200,26 @@ def _cache_stem(listing: FolderListing) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', readable)}-{listing.cache_key()}"
 
 
-def _read_cache(paths: dict[str, Path], listing: FolderListing) -> ImageTensors | None:
+def _read_cache(paths: dict[str, Path], listing: FolderListing) -> tuple[ImageTensors, list[int]] | None:
+    """The cached split and the indices of the files skipped when it was built; None when not current."""
     if not all(p.is_file() for p in paths.values()):
         return None
     try:
         meta = json.loads(paths["json"].read_text())
         images = np.load(paths["images.npy"], mmap_mode="r")
         labels = np.load(paths["labels.npy"])
-    except (OSError, ValueError):
+        skipped = [int(i) for i in meta.get("skipped", [])]
+    except (OSError, ValueError, TypeError):
         return None  # a damaged entry is rebuilt, never trusted
     n = len(listing.files)
-    if meta.get("classes") != listing.classes or images.shape[0] != n or not np.array_equal(labels, listing.labels):
+    if (meta.get("version") != CACHE_VERSION or meta.get("classes") != listing.classes or meta.get("count") != n
+            or any(not 0 <= i < n for i in skipped)):
+        return None
+    expected = _kept(listing.labels, skipped)
+    if images.shape[0] != len(expected) or not np.array_equal(labels, expected):
         return None
     # Copy out of the read-only map: tensors must be writable and must outlive a later cache rewrite.
-    return _to_split(np.array(images), labels)
+    return _to_split(np.array(images), labels), skipped
 
 
 def _to_split(images: np.ndarray, labels: np.ndarray) -> ImageTensors:

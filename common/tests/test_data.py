@@ -421,9 +421,9 @@ def test_imagefolder_loads_and_caches(tmp_path: Path, monkeypatch: pytest.Monkey
     calls = []
     real_decode = folders.decode_images
 
-    def counting_decode(files: list[str], desc: str = "") -> np.ndarray:
+    def counting_decode(files: list[str], desc: str = "", **options: object) -> np.ndarray:
         calls.append(len(files))
-        return real_decode(files, desc)
+        return real_decode(files, desc, **options)
 
     monkeypatch.setattr(folders, "decode_images", counting_decode)
     again = load_dataset(name, val_fraction=0, cache_dir=cache)

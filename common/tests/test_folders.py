@@ -1,0 +1,84 @@
+"""Image folders with unreadable files: skipped with one warning naming them, or one strict error."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.data import load_dataset
+from common.data.folders import BadImageError, load_image_folder
+
+
+def _png_bytes(seed: int) -> bytes:
+    rgb = np.random.RandomState(seed).randint(0, 256, size=(6, 5, 3)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _folder_with_bad_files(root: Path) -> list[str]:
+    """train/cat: 2 good PNGs, a corrupt PNG, a text file named .jpg; train/dog: 1 good, 1 truncated PNG."""
+    (root / "train" / "cat").mkdir(parents=True)
+    (root / "train" / "dog").mkdir(parents=True)
+    (root / "test" / "dog").mkdir(parents=True)
+    (root / "train" / "cat" / "a.png").write_bytes(_png_bytes(0))
+    (root / "train" / "cat" / "b.png").write_bytes(_png_bytes(1))
+    (root / "train" / "cat" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20)
+    (root / "train" / "cat" / "notes.jpg").write_text("this is text, not a JPEG")
+    (root / "train" / "dog" / "c.png").write_bytes(_png_bytes(2))
+    (root / "train" / "dog" / "truncated.png").write_bytes(_png_bytes(3)[:-40])
+    (root / "test" / "dog" / "t.png").write_bytes(_png_bytes(4))
+    return ["corrupt.png", "notes.jpg", "truncated.png"]
+
+
+def _assert_names(text: str, names: list[str]) -> None:
+    for name in names:
+        assert name in text, (name, text)
+
+
+def test_bad_files_are_skipped_with_one_warning_naming_and_counting_them(tmp_path: Path) -> None:
+    bad = _folder_with_bad_files(tmp_path / "user")
+    with pytest.warns(UserWarning, match="skipped 3 of 6 image files") as caught:
+        images, classes = load_image_folder(tmp_path / "user" / "train", cache_dir=None)
+    _assert_names(str(caught[0].message), bad)
+    assert classes == ["cat", "dog"]
+    assert len(images) == 3 and images.labels.tolist() == [0, 0, 1]  # labels follow the kept files
+    good = np.asarray(Image.open(io.BytesIO(_png_bytes(2))).convert("RGB")).transpose(2, 0, 1)
+    assert np.array_equal(images.images[2].numpy(), good)
+
+
+def test_a_cached_folder_repeats_the_warning_and_keeps_labels(tmp_path: Path) -> None:
+    bad = _folder_with_bad_files(tmp_path / "user")
+    cache = tmp_path / "cache"
+    with pytest.warns(UserWarning):
+        first = load_dataset(f"imagefolder:{tmp_path / 'user'}", val_fraction=0, cache_dir=cache)
+    with pytest.warns(UserWarning, match="skipped 3 of 6") as caught:
+        again = load_dataset(f"imagefolder:{tmp_path / 'user'}", val_fraction=0, cache_dir=cache)
+    _assert_names(str(caught[0].message), bad)
+    assert again.train.labels.tolist() == first.train.labels.tolist() == [0, 0, 1]
+    assert np.array_equal(again.train.images.numpy(), first.train.images.numpy())
+
+
+def test_strict_mode_is_one_error_naming_every_bad_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = _folder_with_bad_files(tmp_path / "user")
+    with pytest.raises(BadImageError, match="3 of 6 image files cannot be decoded") as info:
+        load_image_folder(tmp_path / "user" / "train", cache_dir=None, strict=True)
+    _assert_names(str(info.value), bad)
+    monkeypatch.setenv("ICNN_STRICT_IMAGES", "1")  # the switch for callers that go through load_dataset
+    with pytest.raises(BadImageError) as info:
+        load_dataset(f"imagefolder:{tmp_path / 'user'}", val_fraction=0, cache_dir=tmp_path / "cache")
+    _assert_names(str(info.value), bad)
+
+
+def test_a_folder_of_good_files_warns_nothing(tmp_path: Path) -> None:
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "a" / "x.png").write_bytes(_png_bytes(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images, _ = load_image_folder(tmp_path / "train", cache_dir=tmp_path / "cache")
+    assert len(images) == 1
