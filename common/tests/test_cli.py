@@ -67,9 +67,9 @@ def test_cuda_without_cuda_is_a_one_line_error() -> None:
 
 def test_out_pointing_at_a_file_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(CLIError, match="--out .* is a file"):
+    with pytest.raises(CLIError, match=r"--out .* is a file"):
         parse_args(_parser(out=True), ["--out", str(tmp_path / "file")])
-    with pytest.raises(CLIError, match="is below .* which is a file"):
+    with pytest.raises(CLIError, match=r"is below .* which is a file"):
         check_out_dir(tmp_path / "file" / "run")
     assert check_out_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
 
@@ -83,12 +83,12 @@ def test_seed_is_applied_at_parse_time() -> None:
 
 def test_weights_policy(tmp_path: Path) -> None:
     parser = _parser(weights=True)
-    with pytest.raises(CLIError, match="--weights PATH is required.*--from-scratch"):
+    with pytest.raises(CLIError, match=r"--weights PATH is required.*--from-scratch"):
         require_weights(parse_args(parser, []))
     assert require_weights(parse_args(parser, ["--from-scratch"])) is None
     with pytest.raises(CLIError, match="exclude each other"):
         require_weights(parse_args(parser, ["--from-scratch", "--weights", "w.th"]))
-    with pytest.raises(CLIError, match="does not exist.*akamaster.*curl -L -o"):
+    with pytest.raises(CLIError, match=r"does not exist.*akamaster.*curl -L -o"):
         require_weights(parse_args(parser, ["--weights", str(tmp_path / "resnet20-12fca82f.th")]))
     (tmp_path / "w.th").write_bytes(b"x")
     assert require_weights(parse_args(parser, ["--weights", str(tmp_path / "w.th")])) == tmp_path / "w.th"
@@ -183,7 +183,7 @@ def test_config_diff_and_claim(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     run.claim(old)
     run.claim(old)  # a resumed run with the same config
-    with pytest.raises(ConfigMismatchError, match="budget.epochs: 1 -> 3.*new --out"):
+    with pytest.raises(ConfigMismatchError, match=r"budget.epochs: 1 -> 3.*new --out"):
         run.claim(new)
 
 
