@@ -5,7 +5,27 @@ module's training flag) and never write `.grad` on parameters. Images are float 
 models return logits (see common/README.md).
 """
 
+from .controls import (
+    SanityResult,
+    cascading_randomisation,
+    centre_map,
+    centre_saliency,
+    explanation_drift,
+    gradcam_saliency,
+    linear_probe,
+    random_saliency,
+    rank_correlation,
+    top_overlap,
+)
 from .degradation import DegradationCurves, degradation_test, scaled_tile
+from .faithfulness import (
+    RoadCurves,
+    TileGameCurves,
+    default_tile,
+    noisy_linear_imputation,
+    road,
+    tile_deletion_insertion,
+)
 from .gradcam import grad_cam
 from .localisation import bbox_score, pointing_game
 from .maps import saliency_to_unit
@@ -16,17 +36,33 @@ from .smoothgrad import smooth_grad
 __all__ = [
     "DegradationCurves",
     "PerturbationCurves",
+    "RoadCurves",
+    "SanityResult",
+    "TileGameCurves",
     "bbox_score",
+    "cascading_randomisation",
+    "centre_map",
+    "centre_saliency",
+    "default_tile",
     "degradation_test",
     "deletion_curve",
+    "explanation_drift",
     "grad_cam",
+    "gradcam_saliency",
     "insertion_curve",
+    "linear_probe",
     "make_baseline",
     "mis",
     "mutual_information_matrix",
+    "noisy_linear_imputation",
     "pointing_game",
     "pooled_activations",
+    "random_saliency",
+    "rank_correlation",
+    "road",
     "saliency_to_unit",
     "scaled_tile",
     "smooth_grad",
+    "tile_deletion_insertion",
+    "top_overlap",
 ]

@@ -110,3 +110,23 @@ def mixed_scores(
             images = torch.where(mask, front[sample], back[sample])
             scores[start : start + pair.numel()] = target_probabilities(model, images, targets[sample])
     return scores.view(b, n_steps)
+
+
+def tile_of_pixel(h: int, w: int, tile: int, device: torch.device) -> tuple[Tensor, int]:
+    """Index (row-major) of the tile x tile tile each pixel of an H x W grid falls in, flat [H*W], and the
+    number of tiles; the grid is anchored at the top-left corner, edge tiles are smaller when `tile` does
+    not divide the size."""
+    if tile < 1:
+        raise ValueError("tile must be >= 1")
+    cols = math.ceil(w / tile)
+    ys = torch.arange(h, device=device)[:, None] // tile
+    xs = torch.arange(w, device=device)[None, :] // tile
+    return (ys * cols + xs).reshape(h * w), math.ceil(h / tile) * cols
+
+
+def tile_relevance(maps: Tensor, tile_index: Tensor, num_tiles: int) -> Tensor:
+    """B x T mean saliency of every tile, from B x (H*W) maps and the pixel -> tile index of `tile_of_pixel`."""
+    index = tile_index.expand_as(maps)
+    sums = torch.zeros(maps.shape[0], num_tiles, device=maps.device).scatter_add_(1, index, maps)
+    sizes = torch.zeros(maps.shape[0], num_tiles, device=maps.device).scatter_add_(1, index, torch.ones_like(maps))
+    return sums / sizes

@@ -9,7 +9,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._utils import as_maps, as_targets, eval_mode, mixed_scores, model_device, stable_rank
+from ._utils import (
+    as_maps,
+    as_targets,
+    eval_mode,
+    mixed_scores,
+    model_device,
+    stable_rank,
+    tile_of_pixel,
+    tile_relevance,
+)
 
 
 @dataclass
@@ -92,14 +101,9 @@ def degradation_test(
     else:
         target_idx = as_targets(targets, b, device)
 
-    rows, cols = math.ceil(h / tile), math.ceil(w / tile)
-    num_tiles = rows * cols
-    ys = torch.arange(h, device=device)[:, None] // tile
-    xs = torch.arange(w, device=device)[None, :] // tile
-    tile_of_pixel = (ys * cols + xs).reshape(1, h * w).expand(b, h * w)
-    sums = torch.zeros(b, num_tiles, device=device).scatter_add_(1, tile_of_pixel, maps)
-    sizes = torch.zeros(b, num_tiles, device=device).scatter_add_(1, tile_of_pixel, torch.ones_like(maps))
-    relevance = sums / sizes
+    tile_index, num_tiles = tile_of_pixel(h, w, tile, device)
+    relevance = tile_relevance(maps, tile_index, num_tiles)
+    tile_index = tile_index.expand(b, h * w)
 
     if points is None:
         counts = torch.arange(num_tiles + 1, device=device)
@@ -110,7 +114,7 @@ def degradation_test(
     curves = []
     for descending in (True, False):
         # A pixel switches to the baseline when its tile does: pixel rank = its tile's rank.
-        pixel_rank = stable_rank(relevance, descending=descending).gather(1, tile_of_pixel)
+        pixel_rank = stable_rank(relevance, descending=descending).gather(1, tile_index)
         curves.append(mixed_scores(model, canvas, images, pixel_rank, counts, target_idx, batch_size))
     morf, lerf = curves
 
