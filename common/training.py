@@ -2,33 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
+from .precision import Precision
 from .run import progress
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], desc: str = "predict"
-                   ) -> tuple[Tensor, Tensor]:
-    """Logits and labels (on CPU) for every batch, with the model in eval mode."""
+def predict_logits(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], desc: str = "predict",
+                   precision: Precision | None = None) -> tuple[Tensor, Tensor]:
+    """Logits (fp32) and labels (on CPU) for every batch, with the model in eval mode.
+
+    ``precision`` (a :class:`common.precision.Precision`) runs the forward under its autocast and input
+    layout (the model itself is not converted); None keeps plain fp32, bit for bit as before.
+    """
     was_training = model.training
     model.eval()
     logits, labels = [], []
+    autocast = precision.autocast if precision is not None else contextlib.nullcontext
+    prepare = precision.prepare_inputs if precision is not None else (lambda t: t)
     try:
         for x, y in progress(batches, desc):
-            logits.append(model(x).float().cpu())
+            with autocast():
+                out = model(prepare(x))
+            logits.append(out.float().cpu())
             labels.append(y.cpu())
     finally:
         model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate_top1(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], desc: str = "evaluate") -> float:
-    """Top-1 accuracy in percent."""
-    logits, labels = predict_logits(model, batches, desc)
+def evaluate_top1(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], desc: str = "evaluate",
+                  precision: Precision | None = None) -> float:
+    """Top-1 accuracy in percent (``precision``: see :func:`predict_logits`; the count itself is exact)."""
+    logits, labels = predict_logits(model, batches, desc, precision)
     return 100.0 * (logits.argmax(1) == labels).double().mean().item()
 
 
