@@ -7,7 +7,7 @@ executed with real channel skipping by `drib.sparse_inference`. Information bott
 
 from .config import BottleneckConfig, DecisionConfig, DRIBConfig, TrainConfig
 from .decision import DecisionGate, gumbel_softmax_select
-from .network import DynamicNetwork, default_gate_sites
+from .model import DynamicNetwork, default_gate_sites
 from .pipeline import load_model, run_method
 from .sparse_inference import channel_skipping, sparse_forward
 

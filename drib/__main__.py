@@ -1,5 +1,167 @@
+"""The CLI: python -m drib {train, evaluate, explain}."""
+
+from __future__ import annotations
+
+import argparse
 import sys
+from pathlib import Path
 
-from .cli import main
+import torch
 
-sys.exit(main())
+from common.backbones import WeightsError, build_backbone, list_backbones
+from common.data import VAL_SOURCES, DatasetNotFoundError, default_val_source, load_dataset
+from common.method import Budget
+from common.run import CheckpointError, NonFiniteLossError, RunDir, pick_device, read_json
+
+from .config import DRIBConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m drib", description=(
+        "DRIB: dynamic reasoning (per-sample channel selection) + information bottleneck verification."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="gate a pretrained backbone and train the decision modules")
+    train.add_argument("--backbone", default="resnet20", choices=list_backbones(), help="backbone architecture")
+    train.add_argument("--dataset", default="cifar10", help="dataset name (see common.data.list_datasets)")
+    train.add_argument("--data-root", default=None, help="data folder (default: $DATA_ROOT, else ./data)")
+    train.add_argument("--weights", default=None, help="pretrained backbone weights (.th/.pt); required "
+                       "unless --from-scratch")
+    train.add_argument("--from-scratch", action="store_true", help="allow starting without pretrained weights")
+    train.add_argument("--epochs", type=float, default=1.0, help="passes over the training set")
+    train.add_argument("--max-batches", type=int, default=None, help="cap on batches per epoch")
+    train.add_argument("--max-seconds", type=float, default=None, help="stop (resumably) after this much training")
+    train.add_argument("--out", required=True, help="run directory (resumes if it holds checkpoint.pt)")
+    train.add_argument("--config", default=None, help="JSON config, e.g. drib/configs/resnet56_cifar10.json")
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if available)")
+    train.add_argument("--seed", type=int, default=0, help="random seed")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_val_source(train)
+
+    evaluate = sub.add_parser("evaluate", help="write RUN/metrics.json (accuracy, MACs, credibility, AUCs)")
+    evaluate.add_argument("--run", required=True, help="run directory written by train")
+    evaluate.add_argument("--data-root", default=None, help="data folder (default: $DATA_ROOT, else ./data)")
+    evaluate.add_argument("--subset", type=int, default=200,
+                          help="test images for the per-sample IBA metrics (0 skips them)")
+    evaluate.add_argument("--no-compare", action="store_true",
+                          help="skip the controls (Grad-CAM, random and centre maps)")
+    evaluate.add_argument("--degradation-points", type=int, default=20,
+                          help="points on each MoRF/LeRF curve of the degradation test (0 skips it)")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, ...")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the subset and of the IBA noise")
+    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    evaluate.add_argument("--betas", default=None,
+                          help="comma-separated beta sweep for credibility and its controls (default: config beta)")
+    evaluate.add_argument("--thresholds", default=None,
+                          help="comma-separated credibility thresholds for the in-the-loop verification "
+                          "(default: bottleneck.verify_threshold, else 0.5,0.6)")
+    evaluate.add_argument("--speed", action="store_true",
+                          help="also time channel skipping against the dense start (batch 1 and 128)")
+    _add_val_source(evaluate)
+
+    explain = sub.add_parser("explain", help="save input | IB heatmap | selected channels as a PNG")
+    explain.add_argument("--run", required=True, help="run directory written by train")
+    explain.add_argument("--index", type=int, default=0, help="test image index")
+    explain.add_argument("--out", required=True, help="output PNG")
+    explain.add_argument("--data-root", default=None, help="data folder (default: $DATA_ROOT, else ./data)")
+    explain.add_argument("--device", default=None, help="cpu, cuda, ...")
+    _add_val_source(explain)
+    return parser
+
+
+def _add_val_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--val-source", default="auto", choices=("auto", *VAL_SOURCES),
+                        help="validation split: 'test-half' (half of the test set; the published CIFAR weights saw "
+                        "every training image), 'train' (a hold-out of the training set); 'auto': test-half for a "
+                        "run from published weights, else train (evaluate/explain: the run's own split)")
+
+
+def resolve_val_source(choice: str, pretrained: bool) -> str:
+    """`--val-source auto` -> common.data.default_val_source(pretrained)."""
+    return default_val_source(pretrained) if choice == "auto" else choice
+
+
+def _run_dataset(trained, args: argparse.Namespace):
+    """The dataset split of a trained run (its recorded val source unless --val-source overrides it)."""
+    recorded = trained.meta.get("val_source") or default_val_source(bool(trained.meta.get("pretrained", True)))
+    source = recorded if args.val_source == "auto" else args.val_source
+    return load_dataset(trained.meta["dataset"], args.data_root, val_source=source)
+
+
+def _config(path: str | None) -> DRIBConfig:
+    if path is None:
+        return DRIBConfig()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist (see drib/configs/)")
+    return DRIBConfig.from_dict(read_json(path))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .pipeline import train_run
+
+    if args.weights is None and not args.from_scratch:
+        raise ValueError("--weights PATH is required (DRIB starts from a pretrained baseline); "
+                         "pass --from-scratch to start from random weights")
+    config = _config(args.config)
+    device = pick_device(args.device)
+    data = load_dataset(args.dataset, args.data_root,
+                        val_source=resolve_val_source(args.val_source, args.weights is not None))
+    backbone = build_backbone(args.backbone, num_classes=data.num_classes, weights=args.weights)
+    run = RunDir(args.out)
+    budget = Budget(args.epochs, seconds=args.max_seconds, max_batches=args.max_batches)
+    run.write_config({"backbone": args.backbone, "dataset": args.dataset, "weights": args.weights,
+                      "val_source": data.val_source, "seed": args.seed, "budget": vars(budget),
+                      "drib": config.to_dict()})
+    run.write_environment(device)
+    trained, seconds = train_run(backbone, args.backbone, data, budget, run.path, config, device, args.seed)
+    print(f"trained {trained.meta['steps']} steps in {seconds:.0f} s; val top-1 {trained.meta['val_top1']:.2f}%, "
+          f"val MAC fraction {trained.meta['val_mac_fraction']:.3f}; model at {run.model_path}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate, write_metrics
+    from .pipeline import load_model
+
+    device = pick_device(args.device)
+    trained = load_model(args.run, device)
+    data = _run_dataset(trained, args)
+    betas = None if args.betas is None else [float(b) for b in args.betas.split(",") if b.strip()]
+    metrics = evaluate(trained, data, device, subset=args.subset, seed=args.seed, compare=not args.no_compare,
+                       degradation_points=args.degradation_points, betas=betas, speed=args.speed,
+                       thresholds=None if args.thresholds is None else
+                       [float(t) for t in args.thresholds.split(",") if t.strip()])
+    write_metrics(Path(args.run), metrics)
+    print(f"{metrics['test_split']}: top-1 {metrics['top1']:.2f}%  MACs {metrics['macs_mean'] / 1e6:.2f}M of "
+          f"{metrics['macs_dense'] / 1e6:.2f}M ({100 * metrics['mac_reduction']:.1f}% fewer)"
+          + (f"  credibility {metrics['credibility_own']:.3f} (random {metrics['credibility_random']:.3f}, "
+             f"oracle {metrics['credibility_oracle']:.3f}; accepted: {metrics['credibility_accepted']})"
+             if "credibility_own" in metrics else ""))
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    from .explain import explain_figure
+    from .pipeline import load_model
+
+    device = pick_device(args.device)
+    trained = load_model(args.run, device)
+    data = _run_dataset(trained, args)
+    shown = explain_figure(trained, data, args.index, Path(args.out), device)
+    print(f"wrote {args.out}: {shown}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain}
+    try:
+        commands[args.command](args)
+    except (FileNotFoundError, DatasetNotFoundError, WeightsError, CheckpointError, NonFiniteLossError,
+            ValueError, RuntimeError) as exc:
+        print(f"drib {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,9 @@ At a layer with features R (C x h x w), with per-element mean mu and std sigma e
     capacity = KL( N(lambda * r, (1 - lambda)^2) || N(0, 1) ),   r = (R - mu) / sigma   (per element, nats)
     loss   = CE(model with Z, target) + beta * mean(capacity)
 The capacity is an upper bound of the information I(R; Z) each element lets through (the paper's Eq. 6
-trade-off). After `steps` Adam steps the capacity map, in bits, is the attribution.
+trade-off). After `steps` Adam steps the capacity map, in bits, is the attribution. Elements that never vary
+on training data (IBA's active-neuron filter) carry no capacity. `check_cut` refuses a site the network can
+route around (a residual branch).
 """
 
 from __future__ import annotations
@@ -21,16 +23,42 @@ from torch import Tensor, nn
 
 from .config import BottleneckConfig
 
-LOG_VAR_LIMIT = 10.0  # IBA-paper-code clamps the log-variance to [-10, 10]; keeps lambda = 1 finite
+# log((1 - lambda)^2) is computed from smooth(sigmoid(-alpha)) directly, so it is exact and has a gradient at
+# IBA's start (alpha = 5: log var = -10.01) and far beyond; only 1 - lambda < 1e-30 (alpha > ~69) is floored.
+ONE_MINUS_FLOOR = 1e-30
+
+
+@dataclass
+class FeatureStats:
+    """Per-element statistics of a bottleneck site's features on training data (each C x h x w).
+
+    ``active``: IBA's active-neuron filter, 1 where the element varies (std >= active_std) and is non-zero
+    in more than active_share of the images, else 0; inactive elements carry no capacity.
+    """
+
+    mean: Tensor
+    std: Tensor
+    active: Tensor
+
+    def to(self, device: torch.device | str) -> FeatureStats:
+        return FeatureStats(self.mean.to(device), self.std.to(device), self.active.to(device))
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {"mean": self.mean.cpu(), "std": self.std.cpu(), "active": self.active.cpu()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Tensor]) -> FeatureStats:
+        return cls(data["mean"], data["std"], data["active"])
 
 
 class WelfordEstimator:
-    """Running per-element mean and unbiased std of feature maps (Welford's algorithm, float64)."""
+    """Running per-element mean, unbiased std and non-zero count of feature maps (Welford, float64)."""
 
     def __init__(self) -> None:
         self.n = 0
         self._mean: Tensor | None = None
         self._m2: Tensor | None = None
+        self._nonzero: Tensor | None = None
 
     def update(self, batch: Tensor) -> None:
         batch = batch.detach().to(torch.float64)
@@ -39,9 +67,11 @@ class WelfordEstimator:
             if self._mean is None:
                 self._mean = torch.zeros_like(sample)
                 self._m2 = torch.zeros_like(sample)
+                self._nonzero = torch.zeros_like(sample)
             delta = sample - self._mean
             self._mean += delta / self.n
             self._m2 += delta * (sample - self._mean)  # type: ignore[operator]
+            self._nonzero += (sample != 0).to(sample.dtype)  # type: ignore[operator]
 
     def mean(self) -> Tensor:
         if self._mean is None:
@@ -52,6 +82,16 @@ class WelfordEstimator:
         if self._m2 is None or self.n < 2:
             raise RuntimeError("the estimator needs at least two samples for a standard deviation")
         return torch.sqrt(self._m2 / (self.n - 1)).float()
+
+    def nonzero_share(self) -> Tensor:
+        if self._nonzero is None:
+            raise RuntimeError("the estimator has seen no samples")
+        return (self._nonzero / self.n).float()
+
+    def statistics(self, active_std: float = 0.01, active_share: float = 0.01) -> FeatureStats:
+        std = self.std()
+        active = ((std >= active_std) & (self.nonzero_share() > active_share)).float()
+        return FeatureStats(self.mean(), std, active)
 
 
 def gaussian_kernel(sigma: float) -> Tensor:
@@ -86,20 +126,22 @@ def restrict(features: Tensor, lam: Tensor, mean: Tensor, std: Tensor, noise: Te
     return lam * features + (1 - lam) * (mean + std * noise)
 
 
-def capacity(features: Tensor, lam: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+def capacity(features: Tensor, lam: Tensor, mean: Tensor, std: Tensor, one_minus: Tensor | None = None) -> Tensor:
     """Per-element KL( N(lambda r, (1 - lambda)^2) || N(0, 1) ) in nats, r the standardised features.
 
-    Zero at lambda = 0 (Z is pure noise from the prior); grows without bound as lambda -> 1 (the log-variance
-    is clamped at -10, as in IBA's code, so lambda = 1 stays finite).
+    Zero at lambda = 0 (Z is pure noise from the prior); grows without bound as lambda -> 1. ``one_minus`` is
+    1 - lambda computed without cancellation (``smooth(sigmoid(-alpha))``); no clamp touches IBA's working
+    range, so the variance terms have a gradient from the first step (only 1 - lambda < 1e-30 is floored).
     """
     r = (features - mean) / std
-    log_var = torch.log((1 - lam) ** 2).clamp(-LOG_VAR_LIMIT, LOG_VAR_LIMIT)
-    return -0.5 * (1 + log_var - (lam * r) ** 2 - torch.exp(log_var))
+    one_minus = 1 - lam if one_minus is None else one_minus
+    log_var = 2 * torch.log(one_minus.clamp_min(ONE_MINUS_FLOOR))
+    return -0.5 * (1 + log_var - (lam * r) ** 2 - one_minus**2)
 
 
 @dataclass
 class Attribution:
-    """The result of one image: the capacity per feature element (bits, C x h x w) and the heatmap."""
+    """The result of one image at one site: capacity per feature element (bits, C x h x w) and the heatmap."""
 
     capacity_bits: Tensor
     heatmap: Tensor  # H x W, bits per input pixel
@@ -108,67 +150,126 @@ class Attribution:
 class _BottleneckHook:
     """Forward hook that swaps a module's output R for Z (and records the capacity)."""
 
-    def __init__(self, mean: Tensor, std: Tensor, config: BottleneckConfig, generator: torch.Generator | None):
-        self.mean, self.std, self.config, self.generator = mean, std, config, generator
+    def __init__(self, stats: FeatureStats, config: BottleneckConfig, generator: torch.Generator | None):
+        self.stats, self.config, self.generator = stats, config, generator
         self.alpha: Tensor | None = None
         self.last_capacity: Tensor | None = None
 
     def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         if self.alpha is None:
             return output
+        if output.shape[1:] != self.stats.mean.shape:
+            raise ValueError(f"bottleneck statistics of shape {tuple(self.stats.mean.shape)} do not match the "
+                             f"site's features {tuple(output.shape[1:])}: re-estimate them for this site")
         lam = smooth(torch.sigmoid(self.alpha), self.config.sigma).expand_as(output)
-        noise = torch.randn(output.shape, generator=self.generator, device=self.generator.device
-                            if self.generator is not None else output.device).to(output)
-        self.last_capacity = capacity(output, lam, self.mean, self.std)
-        return restrict(output, lam, self.mean, self.std, noise)
+        one_minus = smooth(torch.sigmoid(-self.alpha), self.config.sigma).expand_as(output)
+        device = self.generator.device if self.generator is not None else output.device
+        noise = torch.randn(output.shape, generator=self.generator, device=device).to(output)
+        self.last_capacity = capacity(output, lam, self.stats.mean, self.stats.std, one_minus) * self.stats.active
+        return restrict(output, lam, self.stats.mean, self.stats.std, noise)
 
 
-def attribute(model: nn.Module, layer: nn.Module, image: Tensor, target: int, mean: Tensor, std: Tensor,
-              config: BottleneckConfig | None = None, element_mask: Tensor | None = None,
-              generator: torch.Generator | None = None) -> Attribution:
-    """Per-sample IBA of one image (3 x H x W) for class ``target`` at the output of ``layer``.
+def attribute_sites(model: nn.Module, layers: list[nn.Module], stats: list[FeatureStats], image: Tensor,
+                    target: int, config: BottleneckConfig | None = None,
+                    element_masks: list[Tensor | None] | None = None,
+                    generator: torch.Generator | None = None, prepend: bool = False) -> list[Attribution]:
+    """Per-sample IBA of one image (3 x H x W) for class ``target`` with a bottleneck on the output of each
+    of ``layers`` at once (together they should be a cut of the network: see `check_cut`).
 
-    ``element_mask`` (C or C x h x w, 0/1) restricts the capacity that counts: elements outside it are
-    ignored in the loss and the heatmap (DRIB: channels the dynamic module did not compute carry nothing).
-    Only alpha is optimised; the model's parameters and their ``.grad`` are untouched; eval mode throughout.
+    Loss = CE + beta * (capacity summed over every counted element of every site / their number), IBA's
+    mean over C h w. ``element_masks`` (per site: C or C x h x w, 0/1, or None) restrict the capacity that
+    counts. Only the alphas are optimised; the model's parameters and their ``.grad`` are untouched; eval
+    mode throughout. ``prepend``: run the bottleneck before the layer's other forward hooks.
     """
     config = config or BottleneckConfig()
+    config.validate()
+    if len(layers) != len(stats):
+        raise ValueError(f"{len(layers)} bottleneck layers but {len(stats)} sets of statistics")
     device = image.device
-    mean, std = mean.to(device), std.to(device).clamp_min(config.min_std)
-    hook_state = _BottleneckHook(mean, std, config, generator)
-    handle = layer.register_forward_hook(hook_state, prepend=True)
+    stats = [FeatureStats(s.mean.to(device), s.std.to(device).clamp_min(config.min_std), s.active.to(device))
+             for s in stats]
+    masks = element_masks or [None] * len(layers)
+    hooks = [_BottleneckHook(s, config, generator) for s in stats]
+    handles = [layer.register_forward_hook(hook, prepend=prepend) for layer, hook in zip(layers, hooks)]
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
+    weights = [s.active * (torch.ones_like(s.mean) if m is None else _broadcast_mask(m, s.mean))
+               for s, m in zip(stats, masks)]
+    counted = sum(float(w.numel()) for w in weights)  # IBA's 1/k with k = all elements (issue #40)
     try:
-        alpha = torch.full(mean.shape, config.alpha_init, device=device, requires_grad=True)
-        hook_state.alpha = alpha
-        optimiser = torch.optim.Adam([alpha], lr=config.lr)
+        alphas = [torch.full(s.mean.shape, config.alpha_init, device=device, requires_grad=True) for s in stats]
+        for hook, alpha in zip(hooks, alphas):
+            hook.alpha = alpha
+        optimiser = torch.optim.Adam(alphas, lr=config.lr)
         batch = image[None].expand(config.copies, *image.shape)
         labels = torch.full((config.copies,), int(target), dtype=torch.long, device=device)
-        weight = torch.ones_like(mean) if element_mask is None else _broadcast_mask(element_mask, mean)
         for _ in range(config.steps):
             optimiser.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                logits = model(batch)
-                cap = hook_state.last_capacity
-                assert cap is not None, "the bottleneck layer did not run in the forward pass"
-                info = (cap * weight).sum(dim=(1, 2, 3)) / weight.sum().clamp_min(1)
+                logits = model(batch).float()
+                caps = [hook.last_capacity for hook in hooks]
+                if any(c is None for c in caps):
+                    raise RuntimeError("a bottleneck layer did not run in the forward pass")
+                info = sum((c * w).sum(dim=(1, 2, 3)) for c, w in zip(caps, weights)) / counted  # type: ignore
                 loss = F.cross_entropy(logits, labels) + config.beta * info.mean()
-                (grad,) = torch.autograd.grad(loss, alpha)
-            alpha.grad = grad
+                if not torch.isfinite(loss):
+                    raise ValueError(f"IBA loss became {float(loss)} (bottleneck settings {config})")
+                grads = torch.autograd.grad(loss, alphas)
+            for alpha, grad in zip(alphas, grads):
+                alpha.grad = grad
             optimiser.step()
-        final = hook_state.last_capacity.detach().mean(dim=0) * weight  # type: ignore[union-attr]
+        finals = [hook.last_capacity.detach().mean(dim=0) * w for hook, w in zip(hooks, weights)]  # type: ignore
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for module, flag in flags:
             module.training = flag
-    bits = final / math.log(2)
-    return Attribution(bits, to_heatmap(bits, tuple(image.shape[-2:])))
+    size = tuple(image.shape[-2:])
+    return [Attribution(f / math.log(2), to_heatmap(f / math.log(2), size)) for f in finals]  # type: ignore
+
+
+def attribute(model: nn.Module, layer: nn.Module, image: Tensor, target: int, stats: FeatureStats,
+              config: BottleneckConfig | None = None, element_mask: Tensor | None = None,
+              generator: torch.Generator | None = None, prepend: bool = False) -> Attribution:
+    """Per-sample IBA at one site (see `attribute_sites`)."""
+    return attribute_sites(model, [layer], [stats], image, target, config, [element_mask], generator, prepend)[0]
 
 
 def _broadcast_mask(mask: Tensor, like: Tensor) -> Tensor:
     mask = (mask != 0).to(like)
     return mask.view(-1, 1, 1).expand_as(like) if mask.dim() == 1 else mask.expand_as(like)
+
+
+@torch.no_grad()
+def check_cut(model: nn.Module, layers: list[nn.Module], images: Tensor, name: str = "bottleneck",
+              tolerance: float = 1e-5) -> None:
+    """Refuse a bottleneck the network can bypass.
+
+    With every layer in ``layers`` emitting a constant (zeros), a site that is a cut of the network leaves
+    the output independent of the input; if the logits of different ``images`` still differ, information
+    reaches the output around the bottleneck (a residual branch with its shortcut) and IBA's capacity would
+    not measure what the prediction needs: ValueError.
+    """
+    if len(images) < 2:
+        raise ValueError("check_cut needs at least two different images")
+
+    def constant(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        return torch.zeros_like(output)
+
+    handles = [layer.register_forward_hook(constant) for layer in layers]
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        logits = model(images).float()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags:
+            module.training = flag
+    spread = float((logits - logits[:1]).abs().max())
+    if spread > tolerance * max(1.0, float(logits.abs().max())):
+        raise ValueError(f"{name} can be bypassed: with its output held constant the logits still depend on the "
+                         f"input (spread {spread:.3g}); put it on the residual stream (a block output)")
 
 
 def to_heatmap(capacity_bits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -181,26 +282,39 @@ def to_heatmap(capacity_bits: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def estimate_statistics(model: nn.Module, layer: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
-                        samples: int) -> tuple[Tensor, Tensor]:
-    """Per-element mean and std of ``layer``'s output over ``samples`` images (Welford, eval mode)."""
-    estimator = WelfordEstimator()
+                        samples: int, active_std: float = 0.01, active_share: float = 0.01,
+                        prepend: bool = False) -> FeatureStats:
+    """Per-element mean, std and active-neuron mask of ``layer``'s output over ``samples`` images (eval mode)."""
+    return estimate_statistics_sites(model, [layer], batches, samples, active_std, active_share, prepend)[0]
 
-    def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        remaining = samples - estimator.n
-        if remaining > 0:
-            estimator.update(output[:remaining])
 
-    handle = layer.register_forward_hook(record, prepend=True)
+def estimate_statistics_sites(model: nn.Module, layers: list[nn.Module], batches: Iterable[tuple[Tensor, Tensor]],
+                              samples: int, active_std: float = 0.01, active_share: float = 0.01,
+                              prepend: bool = False) -> list[FeatureStats]:
+    """`estimate_statistics` for several layers in one pass over the data."""
+    estimators = [WelfordEstimator() for _ in layers]
+    seen = [0]
+
+    def recorder(estimator: WelfordEstimator):
+        def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            remaining = samples - estimator.n
+            if remaining > 0:
+                estimator.update(output[:remaining])
+        return record
+
+    handles = [layer.register_forward_hook(recorder(e), prepend=prepend) for layer, e in zip(layers, estimators)]
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             for x, _ in batches:
                 model(x)
-                if estimator.n >= samples:
+                seen[0] += len(x)
+                if seen[0] >= samples:
                     break
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for module, flag in flags:
             module.training = flag
-    return estimator.mean(), estimator.std()
+    return [e.statistics(active_std, active_share) for e in estimators]

@@ -9,6 +9,7 @@ Gaussian smoothing sigma = 1). The DRIB paper itself gives none of these numbers
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ class DecisionConfig:
 
     actions: int = 40  # m: number of candidate masks in each code book G_l
     tau_start: float = 1.0  # Gumbel-softmax temperature (Eq. 3) at the first step
-    tau_end: float = 0.1  # ... annealed exponentially to this value at the last step
+    tau_end: float = 0.1  # ... annealed exponentially to this value at the last decision-training step
     prune_below: float = 0.05  # code book entries below this are skipped channels (exact zeros)
     # "ones": G_l starts all-ones, every action keeps every channel (Wang et al.). "importance": each row
     # keeps the channels with the largest E[ReLU(BN out)] x ||consumer weights|| on training images (row 0
@@ -30,7 +31,7 @@ class DecisionConfig:
     init_images: int = 1024  # training images that measure the importance
     codebook_max: float = 5.0  # G_l is clamped to [0, codebook_max] after every update (Wang et al.)
     # "macs": penalise the expected MAC fraction of the gated layers (the paper's ~50% MAC target);
-    # "density": Wang et al.'s (mean |G| - target)^2 on the code books.
+    # "density": Wang et al.'s (mean |G_l[i]| - target)^2 over each sample's selected code-book rows.
     regulariser: str = "macs"
     target: float = 0.5  # MAC fraction (regulariser="macs") or mask density (regulariser="density")
     lam: float = 0.5  # weight of the sparsity regulariser
@@ -42,7 +43,15 @@ class DecisionConfig:
 class BottleneckConfig:
     """The per-sample information bottleneck used for verification (paper Sec. 3.2; Schulz et al.)."""
 
-    site: int | str = "middle"  # gate site index or qualified conv name where the bottleneck sits
+    # Where the attribution bottleneck sits: "middle" = the output of the residual block (the residual
+    # stream) that holds the middle gated layer (ResNet-20: layer2.1, 16 x 16; VGG: the middle gated
+    # layer's BN output, already on the only path); or a qualified backbone module name ("layer2.1").
+    # A site the network can bypass (a residual branch) is refused (`bottleneck.check_cut`).
+    site: int | str = "middle"
+    # Credibility's bottleneck: on the gated layer's channels (the ones the decision selects) and, in a
+    # residual block, on the block's shortcut as well, so that together they are a cut of the network.
+    # "middle" = the middle gated layer; or an index / qualified conv name of a gated layer.
+    credibility_site: int | str = "middle"
     beta: float = 10.0
     steps: int = 10
     lr: float = 1.0
@@ -50,14 +59,44 @@ class BottleneckConfig:
     alpha_init: float = 5.0  # lambda = sigmoid(5) ~ 0.993: the bottleneck starts almost open
     sigma: float = 1.0  # Gaussian smoothing of lambda (feature-map pixels)
     min_std: float = 0.01
+    # IBA's active-neuron filter: an element whose training std is below this, or that is non-zero in at
+    # most `active_share` of the training images, carries no capacity (zero in the loss and the map).
+    active_std: float = 0.01
+    active_share: float = 0.01
     estimator_samples: int = 10000  # training images for the feature mean / std
+    # In-the-loop verification (paper Fig. 2): a decision whose credibility at `credibility_site` falls
+    # below this threshold is replaced (None: off, the decision is always adopted).
+    verify_threshold: float | None = None
+    verify_fallback: str = "dense"  # "dense" (all channels of the layer) or "best_code" (most credible row)
+
+    def validate(self) -> None:
+        """Settings that would make IBA's loss or gradient NaN / meaningless are an error, not a NaN later."""
+        for name in ("beta", "lr", "alpha_init", "sigma", "min_std", "active_std", "active_share"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"bottleneck.{name} must be a finite number, got {value!r}")
+        if self.sigma <= 0:
+            raise ValueError(f"bottleneck.sigma must be > 0 (Gaussian smoothing of lambda), got {self.sigma}")
+        if self.min_std <= 0:
+            raise ValueError(f"bottleneck.min_std must be > 0 (it divides the features), got {self.min_std}")
+        if self.beta < 0 or self.lr <= 0:
+            raise ValueError(f"bottleneck.beta must be >= 0 and bottleneck.lr > 0, got {self.beta}, {self.lr}")
+        if not 0 <= self.active_share < 1 or self.active_std < 0:
+            raise ValueError("bottleneck.active_share must be in [0, 1) and bottleneck.active_std >= 0")
+        if self.steps < 1 or self.copies < 1 or self.estimator_samples < 2:
+            raise ValueError("bottleneck.steps and bottleneck.copies must be >= 1, estimator_samples >= 2")
+        if self.verify_threshold is not None and not 0 <= self.verify_threshold <= 1:
+            raise ValueError(f"bottleneck.verify_threshold must be in [0, 1] or null, got {self.verify_threshold}")
+        if self.verify_fallback not in ("dense", "best_code"):
+            raise ValueError(f"bottleneck.verify_fallback must be 'dense' or 'best_code', got {self.verify_fallback!r}")
 
 
 @dataclass
 class TrainConfig:
     backbone_lr: float = 0.01
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # backbone weight decay in the fine-tuning share (Wang et al.'s finetune.py)
+    decision_weight_decay: float = 1e-9  # backbone weight decay while the decisions train (Wang's main.py)
     batch_size: int = 128
     augment: bool = False  # Wang et al. train the decision stage without augmentation
     lr_schedule: str = "constant"  # "constant" (Wang et al.) or "cosine" (decay to 0 over the run)
@@ -116,5 +155,6 @@ class DRIBConfig:
             raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.train.lr_schedule!r}")
         if not 0 <= self.train.finetune_fraction < 1:
             raise ValueError("train.finetune_fraction must be in [0, 1)")
-        if b.steps < 1 or b.copies < 1:
-            raise ValueError("bottleneck.steps and bottleneck.copies must be >= 1")
+        if self.train.weight_decay < 0 or self.train.decision_weight_decay < 0:
+            raise ValueError("train.weight_decay and train.decision_weight_decay must be >= 0")
+        b.validate()

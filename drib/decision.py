@@ -48,6 +48,7 @@ class DecisionGate(nn.Module):
         self.prune_below = prune_below
         self.tau = 1.0
         self.open = False  # True: pass every channel (used by the bottleneck verification)
+        self.forced: Tensor | None = None  # B x C_out masks that replace the decision (in-the-loop verification)
         self.selection: Tensor | None = None  # B x m one-hot of the last forward
         self.mask: Tensor | None = None  # B x C_out, G_l[i] per sample
         self.project_()
@@ -79,6 +80,11 @@ class DecisionGate(nn.Module):
         else:
             self.selection = F.one_hot(logits.argmax(dim=-1), self.actions).to(logits.dtype)
             self.mask = self.selection @ self.effective_codebook()
+        if self.forced is not None:
+            if self.forced.shape != self.mask.shape:
+                raise ValueError(f"forced masks of shape {tuple(self.forced.shape)} for a batch needing "
+                                 f"{tuple(self.mask.shape)}")
+            self.mask = self.forced.to(self.mask)
         return self.mask
 
     def apply_mask(self, features: Tensor) -> Tensor:

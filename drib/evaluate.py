@@ -1,5 +1,14 @@
-"""`python -m drib evaluate`: accuracy and MACs on the full test set, the IB verification and attribution
-metrics on a fixed subset (the first N test images after a seeded shuffle; per-sample IBA is costly)."""
+"""`python -m drib evaluate`: DRIB's own metrics -> RUN/metrics.json.
+
+* top-1 and mean MACs on the whole reported test split (the held-out test half for a run from published
+  weights), with the pre-sliced channel-skipping computation (`sparse_inference.deploy`);
+* on a fixed subset of that split (a seeded permutation; per-sample IBA is costly): tiled deletion /
+  insertion on a blurred canvas (`common.explain.tile_deletion_insertion`) and IBA's degradation test for
+  DRIB's IBA map beside Grad-CAM, a random map and a centred Gaussian map of the same model;
+* credibility beside its four controls over a beta sweep, and the in-the-loop verification's effect on
+  accuracy and MACs (`verification.verify`, `verification.verified_forward`);
+* optionally, speed of the deployed DRIB against the dense start in its fastest form (`speed.py`).
+"""
 
 from __future__ import annotations
 
@@ -12,25 +21,27 @@ from torch import Tensor
 
 from common.data import BatchLoader, DatasetSplits
 from common.explain import (
+    centre_saliency,
     degradation_test,
-    deletion_curve,
     grad_cam,
-    insertion_curve,
+    random_saliency,
     scaled_tile,
-    smooth_grad,
+    tile_deletion_insertion,
 )
 from common.macs import count_params
 from common.run import progress
 
-from .pipeline import TrainedDRIB
-from .sparse_inference import sparse_forward
-from .verification import ib_saliency, verify
+from .pipeline import TrainedDRIB, ensure_statistics
+from .sparse_inference import deploy, sparse_forward, supports_deploy
+from .verification import ib_saliency, verified_forward, verify, with_beta
 
-IBA_TILES_AT_224 = (8, 14)  # IBA's degradation tiles on 224 px images
+IBA_TILES_AT_224 = (14,)  # IBA's degradation tile on 224 px images (2 px on CIFAR)
+GAME_TILES = (2, 4)  # tiled deletion / insertion (evaluation-protocol.md: 2 x 2 or 4 x 4 tiles)
+GAME_POINTS = 33
 
 
 def attribution_subset(data: DatasetSplits, size: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """The documented evaluation subset: ``size`` test images drawn by a seeded permutation."""
+    """The documented evaluation subset: ``size`` test images drawn by a seeded permutation (class-mixed)."""
     size = min(size, len(data.test))
     order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(seed))[:size]
     subset = data.test.subset(order)
@@ -40,7 +51,7 @@ def attribution_subset(data: DatasetSplits, size: int, seed: int = 0) -> tuple[T
 @torch.no_grad()
 def accuracy_and_macs(trained: TrainedDRIB, data: DatasetSplits, device: torch.device,
                       batch_size: int = 256) -> dict[str, float]:
-    """Top-1 and per-sample MACs of the channel-skipping computation over the whole test set."""
+    """Top-1 and per-sample MACs of the channel-skipping computation over the whole test split."""
     net = trained.net.eval()
     correct, macs = 0, []
     loader = BatchLoader(data.test, batch_size, train=False, device=device)
@@ -57,60 +68,124 @@ def accuracy_and_macs(trained: TrainedDRIB, data: DatasetSplits, device: torch.d
             "params": count_params(trained.net), "params_backbone": count_params(trained.net.backbone)}
 
 
-def _curves(net, images: Tensor, maps: Tensor, targets: Tensor, tiles: list[int], points: int
-            ) -> dict[str, float]:
-    deletion = deletion_curve(net, images, maps, targets)
-    insertion = insertion_curve(net, images, maps, targets)
-    out = {"deletion_auc": float(deletion.auc.mean()), "insertion_auc": float(insertion.auc.mean())}
-    for tile in tiles:
-        curves = degradation_test(net, images, maps, targets, tile=tile, points=points)
-        out[f"degradation_{tile}px_score"] = float(curves.score.mean())
-        out[f"degradation_{tile}px_morf_auc"] = float(curves.morf_auc.mean())
-        out[f"degradation_{tile}px_lerf_auc"] = float(curves.lerf_auc.mean())
+def _faithfulness(scorer, images: Tensor, maps: Tensor, targets: Tensor, points: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for tile in GAME_TILES:
+        game = tile_deletion_insertion(scorer, images, maps, targets, tile=tile, points=GAME_POINTS)
+        out[f"deletion_{tile}px_auc"] = float(game.deletion_auc.mean())
+        out[f"insertion_{tile}px_auc"] = float(game.insertion_auc.mean())
+    if points > 0:
+        for tile in (scaled_tile(t, images.shape[-1]) for t in IBA_TILES_AT_224):
+            curves = degradation_test(scorer, images, maps, targets, tile=tile, points=points)
+            out[f"degradation_{tile}px_score"] = float(curves.score.mean())
     return out
 
 
-def attribution_metrics(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, subset: int,
-                        seed: int = 0, degradation_points: int = 50, compare: bool = True) -> dict[str, Any]:
-    """Credibility and the attribution metrics of DRIB's IBA (and of Grad-CAM / SmoothGrad for comparison)
-    on the fixed subset; targets are the model's predictions (the class being explained)."""
+def attribution_metrics(trained: TrainedDRIB, images: Tensor, targets: Tensor, device: torch.device,
+                        seed: int = 0, degradation_points: int = 20, compare: bool = True) -> dict[str, Any]:
+    """DRIB's IBA map and its controls (Grad-CAM, random, centre) on the same images, same scorer (the
+    deployed network; its logits equal the masked dense ones)."""
     net = trained.net.eval()
-    images, _ = attribution_subset(data, subset, seed)
-    images = images.to(device)
-    with torch.no_grad():
-        targets = net(images).argmax(1)
+    scorer = deploy(net) if supports_deploy(net) else net
     cfg = trained.config.bottleneck
-    check = verify(net, images, trained.stats, cfg, targets=targets, seed=seed)
-    valid = ~torch.isnan(check["credibility"])
-    metrics: dict[str, Any] = {
-        "attribution_subset": len(images), "attribution_subset_seed": seed,
-        "credibility": float(check["credibility"][valid].mean()) if valid.any() else math.nan,
-        "credibility_chance": float(check["chance"].mean()),
-        "bottleneck_bits_mean": float(check["bits"].mean()),
-    }
-    h = images.shape[-1]
-    tiles = [scaled_tile(t, h) for t in IBA_TILES_AT_224]
-    metrics["degradation_tiles_px"] = tiles
     maps = torch.cat([ib_saliency(net, images[i:i + 1], targets[i:i + 1], trained.stats, cfg, seed=seed)
                       for i in progress(range(len(images)), "IBA saliency", total=len(images))])
-    metrics.update(_curves(net, images, maps, targets, tiles, degradation_points))
+    metrics: dict[str, Any] = {f"iba_{k}": v for k, v in _faithfulness(scorer, images, maps, targets,
+                                                                         degradation_points).items()}
     if compare:
-        for name, fn in (("gradcam", lambda: grad_cam(net, net.backbone.cam_layer(), images, targets)),
-                         ("smoothgrad", lambda: smooth_grad(
-                             net, images, targets, generator=torch.Generator(device=device).manual_seed(seed)))):
-            for key, value in _curves(net, images, fn(), targets, tiles, degradation_points).items():
+        controls = {"gradcam": grad_cam(net, net.backbone.cam_layer(), images, targets),
+                    "random": random_saliency(seed)(images, targets),
+                    "centre": centre_saliency()(images, targets)}
+        for name, control in controls.items():
+            for key, value in _faithfulness(scorer, images, control, targets, degradation_points).items():
                 metrics[f"{name}_{key}"] = value
     return metrics
 
 
+def credibility_metrics(trained: TrainedDRIB, images: Tensor, labels: Tensor, data: DatasetSplits,
+                        device: torch.device, betas: list[float], seed: int = 0,
+                        thresholds: list[float] | None = None) -> dict[str, Any]:
+    """Credibility and its four controls for each beta; in-the-loop verification at ``thresholds`` (with
+    the config's beta) against the plain decisions, on the same images."""
+    net = trained.net.eval()
+    cfg = trained.config.bottleneck
+    static = _static_mask(trained, data, device)
+    sweep: dict[str, Any] = {}
+    bits_at_config: Tensor | None = None
+    for beta in betas:
+        result = verify(net, images, trained.stats, with_beta(cfg, beta), seed=seed, static_mask=static)
+        sweep[f"{beta:g}"] = result["summary"]
+        if math.isclose(beta, cfg.beta) or bits_at_config is None:
+            bits_at_config = result["bits"]  # type: ignore[assignment]
+    out: dict[str, Any] = {"credibility_sweep": sweep, "credibility_betas": betas}
+    main = sweep.get(f"{cfg.beta:g}", next(iter(sweep.values())))
+    out.update({k: v for k, v in main.items()})
+    assert bits_at_config is not None
+    labels = labels.to(device)
+    with torch.no_grad():
+        plain_logits, plain_macs = sparse_forward(net, images)
+    loop: dict[str, Any] = {"plain_top1": 100.0 * float((plain_logits.argmax(1) == labels).float().mean()),
+                            "plain_macs_mean": float(plain_macs.mean())}
+    for threshold in thresholds or []:
+        for fallback in ("dense", "best_code"):
+            cfg_t = with_beta(cfg, cfg.beta)
+            cfg_t.verify_fallback = fallback
+            res = verified_forward(net, images, bits_at_config, threshold, cfg_t)
+            loop[f"{threshold:g}_{fallback}"] = {
+                "top1": 100.0 * float((res["logits"].argmax(1) == labels).float().mean()),
+                "macs_mean": float(res["macs"].mean()), "replaced_share": float(res["replaced"].float().mean())}
+    out["verification_in_the_loop"] = loop
+    return out
+
+
+@torch.no_grad()
+def _static_mask(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, images: int = 1000) -> Tensor:
+    """The most frequent selection at the credibility layer on validation images (the static control)."""
+    from .verification import bottleneck_site
+
+    net = trained.net.eval()
+    gated = bottleneck_site(net, trained.config.bottleneck.credibility_site)
+    counts = torch.zeros(gated.gate.actions, dtype=torch.long)
+    seen = 0
+    for x, _ in BatchLoader(data.val, 250, train=False, device=device):
+        net(x)
+        counts += torch.bincount(gated.gate.selection.argmax(1).cpu(), minlength=gated.gate.actions)  # type: ignore
+        seen += len(x)
+        if seen >= images:
+            break
+    return gated.gate.effective_codebook().detach()[int(counts.argmax())]
+
+
 def evaluate(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, subset: int = 200,
-             seed: int = 0, compare: bool = True, degradation_points: int = 50) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"backbone": trained.meta["backbone"], "dataset": data.name}
+             seed: int = 0, compare: bool = True, degradation_points: int = 20, betas: list[float] | None = None,
+             speed: bool = False, thresholds: list[float] | None = None) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"backbone": trained.meta["backbone"], "dataset": data.name,
+                               "test_split": data.test_split_name, "val_source": data.val_source}
     metrics.update(accuracy_and_macs(trained, data, device))
+    if ensure_statistics(trained, data, device, seed):
+        metrics["bottleneck_statistics"] = "re-estimated at evaluation (model.pt lacked the configured sites)"
+    cfg = trained.config.bottleneck
+    from .verification import attribution_site
+
+    metrics["bottleneck_layer"] = attribution_site(trained.net, cfg.site).name
     if subset > 0:
-        metrics.update(attribution_metrics(trained, data, device, subset, seed, degradation_points, compare))
+        images, labels = attribution_subset(data, subset, seed)
+        images = images.to(device)
+        with torch.no_grad():
+            targets = trained.net.eval()(images).argmax(1)
+        metrics.update({"attribution_subset": len(images), "attribution_subset_seed": seed,
+                        "attribution_split": data.test_split_name})
+        metrics.update(attribution_metrics(trained, images, targets, device, seed, degradation_points, compare))
+        if thresholds is None:
+            thresholds = [cfg.verify_threshold] if cfg.verify_threshold is not None else [0.5, 0.6]
+        metrics.update(credibility_metrics(trained, images, labels, data, device, betas or [cfg.beta], seed,
+                                           thresholds))
+    if speed:
+        from .speed import speed_metrics
+
+        metrics["speed"] = speed_metrics(trained, data, seed=seed)
     metrics["training"] = {k: trained.meta.get(k) for k in ("steps", "train_seconds", "selected_epoch",
-                                                              "val_top1", "val_mac_fraction")}
+                                                              "val_top1", "val_mac_fraction", "val_source")}
     return metrics
 
 

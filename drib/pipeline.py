@@ -18,19 +18,19 @@ from common.data import BatchLoader, DatasetSplits
 from common.method import Budget, MethodResult
 from common.run import RunDir, atomic_torch_save, load_checkpoint, seed_everything
 
-from .bottleneck import estimate_statistics
+from .bottleneck import FeatureStats, estimate_statistics_sites
 from .config import DRIBConfig
-from .network import DynamicNetwork
+from .model import DynamicNetwork
 from .sparse_inference import sparse_forward
 from .train import train as train_network
 from .train import validate
-from .verification import bottleneck_site, saliency_function
+from .verification import attribution_site, credibility_site, saliency_function
 
 
 @dataclass
 class TrainedDRIB:
     net: DynamicNetwork
-    stats: tuple[Tensor, Tensor]
+    stats: dict[str, FeatureStats]  # per bottleneck site key (see drib.verification.Site)
     config: DRIBConfig
     meta: dict[str, Any]
 
@@ -41,25 +41,45 @@ def input_size_of(data: DatasetSplits) -> tuple[int, int, int]:
 
 
 def feature_statistics(net: DynamicNetwork, data: DatasetSplits, config: DRIBConfig,
-                       device: torch.device, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Mean / std of the bottleneck layer's features (gate open) over training images (IBA's estimator)."""
-    gated = bottleneck_site(net, config.bottleneck.site)
+                       device: torch.device, seed: int = 0) -> dict[str, FeatureStats]:
+    """IBA's estimator on training images, for both bottleneck sites: the attribution site with the network
+    as deployed, the credibility site with its layer's gate open (see drib.verification)."""
+    b = config.bottleneck
     loader = BatchLoader(data.train, 256, train=True, device=device, augment=False, seed=seed)
-    gated.gate.open = True
+    site = attribution_site(net, b.site)
+    stats = dict(zip(site.keys, estimate_statistics_sites(net, site.modules, loader, b.estimator_samples,
+                                                          b.active_std, b.active_share)))
+    cred = credibility_site(net, b.credibility_site)
+    assert cred.gated is not None
+    cred.gated.gate.open = True
     try:
-        return estimate_statistics(net, gated.site.bn, loader, config.bottleneck.estimator_samples)
+        loader = BatchLoader(data.train, 256, train=True, device=device, augment=False, seed=seed)
+        stats.update(zip(cred.keys, estimate_statistics_sites(net, cred.modules, loader, b.estimator_samples,
+                                                              b.active_std, b.active_share)))
     finally:
-        gated.gate.open = False
+        cred.gated.gate.open = False
+    return stats
+
+
+def ensure_statistics(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, seed: int = 0) -> bool:
+    """Estimate the bottleneck statistics if model.pt lacks those of the configured sites; True if it did."""
+    b = trained.config.bottleneck
+    needed = attribution_site(trained.net, b.site).keys + credibility_site(trained.net, b.credibility_site).keys
+    if all(k in trained.stats for k in needed):
+        return False
+    trained.stats = feature_statistics(trained.net, data, trained.config, device, seed)
+    return True
 
 
 def save_model(run: RunDir, trained: TrainedDRIB) -> None:
     atomic_torch_save({"meta": trained.meta, "config": trained.config.to_dict(),
                        "state_dict": trained.net.state_dict(),
-                       "ib_mean": trained.stats[0].cpu(), "ib_std": trained.stats[1].cpu()}, run.model_path)
+                       "ib_stats": {k: v.as_dict() for k, v in trained.stats.items()}}, run.model_path)
 
 
 def load_model(run_dir: str | Path, device: torch.device) -> TrainedDRIB:
-    """Rebuild a trained network from ``run_dir/model.pt``."""
+    """Rebuild a trained network from ``run_dir/model.pt`` (statistics of an older layout are dropped:
+    `ensure_statistics` re-estimates them)."""
     run = RunDir(run_dir)
     if not run.model_path.is_file():
         raise FileNotFoundError(f"{run.model_path} not found: train into {run.path} first (python -m drib train)")
@@ -70,7 +90,8 @@ def load_model(run_dir: str | Path, device: torch.device) -> TrainedDRIB:
     net = DynamicNetwork(backbone, config.decision, input_size=tuple(meta["input_size"]))
     net.load_state_dict(blob["state_dict"])
     net.to(device).eval()
-    return TrainedDRIB(net, (blob["ib_mean"].to(device), blob["ib_std"].to(device)), config, meta)
+    stats = {k: FeatureStats.from_dict(v).to(device) for k, v in blob.get("ib_stats", {}).items()}
+    return TrainedDRIB(net, stats, config, meta)
 
 
 def train_run(start: Backbone, backbone_name: str, data: DatasetSplits, budget: Budget, out_dir: Path,
@@ -88,7 +109,8 @@ def train_run(start: Backbone, backbone_name: str, data: DatasetSplits, budget: 
     outcome = train_network(net, data, budget, out_dir, config, device, seed)
     stats = feature_statistics(net, data, config, device, seed)
     meta = {"backbone": backbone_name, "num_classes": data.num_classes, "input_size": list(input_size_of(data)),
-            "dataset": data.name, "steps": outcome.steps, "train_seconds": outcome.train_seconds,
+            "dataset": data.name, "val_source": data.val_source, "steps": outcome.steps,
+            "train_seconds": outcome.train_seconds,
             "selected_epoch": outcome.selected_epoch, "val_top1": outcome.val_top1,
             "val_mac_fraction": outcome.val_mac_fraction}
     trained = TrainedDRIB(net.eval(), stats, config, meta)
@@ -148,7 +170,8 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     val_loader = BatchLoader(data.val, 256, train=False, device=device)
     val_top1, val_mac_fraction, val_density = validate(net, val_loader)
     metrics = {"val_top1": val_top1, "val_mac_reduction": 1.0 - val_mac_fraction, "val_gate_density": val_density,
-               "bottleneck_layer": bottleneck_site(net, config.bottleneck.site).site.name}
+               "bottleneck_layer": attribution_site(net, config.bottleneck.site).name,
+               "val_source": data.val_source}
 
     def dynamic_forward(images: Tensor) -> tuple[Tensor, Tensor]:
         return sparse_forward(net, images.to(device))

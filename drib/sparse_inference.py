@@ -1,6 +1,14 @@
 """Inference that really skips the unselected channels (theta'_l of Eq. 4).
 
-Inside `channel_skipping(net)`, each gated conv + BN pair is swapped for a module that runs the decision,
+`deploy(net)` (residual BasicBlock backbones: the CIFAR ResNets, ResNet-18) builds a standalone copy once:
+every BN folded into its conv; for each gated block and each code-book row r (a finite set of masks), conv1
+sliced to the row's kept output channels with BN1 and the decision's scale G_l[r] folded in, and conv2
+sliced to the same input channels with BN2 folded; at run time each block decides, groups the batch by
+code and runs the pre-sliced convolutions of each code on its samples (no gathers of weights, no scatter
+into zero tensors). Ungated blocks and the dense start run the same folded path with one code.
+
+Fallback for other backbones (VGG, MobileNetV2): inside `channel_skipping(net)`, each gated conv + BN pair
+is swapped for a module that runs the decision,
 groups the batch by chosen action pattern and computes, per group, only the selected output channels
 from the active input channels (gathered weights, `common.sparse.conv_bn_subset`); the convs that consume
 gated channels read only the active ones. Outputs equal the masked dense computation (tested).
@@ -15,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.sparse import conv_bn_subset, group_rows, scatter_channels
+from common.backbones.base import BasicBlock
+from common.sparse import bn_affine, conv_bn_subset, group_rows, scatter_channels
 
 from .decision import DecisionGate
-from .network import DynamicNetwork
+from .model import DynamicNetwork
 
 
 class _InputSource:
@@ -155,12 +164,167 @@ def channel_skipping(net: DynamicNetwork) -> Iterator[DynamicNetwork]:
             setattr(parent, name, old)
 
 
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Weight and bias of the single conv equal to bn(conv(x)) in eval mode."""
+    scale, shift = bn_affine(bn)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return weight.detach().clone(), bias.detach().clone()
+
+
+class _Code(nn.Module):
+    """One code's pre-sliced convolutions of a block: conv1 (kept outputs, BN1 and G folded), conv2 (kept
+    inputs, BN2 folded). ``conv1`` None: the code keeps no channel, the branch is BN2's shift alone."""
+
+    def __init__(self, block: BasicBlock, keep: Tensor, scale: Tensor):
+        super().__init__()
+        w1, b1 = fold_conv_bn(block.conv1, block.bn1)
+        w2, b2 = fold_conv_bn(block.conv2, block.bn2)
+        self.k = int(keep.numel())
+        self.w1 = nn.Parameter((w1[keep] * scale.view(-1, 1, 1, 1)).contiguous(), requires_grad=False)
+        self.b1 = nn.Parameter((b1[keep] * scale).contiguous(), requires_grad=False)
+        self.w2 = nn.Parameter(w2[:, keep].contiguous(), requires_grad=False)
+        self.b2 = nn.Parameter(b2.contiguous(), requires_grad=False)
+        self.s1, self.p1 = block.conv1.stride, block.conv1.padding
+        self.s2, self.p2 = block.conv2.stride, block.conv2.padding
+        self.out_channels = block.conv2.out_channels
+
+    def forward(self, x: Tensor, shortcut: Tensor) -> Tensor:
+        if self.k == 0:
+            return F.relu(shortcut + self.b2.view(1, -1, 1, 1))
+        h = F.relu(F.conv2d(x, self.w1, self.b1, self.s1, self.p1))
+        return F.relu(F.conv2d(h, self.w2, self.b2, self.s2, self.p2) + shortcut)
+
+
+class DeployedBlock(nn.Module):
+    """A BasicBlock run per code (see the module docstring); ``gate`` None: the dense block, one code."""
+
+    def __init__(self, block: BasicBlock, gate: DecisionGate | None):
+        super().__init__()
+        self.shortcut = block.shortcut
+        if gate is None:
+            channels = block.conv1.out_channels
+            self.codes = nn.ModuleList([_Code(block, torch.arange(channels), torch.ones(channels))])
+            self.head = None
+        else:
+            codebook = gate.effective_codebook().detach()
+            self.codes = nn.ModuleList(_Code(block, torch.nonzero(row).flatten(), row[row != 0]) for row in codebook)
+            self.head = nn.Parameter(gate.head.weight.detach().clone(), requires_grad=False)
+        self.last_codes: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = self.shortcut(x)
+        if self.head is None:
+            return self.codes[0](x, shortcut)
+        codes = F.linear(F.relu(x).mean(dim=(2, 3)), self.head).argmax(dim=1)  # Eq. 2 + Algorithm 1, line 5
+        self.last_codes = codes
+        first = int(codes[0])
+        if len(codes) == 1 or bool((codes == first).all()):
+            return self.codes[first](x, shortcut)
+        out: Tensor | None = None
+        for code in torch.unique(codes).tolist():
+            rows = torch.nonzero(codes == code).flatten()
+            part = self.codes[code](x.index_select(0, rows), shortcut.index_select(0, rows))
+            if out is None:
+                out = part.new_empty(len(codes), *part.shape[1:])
+            out.index_copy_(0, rows, part)
+        assert out is not None
+        return out
+
+
+class DeployedDRIB(nn.Module):
+    """Standalone inference copy of a DynamicNetwork (or a dense backbone) with pre-sliced, folded weights."""
+
+    def __init__(self, backbone: nn.Module, blocks: list[tuple[str, DeployedBlock]], gated_blocks: list[str]):
+        super().__init__()
+        self.backbone = backbone
+        self.block_names = [name for name, _ in blocks]
+        self.gated_blocks = gated_blocks
+        self._blocks = dict(blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def codes(self) -> list[Tensor]:
+        """The code each sample chose in each gated block in the last forward."""
+        return [self._blocks[name].last_codes for name in self.gated_blocks]  # type: ignore[misc]
+
+
+def supports_deploy(net: DynamicNetwork) -> bool:
+    """True when every gated layer is a BasicBlock's conv1 read by that block's conv2."""
+    for g in net.gated:
+        parent = net._parent_of(g.site.conv)
+        if not (isinstance(parent, BasicBlock) and parent.conv1 is g.site.conv and g.site.consumer is parent.conv2
+                and not g.follower_convs):
+            return False
+    return True
+
+
+def _fold_stem_and_blocks(backbone: nn.Module, gates: dict[int, DecisionGate]) -> tuple[nn.Module, list, list]:
+    import copy
+
+    twin = copy.deepcopy(backbone).eval()
+    blocks, gated = [], []
+    names = dict(twin.named_modules())
+    original_by_name = dict(backbone.named_modules())
+    for name, module in list(names.items()):
+        if isinstance(module, BasicBlock):
+            source = original_by_name[name]
+            gate = gates.get(id(source.conv1))
+            deployed = DeployedBlock(module, gate)
+            parent_name, _, child = name.rpartition(".")
+            setattr(names[parent_name] if parent_name else twin, child, deployed)
+            blocks.append((name, deployed))
+            if gate is not None:
+                gated.append(name)
+    # the stem: a conv followed by a BN directly under the backbone (CIFAR ResNets: conv1 / bn1)
+    conv, bn = getattr(twin, "conv1", None), getattr(twin, "bn1", None)
+    if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+        weight, bias = fold_conv_bn(conv, bn)
+        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                           conv.dilation, conv.groups, bias=True)
+        folded.weight.data.copy_(weight)
+        folded.bias.data.copy_(bias)
+        twin.conv1, twin.bn1 = folded, nn.Identity()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin, blocks, gated
+
+
+@torch.no_grad()
+def deploy(net: DynamicNetwork) -> DeployedDRIB:
+    """Build the pre-sliced, BN-folded inference copy of ``net`` (see the module docstring)."""
+    if not supports_deploy(net):
+        raise ValueError("deploy() needs gates on BasicBlock conv1 layers (CIFAR ResNets, ResNet-18); "
+                         "use channel_skipping() for this backbone")
+    gates = {id(g.site.conv): g.gate for g in net.gated}
+    # The copy's gated convs / BNs (which carry DRIB's hooks) are all replaced by DeployedBlocks.
+    backbone, blocks, gated = _fold_stem_and_blocks(net.backbone, gates)
+    return DeployedDRIB(backbone, blocks, gated).eval()
+
+
+@torch.no_grad()
+def deploy_dense(backbone: nn.Module) -> DeployedDRIB:
+    """The dense start in the same folded form (BN folded into every conv, one code per block)."""
+    folded, blocks, _ = _fold_stem_and_blocks(backbone.eval(), {})
+    return DeployedDRIB(folded, blocks, []).eval()
+
+
+def deployed_masks(net: DynamicNetwork, deployed: DeployedDRIB) -> list[Tensor]:
+    """The per-sample masks G_l[i] of the deployed copy's last forward, one B x C per gated layer."""
+    return [g.gate.effective_codebook().detach()[codes] for g, codes in zip(net.gated, deployed.codes())]
+
+
 @torch.no_grad()
 def sparse_forward(net: DynamicNetwork, images: Tensor) -> tuple[Tensor, Tensor]:
     """Logits computed with channel skipping, and the per-sample MACs of that computation."""
     was_training = net.training
     net.eval()
     try:
+        if supports_deploy(net):
+            deployed = deploy(net)
+            logits = deployed(images)
+            return logits, net.per_sample_macs(deployed_masks(net, deployed))
         with channel_skipping(net):
             logits = net(images)
         return logits, net.per_sample_macs(net.masks())

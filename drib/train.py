@@ -2,8 +2,11 @@
 
 Each step: (1) gate step: loss = CE + lam * R_sparsity, Adam on heads and code books, then G is clamped to
 [0, 5] and the head rows renormalised; (2) backbone step: a second forward, CE only, SGD on the backbone.
-With `alternate=False` one forward serves both optimisers. The Gumbel temperature decays exponentially from
-tau_start to tau_end over the run. Model selection: the epoch with the best validation top-1 among those
+With `alternate=False` one forward serves both optimisers (the regulariser's gradient still reaches only the
+gates). The Gumbel temperature decays exponentially from tau_start to tau_end over the decision-training
+steps (the fine-tuning share uses argmax decisions). Backbone weight decay: `decision_weight_decay` (Wang:
+1e-9) while the decisions train, `weight_decay` in the fine-tuning share.
+Model selection: the epoch with the best validation top-1 among those
 meeting the sparsity target (else the last), plus the current weights when `--max-seconds` stops a run
 mid-epoch; never the test set. `finetune_augment` feeds the fine-tuning share crop + flip copies of the batches.
 """
@@ -23,7 +26,7 @@ from common.method import Budget
 from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_checkpoint, progress
 
 from .config import DRIBConfig
-from .network import DynamicNetwork
+from .model import DynamicNetwork
 
 TARGET_TOLERANCE = 0.05  # an epoch "meets the target" within 5 points of MAC fraction / density
 SAVE_EVERY_STEPS = 100
@@ -54,12 +57,12 @@ def backbone_lr(t, step: int, total: int) -> float:
 
 def sparsity_loss(net: DynamicNetwork, masks: list[Tensor], config: DRIBConfig) -> Tensor:
     """Wang et al.'s quadratic pull towards the target: (measure - target)^2, where the measure is the
-    mean MAC fraction of the batch ("macs") or the mean |G| over all code books ("density")."""
+    mean MAC fraction of the batch ("macs") or the mean |G_l[i]| of each sample's selected rows ("density")."""
     d = config.decision
     if d.regulariser == "macs":
         measure = net.mac_fraction(masks).mean()
-    else:
-        measure = torch.cat([g.codebook.abs().flatten() for g in net.gates]).mean()
+    else:  # Wang et al.: the mean |G_l[i]| of the rows each sample selected, over all gated layers
+        measure = torch.cat([m.abs().flatten(1) for m in masks], dim=1).mean()
     return (measure - d.target) ** 2
 
 
@@ -155,10 +158,12 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
                 x, y = x_aug, y_aug
             with watch:
                 step = state["step"]
-                net.set_tau(temperature(step, total_steps, d.tau_start, d.tau_end))
+                finetuning = step >= finetune_from
+                # tau anneals over the decision-training steps only (fine-tuning uses argmax decisions)
+                net.set_tau(temperature(min(step, finetune_from - 1), finetune_from, d.tau_start, d.tau_end))
                 for group in backbone_opt.param_groups:
                     group["lr"] = backbone_lr(t, step, total_steps)
-                finetuning = step >= finetune_from
+                    group["weight_decay"] = t.weight_decay if finetuning else t.decision_weight_decay
                 for gate in net.gates:
                     gate.train(not finetuning)  # fine-tuning: argmax decisions, as at inference
                 logits = net(x)
@@ -175,8 +180,9 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
                     net.project_()
                     ce = F.cross_entropy(net(x), y)
                     ce.backward(inputs=net.backbone_parameters())
-                else:
-                    loss.backward()
+                else:  # one forward; still the regulariser only reaches the gates, the backbone gets CE
+                    loss.backward(inputs=net.gate_parameters(), retain_graph=True)
+                    ce.backward(inputs=net.backbone_parameters())
                     gate_opt.step()
                     net.project_()
                 backbone_opt.step()

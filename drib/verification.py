@@ -1,35 +1,55 @@
 """Information bottleneck verification of the dynamic decisions (paper Sec. 3.2) and DRIB's saliency.
 
-Credibility, the definition implemented here (the paper gives none). For one image x at the bottleneck
-layer l (a gated conv, bottleneck on its BN output before the mask):
-  1. open the gate of layer l (all C channels pass; every other gate decides as usual) and run per-sample
-     IBA for the predicted class, giving the capacity I_j = sum over positions of the bits channel j lets
-     through;
-  2. S = the channels the decision module selects for x at layer l (argmax action, G_l[i][j] != 0);
-  3. credibility(x) = sum_{j in S} I_j / sum_j I_j.
-It is the share of the information the network needs at layer l that lies in the channels the dynamic
-module kept. A decision that ignored the image would score about |S| / C on average (reported as
-`credibility_chance`).
+Two bottleneck sites (both must be cuts of the network: `bottleneck.check_cut` refuses a bypassable one):
 
-The native saliency map is IBA on the deployed network (gate closed as decided): only the selected
-channels exist, so only their capacity counts; heatmap in bits per pixel.
+* the attribution site (`BottleneckConfig.site`, default the output of the residual block that holds the
+  middle gated layer, ResNet-20's ``layer2.1``): the residual stream, where Schulz et al. put IBA; the
+  network runs exactly as deployed (every gate decides); this gives DRIB's saliency map;
+* the credibility site (`BottleneckConfig.credibility_site`, default the middle gated layer): the gated
+  layer's BN output, whose channels are the ones the decision selects, together with its block's shortcut
+  (a residual branch alone can be bypassed; branch + shortcut cannot). Layer l's own gate is opened there
+  (the bits of a skipped channel can only be measured if it is computed); every other gate decides as at
+  inference and the target is the deployed network's prediction.
+
+Credibility of a channel set S at layer l, for one image: I_j = bits channel j lets through (capacity
+summed over positions), cred(S) = sum_{j in S} I_j / sum_j I_j. It is reported for the decision's own S
+beside four controls of the same image: a random subset of |S| channels (expected share |S| / C), another
+image's selection, the most frequent (static) selection, and the oracle, the top-|S| channels by I_j. The
+decisions are "accepted" only if their credibility beats random, another image's and the static selection
+by more than two standard errors of the paired difference.
+
+In-the-loop verification (the paper's Fig. 2, `BottleneckConfig.verify_threshold`): a decision whose
+credibility is below the threshold is replaced by the dense layer or by the most credible code-book row that
+is no larger than the decision's own; `verified_forward` measures what that does to accuracy and MACs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .bottleneck import attribute
+from .bottleneck import FeatureStats, attribute_sites, check_cut
 from .config import BottleneckConfig
-from .network import DynamicNetwork, GatedSite
+from .model import BACKBONE_PREFIX, DynamicNetwork, GatedSite
+
+
+@dataclass
+class Site:
+    """Modules carrying a bottleneck (their outputs together are a cut), under stats keys ``keys``."""
+
+    name: str
+    modules: list[nn.Module]
+    keys: list[str]
+    gated: GatedSite | None = None  # credibility: the gated layer whose gate is opened
+    internal: int = 0  # credibility: index in ``modules`` of the gated layer's BN
 
 
 def bottleneck_site(net: DynamicNetwork, site: int | str = "middle") -> GatedSite:
-    """The gated layer carrying the bottleneck: an index, a qualified conv name, or "middle" (the middle
-    gated layer, e.g. ResNet-20's layer2.1.conv1 at 16 x 16, like IBA's layer2 of ResNet-50)."""
+    """A gated layer: an index, a qualified conv name, or "middle" (the middle gated layer)."""
     if site == "middle":
         return net.gated[len(net.gated) // 2]
     if isinstance(site, int) or (isinstance(site, str) and site.lstrip("-").isdigit()):
@@ -42,6 +62,63 @@ def bottleneck_site(net: DynamicNetwork, site: int | str = "middle") -> GatedSit
             return gated
     names = ", ".join(g.site.name for g in net.gated)
     raise ValueError(f"no gated layer named {site!r}; choose one of: {names}")
+
+
+def _probe_images(net: DynamicNetwork) -> Tensor:
+    device = next(net.parameters()).device
+    return torch.rand(3, *net.input_size, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _key(net: DynamicNetwork, module: nn.Module, prefix: str = "") -> str:
+    return prefix + BACKBONE_PREFIX + net.backbone.module_name(module)
+
+
+def _ancestors(net: DynamicNetwork, module: nn.Module) -> list[nn.Module]:
+    name = net.backbone.module_name(module)
+    parts = name.split(".")
+    modules = dict(net.backbone.named_modules())
+    return [modules[".".join(parts[:k])] for k in range(len(parts) - 1, 0, -1)]
+
+
+def attribution_site(net: DynamicNetwork, site: int | str = "middle") -> Site:
+    """The residual-stream site of the saliency bottleneck (see the module docstring).
+
+    "middle" (or a gated layer's index / conv name): the first of {that layer's BN output after its mask,
+    its enclosing blocks from the innermost out} that is a cut of the network (ResNet: the block output;
+    VGG: the BN output itself). A qualified backbone module name is used as given, if it is a cut.
+    """
+    probe = _probe_images(net)
+    modules = dict(net.backbone.named_modules())
+    if isinstance(site, str) and site != "middle" and site not in {g.site.name for g in net.gated} \
+            and not site.lstrip("-").isdigit():
+        if site not in modules or site == "":
+            raise ValueError(f"no backbone module named {site!r} for the bottleneck")
+        check_cut(net, [modules[site]], probe, name=f"bottleneck site {site!r}")
+        return Site(site, [modules[site]], [_key(net, modules[site])])
+    gated = bottleneck_site(net, site)
+    for candidate in [gated.site.bn, *_ancestors(net, gated.site.conv)]:
+        try:
+            check_cut(net, [candidate], probe)
+        except ValueError:
+            continue
+        return Site(net.backbone.module_name(candidate), [candidate], [_key(net, candidate)])
+    raise ValueError(f"no module around {gated.site.name} is a cut of the network; name one as bottleneck.site")
+
+
+def credibility_site(net: DynamicNetwork, site: int | str = "middle") -> Site:
+    """The gated layer's BN output (gate opened) plus, in a residual block, the block's shortcut module."""
+    gated = bottleneck_site(net, site)
+    modules: list[nn.Module] = [gated.site.bn]
+    parents = _ancestors(net, gated.site.conv)
+    shortcut = getattr(parents[0], "shortcut", None) if parents else None
+    if isinstance(shortcut, nn.Module):
+        modules.append(shortcut)
+    gated.gate.open = True
+    try:
+        check_cut(net, modules, _probe_images(net), name=f"credibility site {gated.site.name}")
+    finally:
+        gated.gate.open = False
+    return Site(gated.site.name, modules, [_key(net, m, "open:") for m in modules], gated=gated)
 
 
 def channel_information(capacity_bits: Tensor) -> Tensor:
@@ -58,53 +135,177 @@ def credibility(capacity_bits: Tensor, selected: Tensor) -> float:
     return float(info[selected.to(info.device) != 0].sum()) / total
 
 
+def _share(info: Tensor, chosen: Tensor) -> float:
+    total = float(info.sum())
+    return float(info[chosen].sum()) / total if total > 0 else float("nan")
+
+
 @torch.no_grad()
-def _decide(net: DynamicNetwork, images: Tensor, gated: GatedSite) -> tuple[Tensor, Tensor]:
-    """Predicted classes and the selected masks at ``gated`` for ``images`` (inference mode)."""
+def _decide(net: DynamicNetwork, images: Tensor, gated: GatedSite) -> tuple[Tensor, Tensor, Tensor]:
+    """Predicted classes, selected masks and chosen actions at ``gated`` (inference mode)."""
     was_training = net.training
     net.eval()
     try:
         predictions = net(images).argmax(dim=1)
-        return predictions, gated.gate.mask.detach().clone()  # type: ignore[union-attr]
+        return (predictions, gated.gate.mask.detach().clone(),  # type: ignore[union-attr]
+                gated.gate.selection.argmax(dim=1).clone())  # type: ignore[union-attr]
     finally:
         net.train(was_training)
 
 
-def verify(net: DynamicNetwork, images: Tensor, stats: tuple[Tensor, Tensor], config: BottleneckConfig,
-           targets: Tensor | None = None, seed: int = 0) -> dict[str, Tensor]:
-    """Per-image credibility (see the module docstring), chance level and bits at the bottleneck layer."""
-    gated = bottleneck_site(net, config.site)
-    predictions, masks = _decide(net, images, gated)
-    targets = predictions if targets is None else targets
+def site_stats(stats: dict[str, FeatureStats], site: Site) -> list[FeatureStats]:
+    missing = [k for k in site.keys if k not in stats]
+    if missing:
+        raise ValueError(f"no bottleneck statistics for {missing}: estimate them (drib.train.feature_statistics)")
+    return [stats[k] for k in site.keys]
+
+
+def channel_bits(net: DynamicNetwork, images: Tensor, targets: Tensor, stats: dict[str, FeatureStats],
+                 config: BottleneckConfig, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Per image, the bits of each channel of the credibility layer (B x C) and the shortcut's bits (B)."""
+    site = credibility_site(net, config.credibility_site)
+    assert site.gated is not None
+    chosen = site_stats(stats, site)
     generator = torch.Generator(device=images.device).manual_seed(seed)
-    scores, chance, total_bits = [], [], []
+    channel, shortcut = [], []
+    site.gated.gate.open = True
+    try:
+        for image, target in zip(images, targets):
+            results = attribute_sites(net, site.modules, chosen, image, int(target), config, generator=generator)
+            channel.append(channel_information(results[0].capacity_bits))
+            shortcut.append(sum(float(r.capacity_bits.sum()) for r in results[1:]))
+    finally:
+        site.gated.gate.open = False
+    return torch.stack(channel), torch.tensor(shortcut)
+
+
+def _beats(own: Tensor, control: Tensor) -> dict[str, float | bool]:
+    diff = (own - control)[~torch.isnan(own - control)]
+    mean = float(diff.mean()) if len(diff) else float("nan")
+    se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else float("nan")
+    return {"difference": mean, "standard_error": se, "beats": bool(len(diff) > 1 and mean > 2 * se)}
+
+
+def verify(net: DynamicNetwork, images: Tensor, stats: dict[str, FeatureStats], config: BottleneckConfig,
+           targets: Tensor | None = None, seed: int = 0, static_mask: Tensor | None = None) -> dict[str, object]:
+    """Credibility of each image's decision at the credibility layer beside its four controls.
+
+    ``static_mask`` (C): the most frequent selection (default: the most frequent action on ``images``).
+    Returns per-image tensors ("own", "random", "other", "static", "oracle", "bits", "shortcut_bits") and a
+    summary dict ("summary") with the means, the paired tests and the verdict.
+    """
+    site = credibility_site(net, config.credibility_site)
+    gated = site.gated
+    assert gated is not None
+    predictions, masks, actions = _decide(net, images, gated)
+    targets = predictions if targets is None else targets
+    if static_mask is None:
+        mode = int(torch.mode(actions.cpu()).values)
+        static_mask = gated.gate.effective_codebook().detach()[mode]
+    info, shortcut = channel_bits(net, images, targets, stats, config, seed)
+    selected = masks != 0
+    static = static_mask.to(selected.device) != 0
+    c = selected.shape[1]
+    rows: dict[str, list[float]] = {k: [] for k in ("own", "random", "other", "static", "oracle")}
+    n = len(images)
+    for i in range(n):
+        k = int(selected[i].sum())
+        rows["own"].append(_share(info[i], selected[i]))
+        rows["random"].append(k / c if float(info[i].sum()) > 0 else float("nan"))
+        rows["other"].append(_share(info[i], selected[(i + 1) % n]) if n > 1 else float("nan"))
+        rows["static"].append(_share(info[i], static))
+        top = torch.zeros(c, dtype=torch.bool, device=info.device)
+        top[info[i].topk(k).indices] = True
+        rows["oracle"].append(_share(info[i], top))
+    out: dict[str, object] = {k: torch.tensor(v) for k, v in rows.items()}
+    out.update({"bits": info, "shortcut_bits": shortcut, "masks": masks, "predictions": predictions})
+    own, random = out["own"], out["random"]
+    summary: dict[str, object] = {f"credibility_{k}": float(torch.nanmean(v)) for k, v in out.items()
+                                  if k in rows}
+    tests = {name: _beats(own, out[name]) for name in ("random", "other", "static")}  # type: ignore[arg-type]
+    summary["credibility_tests"] = tests
+    gain = float(torch.nanmean(out["oracle"]) - torch.nanmean(random))  # type: ignore[arg-type]
+    summary["credibility_normalised"] = (float(torch.nanmean(own) - torch.nanmean(random)) / gain  # type: ignore
+                                         if gain > 0 else float("nan"))
+    summary["credibility_accepted"] = all(t["beats"] for t in tests.values())
+    summary["credibility_branch_share"] = float((info.sum(1) / (info.sum(1) + shortcut.to(info)).clamp_min(1e-12)
+                                                 ).mean())
+    summary["credibility_layer"] = site.name
+    summary["credibility_sites"] = [k.removeprefix("open:") for k in site.keys]
     gated.gate.open = True
     try:
-        for image, target, mask in zip(images, targets, masks):
-            result = attribute(net, gated.site.bn, image, int(target), *stats, config, generator=generator)
-            scores.append(credibility(result.capacity_bits, mask))
-            chance.append(float((mask != 0).float().mean()))
-            total_bits.append(float(result.capacity_bits.sum()))
+        with torch.no_grad():
+            opened = net.eval()(images).argmax(1)
     finally:
         gated.gate.open = False
-    return {"credibility": torch.tensor(scores), "chance": torch.tensor(chance),
-            "bits": torch.tensor(total_bits)}
+    summary["credibility_open_gate_prediction_changes"] = float((opened != predictions).float().mean())
+    out["summary"] = summary
+    return out
 
 
-def ib_saliency(net: DynamicNetwork, images: Tensor, targets: Tensor | None, stats: tuple[Tensor, Tensor],
+@torch.no_grad()
+def verified_forward(net: DynamicNetwork, images: Tensor, bits: Tensor, threshold: float,
+                     config: BottleneckConfig) -> dict[str, Tensor]:
+    """The paper's in-the-loop verification at the credibility layer, given each image's channel bits.
+
+    A decision with credibility < ``threshold`` is replaced by the dense layer ("dense": every channel at
+    scale 1, the gate opened) or by the code-book row of highest credibility among those that keep no more
+    channels ("best_code"). Returns logits, per-sample MACs (decision heads included; the IBA run that
+    verifies costs config.steps x config.copies forward + backward passes on top and is not counted) and
+    the replaced flags.
+    """
+    site = credibility_site(net, config.credibility_site)
+    gated = site.gated
+    assert gated is not None
+    _, masks, _ = _decide(net, images, gated)
+    total = bits.sum(1).clamp_min(1e-12)
+    own = ((masks != 0).to(bits) * bits).sum(1) / total
+    replaced = own < threshold
+    forced = masks.clone()
+    if config.verify_fallback == "dense":
+        forced[replaced] = 1.0
+    else:
+        codebook = gated.gate.effective_codebook().detach()
+        rows = (codebook != 0).to(bits)
+        row_share = (bits @ rows.T) / total[:, None]  # B x m
+        fits = rows.sum(1)[None] <= (masks != 0).sum(1, keepdim=True)
+        row_share = torch.where(fits, row_share, torch.full_like(row_share, -1.0))
+        best = row_share.argmax(1)
+        better = row_share.gather(1, best[:, None])[:, 0] > own
+        use = replaced & better
+        forced[use] = codebook[best[use]].to(forced)
+        replaced = use
+    gated.gate.forced = forced
+    try:
+        net.eval()
+        logits = net(images)
+        macs = net.per_sample_macs(net.masks())
+    finally:
+        gated.gate.forced = None
+    return {"logits": logits, "macs": macs, "replaced": replaced, "credibility": own}
+
+
+def ib_saliency(net: DynamicNetwork, images: Tensor, targets: Tensor | None, stats: dict[str, FeatureStats],
                 config: BottleneckConfig, seed: int = 0) -> Tensor:
-    """DRIB's native explanation: per-sample IBA heatmaps (B x H x W, bits per pixel) of the deployed net."""
-    gated = bottleneck_site(net, config.site)
-    predictions, masks = _decide(net, images, gated)
-    targets = predictions if targets is None else targets.to(images.device)
+    """DRIB's native explanation: per-sample IBA heatmaps (B x H x W, bits per pixel) at the attribution
+    site (the residual stream), the network running as deployed."""
+    site = attribution_site(net, config.site)
+    chosen = site_stats(stats, site)
+    net.eval()
+    if targets is None:
+        with torch.no_grad():
+            targets = net(images).argmax(1)
     generator = torch.Generator(device=images.device).manual_seed(seed)
-    maps = [attribute(net, gated.site.bn, image, int(target), *stats, config, element_mask=mask,
-                      generator=generator).heatmap
-            for image, target, mask in zip(images, targets, masks)]
+    maps = [attribute_sites(net, site.modules, chosen, image, int(target), config, generator=generator)[0].heatmap
+            for image, target in zip(images, targets.to(images.device))]
     return torch.stack(maps)
 
 
-def saliency_function(net: DynamicNetwork, stats: tuple[Tensor, Tensor], config: BottleneckConfig
+def with_beta(config: BottleneckConfig, beta: float) -> BottleneckConfig:
+    return dataclasses.replace(config, beta=beta)
+
+
+def saliency_function(net: DynamicNetwork, stats: dict[str, FeatureStats], config: BottleneckConfig
                       ) -> Callable[[Tensor, Tensor], Tensor]:
     """The `MethodResult.saliency` callable: (images, targets) -> B x H x W."""
     def saliency(images: Tensor, targets: Tensor) -> Tensor:

@@ -1,13 +1,16 @@
 import itertools
 import math
 
+import pytest
 import torch
 from torch import nn
 
 from drib.bottleneck import (
+    FeatureStats,
     WelfordEstimator,
     attribute,
     capacity,
+    check_cut,
     estimate_statistics,
     gaussian_kernel,
     restrict,
@@ -89,10 +92,10 @@ def test_iba_heatmap_concentrates_on_the_planted_patch():
     # reads as "no patch": dropping the patch's information costs the target class.
     train[:40, :, 8:12, 8:12] = 0.9 + 0.1 * torch.rand(40, 3, 4, 4)
     train[40:, :, 8:12, 8:12] = 0.1 * torch.rand(360, 3, 4, 4)
-    mean, std = estimate_statistics(model, model.features, [(train, None)], samples=400)
+    stats = estimate_statistics(model, model.features, [(train, None)], samples=400)
     image = torch.rand(3, 16, 16)
     image[:, 8:12, 8:12] = 0.95
-    result = attribute(model, model.features, image, 1, mean, std, BottleneckConfig(),
+    result = attribute(model, model.features, image, 1, stats, BottleneckConfig(),
                        generator=torch.Generator().manual_seed(0))
     heat = result.heatmap
     inside = heat[7:13, 7:13].sum() / heat.sum()  # patch plus one pixel of smoothing margin
@@ -104,9 +107,98 @@ def test_iba_heatmap_concentrates_on_the_planted_patch():
 def test_element_mask_removes_channels_from_the_attribution():
     model = PatchModel()
     train = torch.rand(64, 3, 16, 16)
-    mean, std = estimate_statistics(model, model.features, [(train, None)], samples=64)
+    stats = estimate_statistics(model, model.features, [(train, None)], samples=64)
     keep = torch.tensor([1, 0, 1, 0])
-    result = attribute(model, model.features, torch.rand(3, 16, 16), 1, mean, std,
+    result = attribute(model, model.features, torch.rand(3, 16, 16), 1, stats,
                        BottleneckConfig(steps=2, copies=2), element_mask=keep)
     assert torch.all(result.capacity_bits[keep == 0] == 0)
     assert result.capacity_bits[keep == 1].sum() > 0
+
+
+def test_variance_terms_have_a_gradient_at_the_iba_start():
+    # alpha_0 = 5: log((1 - sigmoid(5))^2) = -10.01, exactly where a [-10, 10] clamp would cut the gradient.
+    # Elements with r = 0 (features at their mean) depend on alpha only through the variance terms.
+    alpha = torch.full((1, 2, 3, 3), 5.0, requires_grad=True)
+    lam, one_minus = torch.sigmoid(alpha), torch.sigmoid(-alpha)
+    mean, std = torch.zeros(2, 3, 3), torch.ones(2, 3, 3)
+    features = mean.clone()[None]
+    capacity(features, lam, mean, std, one_minus).sum().backward()
+    assert alpha.grad is not None and torch.all(alpha.grad.abs() > 1e-3), alpha.grad
+    # and IBA actually moves such an element: after its steps lambda is well below the start
+    model = PatchModel()
+    stats = FeatureStats(torch.zeros(4, 16, 16), torch.ones(4, 16, 16), torch.ones(4, 16, 16))
+    image = torch.zeros(3, 16, 16)  # features exactly at the mean: r = 0 everywhere
+    result = attribute(model, model.features, image, 0, stats, BottleneckConfig(steps=3, copies=2))
+    assert float(result.capacity_bits.max()) < 6.0  # the clamped version stays at 6.49 bits per element
+
+
+def test_inactive_elements_carry_no_capacity():
+    model = PatchModel()
+    train = torch.rand(64, 3, 16, 16)
+    train[:, :, :, :4] = 0.0  # the left 4 columns never vary: std 0 and always zero
+    stats = estimate_statistics(model, model.features, [(train, None)], samples=64)
+    assert torch.all(stats.active[:, :, :4] == 0) and torch.all(stats.active[:, :, 4:] == 1)
+    result = attribute(model, model.features, torch.rand(3, 16, 16), 1, stats, BottleneckConfig(steps=2, copies=2))
+    assert torch.all(result.capacity_bits[:, :, :4] == 0)
+    assert result.capacity_bits[:, :, 4:].sum() > 0
+
+
+class SkipToy(nn.Module):
+    """x -> stem -> [branch conv] + identity -> head: the branch can be bypassed, the block output cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.block = nn.Identity()  # the block output, i.e. the residual stream
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        out = self.block(torch.relu(self.branch(h) + h))
+        return self.head(out.mean(dim=(2, 3)))
+
+
+def test_a_bottleneck_on_a_bypassable_branch_is_refused():
+    torch.manual_seed(0)
+    toy = SkipToy().eval()
+    images = torch.rand(4, 3, 8, 8)
+    with pytest.raises(ValueError, match="can be bypassed"):
+        check_cut(toy, [toy.branch], images)
+    check_cut(toy, [toy.block], images)  # the block output is a cut: accepted
+    # what the refusal protects against: with the branch fully closed (lambda = 0, pure noise) the output
+    # still depends on the image, so IBA there measures only what the branch adds to the shortcut
+    stats = estimate_statistics(toy, toy.branch, [(torch.rand(64, 3, 8, 8), None)], samples=64)
+    closed = BottleneckConfig(alpha_init=-60.0, steps=1, lr=1e-9, copies=1)
+    outputs = []
+    for image in images[:2]:
+        def record(module, inputs, output):
+            outputs.append(output.detach())
+        handle = toy.head.register_forward_hook(record)
+        attribute(toy, toy.branch, image, 0, stats, closed)
+        handle.remove()
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-3
+
+
+def test_default_attribution_site_of_a_resnet_is_the_block_output_and_cannot_be_bypassed():
+    from common.backbones import build_backbone
+    from drib.config import DecisionConfig
+    from drib.model import DynamicNetwork
+    from drib.verification import attribution_site, credibility_site
+
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=2)).eval()
+    site = attribution_site(net, "middle")
+    assert site.name == "layer2.1"
+    with pytest.raises(ValueError, match="can be bypassed"):
+        attribution_site(net, "layer2.1.bn1")
+    cred = credibility_site(net, "middle")  # the gated BN plus the block's shortcut: a cut together
+    assert [k.removeprefix("open:") for k in cred.keys] == ["backbone.layer2.1.bn1", "backbone.layer2.1.shortcut"]
+
+
+@pytest.mark.parametrize("bad", [{"sigma": 0.0}, {"sigma": -1.0}, {"min_std": 0.0}, {"beta": float("nan")},
+                                 {"lr": 0.0}, {"alpha_init": float("inf")}, {"verify_threshold": 2.0}])
+def test_bad_bottleneck_settings_are_a_clear_error(bad):
+    model = PatchModel()
+    stats = FeatureStats(torch.zeros(4, 16, 16), torch.ones(4, 16, 16), torch.ones(4, 16, 16))
+    with pytest.raises(ValueError, match="bottleneck\\."):
+        attribute(model, model.features, torch.rand(3, 16, 16), 1, stats, BottleneckConfig(**bad))

@@ -4,7 +4,7 @@ from torch import nn
 
 from common.backbones import Backbone, GateSite, build_backbone
 from drib.config import DecisionConfig
-from drib.network import DynamicNetwork, default_gate_sites
+from drib.model import DynamicNetwork, default_gate_sites
 from drib.sparse_inference import channel_skipping, sparse_forward
 
 
@@ -111,3 +111,34 @@ def test_bad_input_gives_a_clear_error():
     net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=2))
     with pytest.raises(ValueError, match="B x 3 x H x W"):
         net(torch.rand(2, 1, 32, 32))
+
+
+def test_pre_sliced_folded_execution_equals_masked_dense():
+    from drib.sparse_inference import deploy, deploy_dense, deployed_masks
+
+    torch.manual_seed(0)
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=5)).eval()
+    _randomise(net)
+    with torch.no_grad():
+        net.gates[3].codebook[1].zero_()  # a code that keeps no channel: the branch is BN2's shift alone
+        net.gates[3].head.weight[1] = net.gates[3].head.weight[0] * 10
+    x = torch.rand(12, 1, 1, 1) * torch.rand(12, 3, 32, 32)
+    with torch.no_grad():
+        dense = net(x)
+        masks = [m.clone() for m in net.masks()]
+        deployed = deploy(net)
+        fast = deployed(x)
+        codes = deployed.codes()
+        fast_masks = deployed_masks(net, deployed)
+        single = torch.cat([deployed(x[i:i + 1]) for i in range(3)])
+    assert max(len(torch.unique(c)) for c in codes) > 1  # several codes in one batch: grouping exercised
+    assert (fast - dense).abs().max() < 1e-5 * max(1.0, float(dense.abs().max()))
+    assert (single - dense[:3]).abs().max() < 1e-5 * max(1.0, float(dense.abs().max()))
+    assert all(torch.equal(a, b) for a, b in zip(fast_masks, masks))
+    # the dense start in the same folded form equals the plain backbone
+    backbone = build_backbone("resnet20").eval()
+    _randomise(DynamicNetwork(backbone, DecisionConfig(actions=2)))
+    plain = build_backbone("resnet20").eval()
+    plain.load_state_dict(backbone.state_dict())
+    with torch.no_grad():
+        assert (deploy_dense(plain)(x) - plain(x)).abs().max() < 1e-5 * max(1.0, float(plain(x).abs().max()))

@@ -9,7 +9,7 @@ from common.backbones import build_backbone
 from common.data import load_dataset
 from common.method import Budget
 from drib import run_method
-from drib.cli import main
+from drib.__main__ import main
 
 TINY = {"decision": {"actions": 4, "codebook_init": "importance", "target": 0.7, "init_images": 64},
         "bottleneck": {"steps": 2, "copies": 2, "estimator_samples": 64},
@@ -50,7 +50,7 @@ def test_run_method_returns_a_dynamic_model_and_resumes(tmp_path, digits):
 
 def test_training_resumes_from_checkpoint(tmp_path, digits):
     from drib.config import DRIBConfig
-    from drib.network import DynamicNetwork
+    from drib.model import DynamicNetwork
     from drib.train import train
 
     config = DRIBConfig.from_dict(TINY)
@@ -67,7 +67,7 @@ def test_training_resumes_from_checkpoint(tmp_path, digits):
 def test_time_budget_stop_validates_saves_and_resumes(tmp_path, digits):
     from common.data import BatchLoader
     from drib.config import DRIBConfig
-    from drib.network import DynamicNetwork
+    from drib.model import DynamicNetwork
     from drib.train import train
 
     settings = {**TINY, "train": {**TINY["train"], "finetune_fraction": 0.5, "finetune_augment": True}}
@@ -104,13 +104,20 @@ def test_cli_train_evaluate_explain(tmp_path, capsys):
                  "--max-batches", "2", "--out", str(run), "--config", str(config), "--device", "cpu"]) == 0
     for name in ("config.json", "environment.json", "log.txt", "checkpoint.pt", "model.pt"):
         assert (run / name).is_file(), name
-    assert main(["evaluate", "--run", str(run), "--subset", "2", "--degradation-points", "3",
-                 "--device", "cpu"]) == 0
+    assert main(["evaluate", "--run", str(run), "--subset", "3", "--degradation-points", "3", "--betas", "1,10",
+                 "--thresholds", "0.9", "--device", "cpu"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("top1", "macs_mean", "macs_dense", "mac_reduction", "params", "credibility", "deletion_auc",
-                "insertion_auc", "gradcam_deletion_auc", "smoothgrad_insertion_auc", "degradation_2px_score"):
+    for key in ("top1", "macs_mean", "macs_dense", "mac_reduction", "params", "test_split", "credibility_own",
+                "credibility_random", "credibility_other", "credibility_static", "credibility_oracle",
+                "iba_deletion_4px_auc", "iba_insertion_2px_auc", "gradcam_insertion_4px_auc",
+                "random_insertion_4px_auc", "centre_deletion_2px_auc", "iba_degradation_2px_score"):
         assert key in metrics, key
-    assert 0 <= metrics["credibility"] <= 1 and metrics["macs_mean"] < metrics["macs_dense"]
+    assert metrics["test_split"].startswith("test") and metrics["bottleneck_layer"] == "layer2.1"
+    assert set(metrics["credibility_sweep"]) == {"1", "10"}
+    assert 0 <= metrics["credibility_own"] <= 1 and metrics["macs_mean"] < metrics["macs_dense"]
+    assert metrics["credibility_oracle"] >= metrics["credibility_own"] - 1e-6
+    loop = metrics["verification_in_the_loop"]
+    assert loop["0.9_dense"]["macs_mean"] >= loop["plain_macs_mean"]
     png = tmp_path / "explain.png"
     assert main(["explain", "--run", str(run), "--index", "3", "--out", str(png), "--device", "cpu"]) == 0
     assert png.stat().st_size > 10_000

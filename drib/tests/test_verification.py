@@ -5,7 +5,7 @@ import torch
 
 from common.backbones import build_backbone
 from drib.config import DecisionConfig
-from drib.network import DynamicNetwork
+from drib.model import DynamicNetwork
 from drib.verification import bottleneck_site, credibility
 
 

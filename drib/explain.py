@@ -12,8 +12,8 @@ import torch
 
 from common.data import DatasetSplits
 
-from .pipeline import TrainedDRIB
-from .verification import bottleneck_site, ib_saliency
+from .pipeline import TrainedDRIB, ensure_statistics
+from .verification import attribution_site, ib_saliency
 
 
 def explain_figure(trained: TrainedDRIB, data: DatasetSplits, index: int, out: Path,
@@ -21,6 +21,7 @@ def explain_figure(trained: TrainedDRIB, data: DatasetSplits, index: int, out: P
     """Save a 3-panel PNG for test image ``index``; returns what it shows (class, prediction, MAC share)."""
     if not 0 <= index < len(data.test):
         raise ValueError(f"--index must be in [0, {len(data.test) - 1}], got {index}")
+    ensure_statistics(trained, data, device)
     net = trained.net.eval()
     image = data.test.images[index:index + 1].float().div(255).to(device)
     masks = net.channel_masks(image)
@@ -32,14 +33,14 @@ def explain_figure(trained: TrainedDRIB, data: DatasetSplits, index: int, out: P
     for row, mask in enumerate(masks):
         grid[row, : mask.shape[1]] = mask[0].cpu()
     fraction = float(net.per_sample_macs(masks)[0]) / net.dense_backbone_macs()
-    site = bottleneck_site(net, trained.config.bottleneck.site).site.name
+    site = attribution_site(net, trained.config.bottleneck.site).name
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1, 1.6]})
     axes[0].imshow(image[0].permute(1, 2, 0).cpu().numpy())
     axes[0].set_title(f"input #{index}: {data.classes[int(data.test.labels[index])]}\n"
                       f"predicted: {data.classes[prediction]}")
     shown = axes[1].imshow(heatmap.cpu().numpy(), cmap="inferno")
-    axes[1].set_title(f"IB heatmap at {site}\n{float(heatmap.sum()):.1f} bits in total")
+    axes[1].set_title(f"IB heatmap at {site} (residual stream)\n{float(heatmap.sum()):.1f} bits in total")
     fig.colorbar(shown, ax=axes[1], fraction=0.046, label="bits / pixel")
     selected = axes[2].imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     axes[2].set_title(f"selected channels G_l[i] per gated layer (0 = skipped)\nMACs: {100 * fraction:.1f}% of dense")
