@@ -97,7 +97,7 @@ def _config(path: str | None) -> DRIBConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .pipeline import train_run
+    from .train import train_run
 
     if args.weights is None and not args.from_scratch:
         raise ValueError("--weights PATH is required (DRIB starts from a pretrained baseline); "
@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate, write_metrics
-    from .pipeline import load_model
+    from .train import load_model
 
     device = pick_device(args.device)
     trained = load_model(args.run, device)
@@ -140,7 +140,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> None:
     from .explain import explain_figure
-    from .pipeline import load_model
+    from .train import load_model
 
     device = pick_device(args.device)
     trained = load_model(args.run, device)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import BottleneckConfig
+from .losses import information_bottleneck_loss
 
 # log((1 - lambda)^2) is computed from smooth(sigmoid(-alpha)) directly, so it is exact and has a gradient at
 # IBA's start (alpha = 5: log var = -10.01) and far beyond; only 1 - lambda < 1e-30 (alpha > ~69) is floored.
@@ -211,7 +212,7 @@ def attribute_sites(model: nn.Module, layers: list[nn.Module], stats: list[Featu
                 if any(c is None for c in caps):
                     raise RuntimeError("a bottleneck layer did not run in the forward pass")
                 info = sum((c * w).sum(dim=(1, 2, 3)) for c, w in zip(caps, weights)) / counted  # type: ignore
-                loss = F.cross_entropy(logits, labels) + config.beta * info.mean()
+                loss = information_bottleneck_loss(logits, labels, info.mean(), config.beta)
                 if not torch.isfinite(loss):
                     raise ValueError(f"IBA loss became {float(loss)} (bottleneck settings {config})")
                 grads = torch.autograd.grad(loss, alphas)

@@ -31,8 +31,8 @@ from common.explain import (
 from common.macs import count_params
 from common.run import progress
 
-from .pipeline import TrainedDRIB, ensure_statistics
 from .sparse_inference import deploy, sparse_forward, supports_deploy
+from .train import TrainedDRIB, ensure_statistics
 from .verification import ib_saliency, verified_forward, verify, with_beta
 
 IBA_TILES_AT_224 = (14,)  # IBA's degradation tile on 224 px images (2 px on CIFAR)

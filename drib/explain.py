@@ -12,7 +12,7 @@ import torch
 
 from common.data import DatasetSplits
 
-from .pipeline import TrainedDRIB, ensure_statistics
+from .train import TrainedDRIB, ensure_statistics
 from .verification import attribution_site, ib_saliency
 
 

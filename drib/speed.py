@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from common.data import DatasetSplits
 
-from .pipeline import TrainedDRIB
 from .sparse_inference import deploy, deploy_dense
+from .train import TrainedDRIB
 
 
 def _dense_start(trained: TrainedDRIB) -> nn.Module:

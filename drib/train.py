@@ -16,17 +16,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
+from common.backbones import Backbone, build_backbone
 from common.data import BatchLoader, DatasetSplits
 from common.method import Budget
-from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_checkpoint, progress
+from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_checkpoint, progress, seed_everything
 
+from .bottleneck import FeatureStats, estimate_statistics_sites
 from .config import DRIBConfig
+from .losses import sparsity_loss
 from .model import DynamicNetwork
+from .verification import attribution_site, credibility_site
 
 TARGET_TOLERANCE = 0.05  # an epoch "meets the target" within 5 points of MAC fraction / density
 SAVE_EVERY_STEPS = 100
@@ -53,17 +57,6 @@ def backbone_lr(t, step: int, total: int) -> float:
     if t.lr_schedule == "cosine" and total > 1:
         return 0.5 * t.backbone_lr * (1 + math.cos(math.pi * step / total))
     return t.backbone_lr
-
-
-def sparsity_loss(net: DynamicNetwork, masks: list[Tensor], config: DRIBConfig) -> Tensor:
-    """Wang et al.'s quadratic pull towards the target: (measure - target)^2, where the measure is the
-    mean MAC fraction of the batch ("macs") or the mean |G_l[i]| of each sample's selected rows ("density")."""
-    d = config.decision
-    if d.regulariser == "macs":
-        measure = net.mac_fraction(masks).mean()
-    else:  # Wang et al.: the mean |G_l[i]| of the rows each sample selected, over all gated layers
-        measure = torch.cat([m.abs().flatten(1) for m in masks], dim=1).mean()
-    return (measure - d.target) ** 2
 
 
 @torch.no_grad()
@@ -225,3 +218,98 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
         return TrainOutcome(state["step"], watch.elapsed, top1, mac_fraction, 0)
     net.load_state_dict(best["model"])
     return TrainOutcome(state["step"], watch.elapsed, best["val_top1"], best["val_mac_fraction"], best["epoch"])
+
+
+# -- a run directory: build, train, save, load -----------------------------------------------------------
+# model.pt holds the backbone name, class count, input size, the DRIB config, the state dict (backbone and
+# gates) and the bottleneck statistics of both sites (estimated once on training data after training).
+
+@dataclass
+class TrainedDRIB:
+    net: DynamicNetwork
+    stats: dict[str, FeatureStats]  # per bottleneck site key (see drib.verification.Site)
+    config: DRIBConfig
+    meta: dict[str, Any]
+
+
+def input_size_of(data: DatasetSplits) -> tuple[int, int, int]:
+    h, w = data.image_size
+    return (3, h, w)
+
+
+def feature_statistics(net: DynamicNetwork, data: DatasetSplits, config: DRIBConfig,
+                       device: torch.device, seed: int = 0) -> dict[str, FeatureStats]:
+    """IBA's estimator on training images, for both bottleneck sites: the attribution site with the network
+    as deployed, the credibility site with its layer's gate open (see drib.verification)."""
+    b = config.bottleneck
+    loader = BatchLoader(data.train, 256, train=True, device=device, augment=False, seed=seed)
+    site = attribution_site(net, b.site)
+    stats = dict(zip(site.keys, estimate_statistics_sites(net, site.modules, loader, b.estimator_samples,
+                                                          b.active_std, b.active_share)))
+    cred = credibility_site(net, b.credibility_site)
+    assert cred.gated is not None
+    cred.gated.gate.open = True
+    try:
+        loader = BatchLoader(data.train, 256, train=True, device=device, augment=False, seed=seed)
+        stats.update(zip(cred.keys, estimate_statistics_sites(net, cred.modules, loader, b.estimator_samples,
+                                                              b.active_std, b.active_share)))
+    finally:
+        cred.gated.gate.open = False
+    return stats
+
+
+def ensure_statistics(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, seed: int = 0) -> bool:
+    """Estimate the bottleneck statistics if model.pt lacks those of the configured sites; True if it did."""
+    b = trained.config.bottleneck
+    needed = attribution_site(trained.net, b.site).keys + credibility_site(trained.net, b.credibility_site).keys
+    if all(k in trained.stats for k in needed):
+        return False
+    trained.stats = feature_statistics(trained.net, data, trained.config, device, seed)
+    return True
+
+
+def save_model(run: RunDir, trained: TrainedDRIB) -> None:
+    atomic_torch_save({"meta": trained.meta, "config": trained.config.to_dict(),
+                       "state_dict": trained.net.state_dict(),
+                       "ib_stats": {k: v.as_dict() for k, v in trained.stats.items()}}, run.model_path)
+
+
+def load_model(run_dir: str | Path, device: torch.device) -> TrainedDRIB:
+    """Rebuild a trained network from ``run_dir/model.pt`` (statistics of an older layout are dropped:
+    `ensure_statistics` re-estimates them)."""
+    run = RunDir(run_dir)
+    if not run.model_path.is_file():
+        raise FileNotFoundError(f"{run.model_path} not found: train into {run.path} first (python -m drib train)")
+    blob = load_checkpoint(run.model_path, map_location=device)
+    meta = blob["meta"]
+    config = DRIBConfig.from_dict(blob["config"])
+    backbone = build_backbone(meta["backbone"], num_classes=meta["num_classes"])
+    net = DynamicNetwork(backbone, config.decision, input_size=tuple(meta["input_size"]))
+    net.load_state_dict(blob["state_dict"])
+    net.to(device).eval()
+    stats = {k: FeatureStats.from_dict(v).to(device) for k, v in blob.get("ib_stats", {}).items()}
+    return TrainedDRIB(net, stats, config, meta)
+
+
+def train_run(start: Backbone, backbone_name: str, data: DatasetSplits, budget: Budget, out_dir: Path,
+              config: DRIBConfig, device: torch.device, seed: int = 0) -> tuple[TrainedDRIB, float]:
+    """Wrap ``start`` with gates, train, estimate the bottleneck statistics and write model.pt."""
+    seed_everything(seed)
+    run = RunDir(out_dir)
+    net = DynamicNetwork(start, config.decision, input_size=input_size_of(data)).to(device)
+    if config.decision.codebook_init == "importance" and not run.checkpoint_path.is_file():
+        pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+        images = data.train.subset(pick[: config.decision.init_images]).images.to(device).float() / 255
+        keep = net.init_codebooks(net.channel_importance(images), config.decision, seed)
+        run.logger("drib").info("code books initialised by importance: each action keeps %.3f of the channels",
+                                keep)
+    outcome = train(net, data, budget, out_dir, config, device, seed)
+    stats = feature_statistics(net, data, config, device, seed)
+    meta = {"backbone": backbone_name, "num_classes": data.num_classes, "input_size": list(input_size_of(data)),
+            "dataset": data.name, "val_source": data.val_source, "steps": outcome.steps,
+            "train_seconds": outcome.train_seconds,
+            "selected_epoch": outcome.selected_epoch, "val_top1": outcome.val_top1,
+            "val_mac_fraction": outcome.val_mac_fraction}
+    trained = TrainedDRIB(net.eval(), stats, config, meta)
+    save_model(run, trained)
+    return trained, outcome.train_seconds

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -186,6 +187,36 @@ def _beats(own: Tensor, control: Tensor) -> dict[str, float | bool]:
     return {"difference": mean, "standard_error": se, "beats": bool(len(diff) > 1 and mean > 2 * se)}
 
 
+def credibility_controls(info: Tensor, selected: Tensor, static: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Per-image credibility of ``selected`` (B x C bool) under channel bits ``info`` (B x C) and of its four
+    controls: "random" (expected share of a random |S|-subset, |S| / C), "other" (the next image's
+    selection), "static" (``static``, C bool), "oracle" (top-|S| channels by bits). The summary holds the
+    means, paired tests (own minus control, mean > 2 standard errors), the normalised score
+    (own - random) / (oracle - random) and the verdict (accepted iff it beats random, other and static)."""
+    static = static.to(selected.device)
+    c = selected.shape[1]
+    rows: dict[str, list[float]] = {k: [] for k in ("own", "random", "other", "static", "oracle")}
+    n = len(selected)
+    for i in range(n):
+        k = int(selected[i].sum())
+        rows["own"].append(_share(info[i], selected[i]))
+        rows["random"].append(k / c if float(info[i].sum()) > 0 else float("nan"))
+        rows["other"].append(_share(info[i], selected[(i + 1) % n]) if n > 1 else float("nan"))
+        rows["static"].append(_share(info[i], static))
+        top = torch.zeros(c, dtype=torch.bool, device=info.device)
+        top[info[i].topk(k).indices] = True
+        rows["oracle"].append(_share(info[i], top))
+    out = {k: torch.tensor(v) for k, v in rows.items()}
+    summary: dict[str, Any] = {f"credibility_{k}": float(torch.nanmean(v)) for k, v in out.items()}
+    tests = {name: _beats(out["own"], out[name]) for name in ("random", "other", "static")}
+    summary["credibility_tests"] = tests
+    gain = float(torch.nanmean(out["oracle"]) - torch.nanmean(out["random"]))
+    summary["credibility_normalised"] = (float(torch.nanmean(out["own"]) - torch.nanmean(out["random"])) / gain
+                                         if gain > 0 else float("nan"))
+    summary["credibility_accepted"] = all(bool(t["beats"]) for t in tests.values())
+    return out, summary
+
+
 def verify(net: DynamicNetwork, images: Tensor, stats: dict[str, FeatureStats], config: BottleneckConfig,
            targets: Tensor | None = None, seed: int = 0, static_mask: Tensor | None = None) -> dict[str, object]:
     """Credibility of each image's decision at the credibility layer beside its four controls.
@@ -203,31 +234,8 @@ def verify(net: DynamicNetwork, images: Tensor, stats: dict[str, FeatureStats], 
         mode = int(torch.mode(actions.cpu()).values)
         static_mask = gated.gate.effective_codebook().detach()[mode]
     info, shortcut = channel_bits(net, images, targets, stats, config, seed)
-    selected = masks != 0
-    static = static_mask.to(selected.device) != 0
-    c = selected.shape[1]
-    rows: dict[str, list[float]] = {k: [] for k in ("own", "random", "other", "static", "oracle")}
-    n = len(images)
-    for i in range(n):
-        k = int(selected[i].sum())
-        rows["own"].append(_share(info[i], selected[i]))
-        rows["random"].append(k / c if float(info[i].sum()) > 0 else float("nan"))
-        rows["other"].append(_share(info[i], selected[(i + 1) % n]) if n > 1 else float("nan"))
-        rows["static"].append(_share(info[i], static))
-        top = torch.zeros(c, dtype=torch.bool, device=info.device)
-        top[info[i].topk(k).indices] = True
-        rows["oracle"].append(_share(info[i], top))
-    out: dict[str, object] = {k: torch.tensor(v) for k, v in rows.items()}
+    out, summary = credibility_controls(info, masks != 0, static_mask != 0)
     out.update({"bits": info, "shortcut_bits": shortcut, "masks": masks, "predictions": predictions})
-    own, random = out["own"], out["random"]
-    summary: dict[str, object] = {f"credibility_{k}": float(torch.nanmean(v)) for k, v in out.items()
-                                  if k in rows}
-    tests = {name: _beats(own, out[name]) for name in ("random", "other", "static")}  # type: ignore[arg-type]
-    summary["credibility_tests"] = tests
-    gain = float(torch.nanmean(out["oracle"]) - torch.nanmean(random))  # type: ignore[arg-type]
-    summary["credibility_normalised"] = (float(torch.nanmean(own) - torch.nanmean(random)) / gain  # type: ignore
-                                         if gain > 0 else float("nan"))
-    summary["credibility_accepted"] = all(t["beats"] for t in tests.values())
     summary["credibility_branch_share"] = float((info.sum(1) / (info.sum(1) + shortcut.to(info)).clamp_min(1e-12)
                                                  ).mean())
     summary["credibility_layer"] = site.name

@@ -29,3 +29,44 @@ def test_bottleneck_site_selection():
         bottleneck_site(net, "layer9.conv")
     with pytest.raises(ValueError, match="out of range"):
         bottleneck_site(net, 40)
+
+
+def _bits(n: int = 40, c: int = 16, seed: int = 0) -> torch.Tensor:
+    """Per-image channel bits where each image's informative channels differ (4 of 16 carry most bits)."""
+    g = torch.Generator().manual_seed(seed)
+    info = torch.rand(n, c, generator=g) * 0.2
+    for i in range(n):
+        info[i, torch.randperm(c, generator=g)[:4]] += 5.0
+    return info
+
+
+def test_credibility_accepts_selections_that_follow_the_information():
+    from drib.verification import credibility_controls
+
+    info = _bits()
+    selected = torch.zeros_like(info, dtype=torch.bool)
+    selected[torch.arange(len(info))[:, None], info.topk(6, dim=1).indices] = True  # covers the 4 informative
+    static = torch.zeros(16, dtype=torch.bool)
+    static[:6] = True
+    out, summary = credibility_controls(info, selected, static)
+    assert summary["credibility_accepted"] is True
+    assert summary["credibility_own"] > 0.9 and summary["credibility_random"] == pytest.approx(6 / 16)
+    assert summary["credibility_normalised"] == pytest.approx(1.0)  # equal to the oracle
+    assert all(t["beats"] for t in summary["credibility_tests"].values())
+
+
+def test_credibility_rejects_selections_that_ignore_the_image():
+    from drib.verification import credibility_controls
+
+    info = _bits()
+    static = torch.zeros(16, dtype=torch.bool)
+    static[:6] = True
+    same = static.expand(len(info), 16).clone()  # every image gets the same selection, whatever its content
+    _, summary = credibility_controls(info, same, static)
+    assert summary["credibility_accepted"] is False
+    assert not summary["credibility_tests"]["static"]["beats"] and not summary["credibility_tests"]["other"]["beats"]
+    g = torch.Generator().manual_seed(1)
+    random = torch.stack([torch.randperm(16, generator=g) < 6 for _ in range(len(info))])  # random, image-blind
+    _, summary = credibility_controls(info, random, static)
+    assert summary["credibility_accepted"] is False
+    assert abs(summary["credibility_normalised"]) < 0.3
