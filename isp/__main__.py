@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from common.backbones import WeightsError, build_backbone, list_backbones
-from common.data import DatasetNotFoundError, load_dataset
+from common.data import DatasetNotFoundError, default_val_source, load_dataset
 from common.method import Budget
 from common.run import CheckpointError, NonFiniteLossError, RunDir, pick_device, read_json
 
@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="JSON file of ISP settings, e.g. isp/configs/resnet56_cifar10.json")
     train.add_argument("--stage", default=None, choices=STAGES, help="run only this stage")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    train.add_argument("--val-source", default="auto", choices=("auto", "train", "test-half"),
+                       help="validation split: 'test-half' (half of the test set; figures on the other half), "
+                            "'train' (a hold-out of the training set); auto = test-half when --weights is given "
+                            "(published weights saw the whole training set), else train")
 
     evaluate = sub.add_parser("evaluate", help="(re)compute DIR/metrics.json for a finished run")
     evaluate.add_argument("--run", required=True, help="run directory written by train")
@@ -52,6 +56,38 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--images", type=int, default=None, help="number of test images (rows)")
     explain.add_argument("--data-root", default=None, help="override the dataset root stored in the run")
     explain.add_argument("--device", default=None)
+
+    sweep = sub.add_parser("sweep", help="the selector loss (Eq. 8) along sigma for a centred kernel, on the "
+                                         "validation split, with the run's predictor")
+    sweep.add_argument("--run", required=True, help="run directory holding predictor.pt")
+    sweep.add_argument("--images", type=int, default=256, help="number of validation images")
+    sweep.add_argument("--sigmas", type=float, nargs="+", default=[1, 2, 3, 4, 6, 8, 10, 16, 24, 64])
+    sweep.add_argument("--tau", type=float, nargs="+", default=None,
+                       help="mask temperatures to score with (default: the run's mask_tau)")
+    sweep.add_argument("--samples", type=int, default=4, help="masks per image")
+    sweep.add_argument("--data-root", default=None, help="override the dataset root stored in the run")
+    sweep.add_argument("--device", default=None)
+    sweep.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    blocks = sub.add_parser("blocks", help="time a 3x3 conv against its number of output channels (the table "
+                                           "that chose the CPU channel block)")
+    blocks.add_argument("--batch", type=int, default=128)
+    blocks.add_argument("--repeats", type=int, default=20)
+    blocks.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    speed = sub.add_parser("speed", help="speedup vs MAC ratio of slim networks against the dense start, each in "
+                                         "its fastest form (common.deploy), on class-mixed held-out images")
+    speed.add_argument("--backbone", default="resnet20", choices=list_backbones())
+    speed.add_argument("--widths", action="append", default=[], metavar="NAME=W1,W2,...",
+                       help="a slim network: kept channels per prunable site (repeatable)")
+    speed.add_argument("--run", action="append", default=[], metavar="NAME=DIR",
+                       help="the fine-tuned slim network of a run directory (repeatable)")
+    speed.add_argument("--dataset", default="cifar10")
+    speed.add_argument("--data-root", default=None)
+    speed.add_argument("--batch", type=int, nargs="+", default=[1, 128])
+    speed.add_argument("--repeats", type=int, default=20)
+    speed.add_argument("--compile", default=None, choices=("jit", "inductor"))
+    speed.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 
 
@@ -74,7 +110,7 @@ def _reopen(run_path: str, data_root: str | None, device_name: str | None) -> Pi
     config = run.read_config()
     device = pick_device(device_name)
     root = data_root if data_root is not None else config.get("data_root")
-    data = load_dataset(config["dataset"], root)
+    data = load_dataset(config["dataset"], root, val_source=config.get("val_source", "train"))
     budget = Budget(**config["budget"])
     classifier = build_backbone(config["backbone"], data.num_classes)
     # The run's classifier.pt is the source of truth; this instance only supplies the architecture.
@@ -85,7 +121,8 @@ def _reopen(run_path: str, data_root: str | None, device_name: str | None) -> Pi
 def _train(args: argparse.Namespace) -> None:
     settings = ISPSettings.from_dict(_settings(args.config))
     device = pick_device(args.device)
-    data = load_dataset(args.dataset, args.data_root)
+    val_source = default_val_source(args.weights is not None) if args.val_source == "auto" else args.val_source
+    data = load_dataset(args.dataset, args.data_root, val_source=val_source)
     run = RunDir(args.out)
     if (run.path / "classifier.pt").is_file():
         classifier = build_backbone(args.backbone, data.num_classes)
@@ -95,7 +132,7 @@ def _train(args: argparse.Namespace) -> None:
         classifier = build_backbone(args.backbone, data.num_classes, args.weights)
     budget = Budget(args.epochs, args.seconds, args.max_batches)
     run.write_config({"method": "isp", "backbone": args.backbone, "dataset": args.dataset,
-                      "data_root": args.data_root, "weights": args.weights,
+                      "data_root": args.data_root, "weights": args.weights, "val_source": val_source,
                       "budget": {"epochs": budget.epochs, "seconds": budget.seconds,
                                  "max_batches": budget.max_batches},
                       "seed": args.seed, "settings": settings.to_dict()})
@@ -132,12 +169,79 @@ def _explain(args: argparse.Namespace) -> None:
     print(f"figure written to {path}")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from .evaluate import loss_along_sigma
+    from .pipeline import load_backbone
+
+    pipeline = _reopen(args.run, args.data_root, args.device)
+    s = pipeline.settings
+    predictor = load_backbone(pipeline._require("predictor"), pipeline.device, pipeline.input_size)
+    images = pipeline.data.val.images[:args.images].float().div(255).to(pipeline.device)
+    print(f"split: validation ({pipeline.data.val_source}), {len(images)} images; lambda1 {s.lambda1}, "
+          f"lambda2 {s.lambda2}; predictor trained at mask_tau {s.mask_tau}")
+    print("tau | sigma | KL | R | S | total")
+    for tau in args.tau or [s.mask_tau]:
+        for row in loss_along_sigma(pipeline.classifier, predictor, images, args.sigmas, tau=tau,
+                                    lambda1=s.lambda1, lambda2=s.lambda2, samples=args.samples):
+            print(f"{tau:g} | {row['sigma']:g} | {row['kl']:.3f} | {row['R']:.3f} | {row['S']:.3f} | "
+                  f"{row['total']:.3f}")
+
+
+def _blocks(args: argparse.Namespace) -> None:
+    from .hardware import conv_output_channel_times, hardware_channel_block
+
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, block {hardware_channel_block('cpu')}, "
+          f"{torch.get_num_threads()} thread(s), batch {args.batch}, median of {args.repeats}, interleaved")
+    for in_channels, size, widths in ((16, 32, [4, 6, 8, 9, 12, 16]), (32, 16, [8, 12, 16, 17, 24, 32]),
+                                      (64, 8, [16, 24, 32, 33, 48, 64])):
+        times = conv_output_channel_times(in_channels, widths, size, args.batch, args.repeats)
+        full = times[widths[-1]]
+        print(f"3x3 conv {in_channels} -> c on {size}x{size}: " + ", ".join(
+            f"c={c}: {times[c] / full:.2f}" for c in widths) + f"  (time / time at c={widths[-1]})")
+
+
+def _named(spec: str) -> tuple[str, str]:
+    name, sep, value = spec.partition("=")
+    if not sep or not name or not value:
+        raise ValueError(f"expected NAME=VALUE, got {spec!r}")
+    return name, value
+
+
+def _speed(args: argparse.Namespace) -> None:
+    from common.macs import count_macs
+    from common.speed import class_mixed_images
+
+    from .evaluate import slim_from_widths, speed_against_dense
+    from .pipeline import load_backbone
+
+    data = load_dataset(args.dataset, args.data_root, val_source="test-half")
+    models = {"dense": build_backbone(args.backbone, data.num_classes).eval()}
+    for spec in args.widths:
+        name, value = _named(spec)
+        models[name] = slim_from_widths(args.backbone, [int(w) for w in value.split(",")], data.num_classes)
+    for spec in args.run:
+        name, value = _named(spec)
+        models[name] = load_backbone(Path(value) / "model.pt", "cpu").eval()
+    images = class_mixed_images(data.test, max(args.batch), seed=0)
+    timing = speed_against_dense(models, images, args.batch, args.repeats, args.compile)
+    dense_macs = count_macs(models["dense"])
+    print(f"{torch.get_num_threads()} thread(s), images: {data.test_split_name}, class-mixed; fastest form "
+          f"(BN folded, channels_last{', ' + args.compile if args.compile else ''}); interleaved, median of "
+          f"{args.repeats}")
+    print("model | MACs | MAC ratio | " + " | ".join(f"speedup b={b}" for b in args.batch))
+    for name, model in models.items():
+        macs = count_macs(model)
+        cells = " | ".join(f"{timing['batches'][b][name]['ratio']:.2f}x" for b in args.batch)
+        print(f"{name} | {macs / 1e6:.2f} M | {dense_macs / macs:.2f}x | {cells}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
-        {"train": _train, "evaluate": _evaluate, "explain": _explain}[args.command](args)
+        {"train": _train, "evaluate": _evaluate, "explain": _explain, "sweep": _sweep,
+         "blocks": _blocks, "speed": _speed}[args.command](args)
     except (DatasetNotFoundError, WeightsError, CheckpointError, StageOrderError, NonFiniteLossError,
             FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ a MobileNetV2 expansion, a VGG conv). Residual streams are never gated.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,22 +82,49 @@ def _conv_before_each_bn(backbone: nn.Module, bn_ids: set[int], input_size: tupl
     return found
 
 
+def group_sizes(channels: Sequence[int], block: int) -> list[int]:
+    """Channels per gate at each site: the largest common divisor of ``block`` and the site's width, at most
+    half the width (1 = the paper's one gate per channel). A site only one block wide is gated in halves: its
+    own conv gains little (the output is padded to the block) but its consumer reads half the inputs."""
+    if block < 1:
+        raise ValueError(f"channel group must be >= 1, got {block}")
+    sizes = []
+    for c in channels:
+        g = math.gcd(c, block)
+        if g == c and c > 1:  # one group would make the site unprunable: gate it in halves (or less)
+            g = math.gcd(c, c // 2)
+        sizes.append(g)
+    return sizes
+
+
 class ChannelGates(nn.Module):
     """v = sigmoid((theta + g + b) / tau) per channel (supplementary Eq. 15), g Logistic noise, b = 3 so that
-    every gate starts open, tau = 0.4. Only theta (one logit per prunable channel) is trained."""
+    every gate starts open, tau = 0.4. Only theta is trained: one logit per *group* of ``groups[i]``
+    consecutive channels of site i (all 1: the paper's one logit per channel). A group opens and closes as
+    one, so every site keeps a multiple of its group size and T(v) of the relaxed gates counts exactly the
+    channels the slim network will have."""
 
-    def __init__(self, channels: Sequence[int], bias: float = 3.0, tau: float = 0.4):
+    def __init__(self, channels: Sequence[int], bias: float = 3.0, tau: float = 0.4,
+                 groups: Sequence[int] | None = None):
         super().__init__()
         self.channels = list(channels)
+        self.groups = [1] * len(self.channels) if groups is None else list(groups)
+        if len(self.groups) != len(self.channels):
+            raise ValueError(f"{len(self.groups)} group sizes for {len(self.channels)} sites")
+        for c, g in zip(self.channels, self.groups):
+            if g < 1 or c % g:
+                raise ValueError(f"group size {g} does not divide a site of {c} channels")
         self.bias = bias
         self.tau = tau
-        self.theta = nn.Parameter(torch.zeros(sum(self.channels)))
+        self.theta = nn.Parameter(torch.zeros(sum(c // g for c, g in zip(self.channels, self.groups))))
 
     def _split(self, flat: Tensor) -> list[Tensor]:
-        return list(torch.split(flat, self.channels))
+        """Per-group values -> per-channel values, one tensor per site."""
+        per_site = torch.split(flat, [c // g for c, g in zip(self.channels, self.groups)])
+        return [v.repeat_interleave(g) if g > 1 else v for v, g in zip(per_site, self.groups)]
 
     def sample(self, generator: torch.Generator | None = None) -> list[Tensor]:
-        """Relaxed gate values for one training step (one draw shared by the whole batch)."""
+        """Relaxed gate values for one training step (one draw per group, shared by the whole batch)."""
         noise = logistic_noise(self.theta.shape, self.theta.device, generator)
         return self._split(torch.sigmoid((self.theta + noise + self.bias) / self.tau))
 
@@ -106,14 +134,15 @@ class ChannelGates(nn.Module):
 
     @torch.no_grad()
     def hard(self) -> list[Tensor]:
-        """The final architecture: channel open iff theta + b > 0; every site keeps at least its best channel
+        """The final architecture: a group is open iff theta + b > 0; every site keeps at least its best group
         (a layer with no channel cannot be built, and the slim model must equal the gated one)."""
         values = []
-        for logits in self._split(self.theta.detach() + self.bias):
+        sizes = [c // g for c, g in zip(self.channels, self.groups)]
+        for logits, g in zip(torch.split(self.theta.detach() + self.bias, sizes), self.groups):
             keep = (logits > 0).float()
             if keep.sum() == 0:
                 keep[logits.argmax()] = 1.0
-            values.append(keep)
+            values.append(keep.repeat_interleave(g) if g > 1 else keep)
         return values
 
 

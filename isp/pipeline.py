@@ -23,7 +23,8 @@ from common.run import RunDir, atomic_torch_save, atomic_write_json, load_checkp
 from common.training import evaluate_top1, measure_latency
 
 from . import stages
-from .gates import ChannelGates, GateInjector, PrunableMacs, prunable_sites
+from .gates import ChannelGates, GateInjector, PrunableMacs, group_sizes, prunable_sites
+from .hardware import resolve_channel_group
 from .rbf import bernoulli_mask, mask_input
 from .selector import DecoderShape, Selector, SelectorDecoder, decoder_shape
 from .settings import STAGE_SHARES, ISPSettings
@@ -104,6 +105,7 @@ class Pipeline:
         # The run's own copy, so freezing it never touches the caller's model.
         self.classifier = load_backbone(self.classifier_path, device, self.input_size)
         self.seconds_path = self.run_dir.file("stage_seconds.json")
+        self.channel_group = resolve_channel_group(settings.channel_group, device)
 
     # --- bookkeeping -------------------------------------------------------------------------------------
     def path(self, stage: str) -> Path:
@@ -164,6 +166,7 @@ class Pipeline:
         state = stages.train_predictor(self.run_dir, self.classifier, predictor, loader,
                                        self._steps("predictor", len(loader)), lr=s.predictor_lr,
                                        weight_decay=s.predictor_weight_decay, kind=s.selector,
+                                       tau=s.mask_tau, sigma_max=s.predictor_sigma_max,
                                        seconds=self._seconds("predictor"), log=self.log,
                                        save_every=min(SAVE_EVERY, len(loader)))
         save_backbone(self.path("predictor"), self.name, predictor, None)
@@ -178,7 +181,7 @@ class Pipeline:
         state = stages.train_selector(self.run_dir, self.classifier, predictor, decoder, loader,
                                       self._steps("selector", len(loader)), lr=s.selector_lr,
                                       weight_decay=s.selector_weight_decay, lambda1=s.lambda1,
-                                      lambda2=s.lambda2 if s.selector == "rbf" else 0.0, tau=s.selector_tau,
+                                      lambda2=s.lambda2 if s.selector == "rbf" else 0.0, tau=s.mask_tau,
                                       seconds=self._seconds("selector"), log=self.log,
                                       save_every=min(SAVE_EVERY, len(loader)))
         save_decoder(self.path("selector"), decoder)
@@ -200,7 +203,9 @@ class Pipeline:
 
     def _gates(self) -> tuple[list, ChannelGates, PrunableMacs]:
         sites = prunable_sites(self.classifier, self.input_size)
-        gates = ChannelGates([s.channels for s in sites], self.settings.gate_bias, self.settings.gate_tau)
+        channels = [s.channels for s in sites]
+        groups = group_sizes(channels, self.channel_group)
+        gates = ChannelGates(channels, self.settings.gate_bias, self.settings.gate_tau, groups)
         return sites, gates.to(self.device), PrunableMacs(self.classifier, sites, self.input_size)
 
     def _stage_gates(self) -> None:
@@ -220,6 +225,7 @@ class Pipeline:
         ratio = float(macs(hard)) / macs.total
         self.log.info("gates: prunable MACs kept %.3f (target p = %.3f)", ratio, s.target_ratio)
         atomic_torch_save({"theta": gates.theta.detach().cpu(), "keep": keep, "prunable_kept_ratio": ratio,
+                           "channel_groups": gates.groups,
                            "prunable_macs_total": macs.total}, self.path("gates"))
         self._record_seconds("gates", state.seconds)
 
@@ -351,6 +357,8 @@ def evaluate_run(pipeline: Pipeline, max_explained: int = 2000) -> dict[str, Any
     metrics: dict[str, Any] = {
         "backbone": pipeline.name,
         "dataset": pipeline.data.name,
+        "val_source": pipeline.data.val_source,
+        "test_split_name": pipeline.data.test_split_name,
         "selector": decoder.kind,
         "top1_before": evaluate_top1(original, test),
         "top1_after": evaluate_top1(final, test),
@@ -365,6 +373,7 @@ def evaluate_run(pipeline: Pipeline, max_explained: int = 2000) -> dict[str, Any
         "prunable_macs_kept_ratio": float(prunable(hard)) / prunable.total,
         "target_ratio_p": s.target_ratio,
         "channels_kept": {site.name: len(k) for site, k in zip(sites, keep)},
+        "channel_groups": gates_blob.get("channel_groups"),
         "cpu_latency_ms_before": 1000 * lat_before,
         "cpu_latency_ms_after": 1000 * lat_after,
         "cpu_speedup": lat_before / lat_after,

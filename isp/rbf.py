@@ -52,10 +52,15 @@ def sigma_nonlinearity(u: Tensor) -> Tensor:
 
 
 def sample_random_rbf_params(batch: int, height: int, width: int, generator: torch.Generator | None = None,
-                             device: torch.device | str = "cpu") -> Tensor:
-    """The predictor's random kernels (Sec. 3.5): c_z ~ U[0, M], c_t ~ U[0, N], sigma ~ U[0, 2 max(M, N)]."""
+                             device: torch.device | str = "cpu", sigma_max: float | None = None) -> Tensor:
+    """The predictor's random kernels (Sec. 3.5): c_z ~ U[0, M], c_t ~ U[0, N], sigma ~ U[0, sigma_max] with
+    the paper's sigma_max = 2 max(M, N) unless given."""
+    if sigma_max is None:
+        sigma_max = 2.0 * max(height, width)
+    if sigma_max <= 0:
+        raise ValueError(f"sigma_max must be positive, got {sigma_max}")
     u = torch.rand(batch, 3, generator=generator).to(device)
-    scale = torch.tensor([height, width, 2 * max(height, width)], dtype=torch.float32, device=device)
+    scale = torch.tensor([height, width, sigma_max], dtype=torch.float32, device=device)
     return u * scale
 
 
@@ -72,17 +77,41 @@ def logistic_noise(shape: torch.Size | tuple[int, ...], device: torch.device | s
     return torch.log(u) - torch.log1p(-u)
 
 
-def gumbel_sigmoid(probs: Tensor, tau: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+def gumbel_sigmoid(probs: Tensor, tau: float = 1.0, generator: torch.Generator | None = None,
+                   noise: Tensor | None = None) -> Tensor:
     """Eq. 14, a differentiable relaxed sample of Bernoulli(probs) at temperature tau.
 
     m = sigmoid((logit(p) + g) / tau) with g Logistic(0, 1) (the binary Concrete of Maddison et al.). As
     tau -> 0, P(m > 1/2) = p exactly. The paper writes log(p) + a single Gumbel draw, whose limit would be
-    Bernoulli(1 - exp(-p)) instead; see README, deviations.
+    Bernoulli(1 - exp(-p)) instead; see README, deviations. ``noise`` (same shape as ``probs``) replaces the
+    draw, so a relaxed and a hard mask can share it (``hard_mask_from_noise``).
     """
+    logits = _logits(probs)
+    if noise is None:
+        noise = logistic_noise(logits.shape, logits.device, generator)
+    return torch.sigmoid((logits + noise) / tau)
+
+
+def _logits(probs: Tensor) -> Tensor:
     eps = 1e-6
     p = probs.clamp(eps, 1 - eps)
-    logits = torch.log(p) - torch.log1p(-p)
-    return torch.sigmoid((logits + logistic_noise(p.shape, p.device, generator)) / tau)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def hard_mask_from_noise(probs: Tensor, noise: Tensor) -> Tensor:
+    """The tau -> 0 limit of ``gumbel_sigmoid`` for the same noise: 1[logit(p) + g > 0] ~ Bernoulli(p)."""
+    return (_logits(probs) + noise > 0).to(probs.dtype)
+
+
+def sample_mask(probs: Tensor, tau: float, generator: torch.Generator | None = None) -> Tensor:
+    """The one mask sampler shared by the predictor's training masks (Eq. 6-7) and the selector's objective
+    (Eq. 8, 14): a relaxed Bernoulli sample at ``tau`` > 0, a hard Bernoulli sample at ``tau`` = 0. Sharing
+    it is what makes the predictor's estimate valid for the masks the selector is scored with."""
+    if tau < 0:
+        raise ValueError(f"mask temperature must be >= 0 (0 = hard Bernoulli), got {tau}")
+    if tau == 0:
+        return bernoulli_mask(probs, generator)
+    return gumbel_sigmoid(probs, tau, generator)
 
 
 def mask_input(images: Tensor, mask: Tensor) -> Tensor:
@@ -98,7 +127,13 @@ def area_penalty(mask: Tensor) -> Tensor:
 
 
 def smoothness_penalty(mask: Tensor) -> Tensor:
-    """S(m') of Eq. 9: sum of squared differences between vertical and horizontal neighbours, per sample."""
+    """S(m') of Eq. 9, per sample, as the *mean* over the 2 M N - M - N neighbour pairs of the squared
+    difference (the paper's sum divided by the pair count, 1,984 on 32 x 32), so that R and S are both
+    fractions in [0, 1] and lambda1, lambda2 weigh comparable numbers (README, deviations)."""
     vertical = (mask[:, 1:, :] - mask[:, :-1, :]).pow(2).flatten(1).sum(1)
     horizontal = (mask[:, :, 1:] - mask[:, :, :-1]).pow(2).flatten(1).sum(1)
-    return vertical + horizontal
+    height, width = mask.shape[-2:]
+    pairs = (height - 1) * width + height * (width - 1)
+    if pairs == 0:
+        raise ValueError(f"a {height} x {width} mask has no neighbour pairs")
+    return (vertical + horizontal) / pairs

@@ -22,13 +22,16 @@ class ISPSettings:
     predictor_lr: float = 1e-4
     predictor_weight_decay: float = 1e-4
     predictor_from_classifier: bool = True  # start from the classifier's weights (paper: ImageNet yes, CIFAR no)
+    predictor_sigma_max: float | None = None  # random kernels' sigma ~ U[0, this]; None: 2 max(M, N) (paper)
+    # Predictor masks AND selector objective: one relaxed-Bernoulli sampler at this temperature (reference
+    # code's predictor: RelaxedBernoulli(T = 0.1)); 0 = hard Bernoulli for both. Never differs between them.
+    mask_tau: float = 0.1
     # Selector (Eq. 8-9, 14): same optimiser, batch 16, lambda1 = 0.2, lambda2 = 0.001 (CIFAR), tau = 1.
     selector_batch: int = 16
     selector_lr: float = 1e-4
     selector_weight_decay: float = 1e-4
     lambda1: float = 0.2
     lambda2: float = 0.001
-    selector_tau: float = 1.0
     centre_margin: float = 2.0  # c = (S/2 - margin) tanh(u / (S/2 - margin)) + S/2
     sigma_bias: float | None = None  # None: 10 for 32-pixel images (paper), scaled with the image size
     # Gate search (Eq. 10, supplementary Eq. 15): b = 3, tau = 0.4, gamma1 = 0.5, gamma2 = 2, 5% subset,
@@ -38,6 +41,9 @@ class ISPSettings:
     gate_lr: float = 1e-3
     gate_bias: float = 3.0
     gate_tau: float = 0.4
+    # Channels per gate (one logit per group): "auto" = the CPU's channel block (16 on AVX-512, 8 on AVX2;
+    # hardware.py) on CPU runs and 1 elsewhere; 1 = the paper's per-channel gates.
+    channel_group: int | str = "auto"
     classification_weight: float = 1.0  # 0 reproduces the paper's "w/o classification loss" ablation
     gamma1: float = 0.5
     gamma2: float = 2.0
@@ -77,9 +83,13 @@ class ISPSettings:
             raise ValueError(f"interpretation_units must be 'image' or 'pixels', got {self.interpretation_units!r}")
         if self.finetune_schedule not in ("cosine", "step"):
             raise ValueError(f"finetune_schedule must be 'cosine' or 'step', got {self.finetune_schedule!r}")
-        for name in ("selector_tau", "gate_tau"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+        if self.channel_group != "auto" and (isinstance(self.channel_group, bool)
+                                             or not isinstance(self.channel_group, int) or self.channel_group < 1):
+            raise ValueError(f"channel_group must be 'auto' or an integer >= 1, got {self.channel_group!r}")
+        if self.gate_tau <= 0:
+            raise ValueError("gate_tau must be positive")
+        if self.mask_tau < 0:
+            raise ValueError(f"mask_tau must be >= 0 (0 = hard Bernoulli masks), got {self.mask_tau}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,10 +20,9 @@ from .gates import ChannelGates, GateInjector, PrunableMacs, PrunableSite, resou
 from .loop import LoopState, batch_stream, run_steps
 from .rbf import (
     area_penalty,
-    bernoulli_mask,
-    gumbel_sigmoid,
     mask_input,
     rbf_bernoulli,
+    sample_mask,
     sample_random_rbf_params,
     smoothness_penalty,
 )
@@ -44,20 +43,22 @@ def kl_to_classifier(classifier_logits: Tensor, predictor_logits: Tensor) -> Ten
                     reduction="batchmean")
 
 
-def random_masks(batch: int, size: tuple[int, int], kind: str, device: torch.device) -> Tensor:
+def random_masks(batch: int, size: tuple[int, int], kind: str, device: torch.device, tau: float,
+                 sigma_max: float | None = None) -> Tensor:
     """The predictor's training masks: random RBF Bernoulli masks (Eq. 7), or Bernoulli(0.5) per pixel for
-    REAL-X (supplementary Eq. 8)."""
+    REAL-X (supplementary Eq. 8), sampled with ``sample_mask`` at ``tau``: the same sampler and temperature
+    the selector's objective uses, so the predictor is trained on the masks it will score."""
     if kind == "realx":
         probs = torch.full((batch, *size), 0.5, device=device)
     else:
-        probs = rbf_bernoulli(sample_random_rbf_params(batch, *size, device=device), *size)
-    return bernoulli_mask(probs)
+        probs = rbf_bernoulli(sample_random_rbf_params(batch, *size, device=device, sigma_max=sigma_max), *size)
+    return sample_mask(probs, tau)
 
 
 def train_predictor(run: RunDir, classifier: Backbone, predictor: Backbone, loader: BatchLoader, steps: int, *,
-                    lr: float, weight_decay: float, kind: str, seconds: float | None, log,
-                    save_every: int = 200) -> LoopState:
-    """Eq. 6: min_theta E_x E_(c, sigma) E_m' KL(Q_class(y | x) || q_pred(y | m'(x)))."""
+                    lr: float, weight_decay: float, kind: str, tau: float, seconds: float | None, log,
+                    sigma_max: float | None = None, save_every: int = 200) -> LoopState:
+    """Eq. 6: min_theta E_x E_(c, sigma) E_m' KL(Q_class(y | x) || q_pred(y | m'(x))), m' relaxed at ``tau``."""
     freeze(classifier)
     predictor.train()
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
@@ -70,7 +71,7 @@ def train_predictor(run: RunDir, classifier: Backbone, predictor: Backbone, load
         x, _ = next(batches)
         with torch.no_grad():
             teacher = classifier(x)
-        masks = random_masks(len(x), tuple(x.shape[-2:]), kind, x.device)
+        masks = random_masks(len(x), tuple(x.shape[-2:]), kind, x.device, tau, sigma_max)
         loss = kl_to_classifier(teacher, predictor(mask_input(x, masks)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -90,9 +91,12 @@ class SelectorLossParts:
 
 
 def selector_loss(classifier_logits: Tensor, predictor: nn.Module, images: Tensor, probs: Tensor, *,
-                  lambda1: float, lambda2: float, tau: float) -> SelectorLossParts:
-    """Eq. 8-9: KL + lambda1 R(m') + lambda2 S(m') on one Gumbel-sigmoid sample m' (Eq. 14) per image."""
-    mask = gumbel_sigmoid(probs, tau)
+                  lambda1: float, lambda2: float, tau: float, generator: torch.Generator | None = None
+                  ) -> SelectorLossParts:
+    """Eq. 8-9: KL + lambda1 R(m') + lambda2 S(m') on one relaxed sample m' (Eq. 14) per image, drawn by the
+    predictor's own sampler at its own temperature ``tau`` (R: fraction of kept pixels, S: mean over
+    neighbour pairs; both in [0, 1])."""
+    mask = sample_mask(probs, tau, generator)
     kl = kl_to_classifier(classifier_logits, predictor(mask_input(images, mask)))
     area = area_penalty(mask).mean()
     smooth = smoothness_penalty(mask).mean()

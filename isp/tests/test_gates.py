@@ -7,7 +7,7 @@ import torch
 
 from common.backbones import build_backbone
 from common.macs import count_macs
-from isp.gates import ChannelGates, GateInjector, PrunableMacs, prunable_sites, resource_loss
+from isp.gates import ChannelGates, GateInjector, PrunableMacs, group_sizes, prunable_sites, resource_loss
 from isp.slim import kept_indices, slim_copy
 
 # ResNet-20 on 32x32: blocks of stage k have C = 16, 32, 64 channels on 32, 16, 8 px maps.
@@ -101,3 +101,48 @@ def test_gate_injector_zeroes_closed_channels_downstream_of_bn():
     assert torch.all(seen["input"][:, [1, 4]] == 0)
     assert seen["input"][:, 0].abs().sum() > 0
     assert not injector._handles  # hooks removed on exit
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_grouped_gates_keep_multiples_of_the_block_and_count_macs_exactly(name):
+    torch.manual_seed(3)
+    model = build_backbone(name)
+    sites = prunable_sites(model)
+    channels = [s.channels for s in sites]
+    groups = group_sizes(channels, 16)
+    gates = ChannelGates(channels, groups=groups)
+    assert len(gates.theta) == sum(c // g for c, g in zip(channels, groups)) < sum(channels)
+    with torch.no_grad():
+        gates.theta.normal_(-3.0, 2.0)
+    # relaxed values: every channel of a group carries the group's value
+    for values, g in zip(gates.sample(), groups):
+        assert torch.equal(values.view(-1, g), values.view(-1, g)[:, :1].expand(-1, g))
+    hard = gates.hard()
+    kept = [int(h.sum()) for h in hard]
+    assert all(k % g == 0 and k >= g for k, g in zip(kept, groups))
+    if name == "resnet20":  # 16-channel sites are gated in halves, wider ones in blocks of 16
+        assert groups == [8, 8, 8, 16, 16, 16, 16, 16, 16]
+    assert any(k < c for k, c in zip(kept, channels))
+    macs = PrunableMacs(model, sites, (3, 32, 32))
+    slim = slim_copy(model, kept_indices(hard), (3, 32, 32))
+    # the regulariser's T(v) of the grouped gates is the slim network's MAC count (common.macs)
+    assert macs(hard).item() + macs.fixed == pytest.approx(count_macs(slim), rel=1e-9)
+
+
+def test_group_sizes_fall_back_to_a_common_divisor():
+    assert group_sizes([16, 32, 64, 24, 10, 1], 16) == [8, 16, 16, 8, 2, 1]
+    assert group_sizes([16, 32], 1) == [1, 1]
+    with pytest.raises(ValueError, match="channel group"):
+        group_sizes([16], 0)
+    with pytest.raises(ValueError, match="does not divide"):
+        ChannelGates([16, 12], groups=[16, 8])
+
+
+def test_channel_group_setting_resolves_per_device():
+    from isp.hardware import hardware_channel_block, resolve_channel_group
+
+    assert resolve_channel_group("auto", "cpu") == hardware_channel_block("cpu") in (8, 16)
+    assert resolve_channel_group("auto", "cuda") == 1
+    assert resolve_channel_group(4, "cpu") == 4
+    with pytest.raises(ValueError, match="channel_group"):
+        resolve_channel_group(0, "cpu")

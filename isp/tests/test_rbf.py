@@ -10,7 +10,10 @@ from isp.rbf import (
     bernoulli_mask,
     centre_nonlinearity,
     gumbel_sigmoid,
+    hard_mask_from_noise,
+    logistic_noise,
     rbf_bernoulli,
+    sample_mask,
     sample_random_rbf_params,
     sigma_nonlinearity,
     smoothness_penalty,
@@ -103,8 +106,11 @@ def test_penalties_against_hand_counts():
     mask = torch.zeros(1, 3, 3)
     mask[0, 1, 1] = 1.0  # one kept pixel with four neighbours at 0
     assert area_penalty(mask).item() == pytest.approx(1 / 9)
-    assert smoothness_penalty(mask).item() == pytest.approx(4.0)
+    # four of the 12 neighbour pairs of a 3 x 3 grid differ: S is the mean over pairs, like R a fraction
+    assert smoothness_penalty(mask).item() == pytest.approx(4 / 12)
     assert smoothness_penalty(torch.ones(2, 4, 4)).tolist() == [0.0, 0.0]
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2
+    assert smoothness_penalty(checker[None].float()).item() == pytest.approx(1.0)  # every pair differs
 
 
 def test_literal_eq14_form_would_not_sample_bernoulli_p():
@@ -114,3 +120,30 @@ def test_literal_eq14_form_would_not_sample_bernoulli_p():
     gumbel = -torch.log(-torch.log(torch.rand(n, generator=g).clamp(1e-9, 1 - 1e-9)))
     freq = (torch.sigmoid((math.log(p) + gumbel) / 0.002) > 0.5).float().mean().item()
     assert abs(freq - (1 - math.exp(-p))) < 0.01 and abs(freq - p) > 0.09
+
+
+def test_relaxed_masks_at_the_shared_temperature_match_hard_masks():
+    # The predictor is trained on, and the selector scored with, relaxed masks at tau = 0.1: with the same
+    # noise they are close to the hard Bernoulli mask, so R, S and the masked image barely differ.
+    probs = rbf_bernoulli(torch.tensor([[16.0, 12.0, 6.0]]).repeat(400, 1), 32, 32)
+    noise = logistic_noise(probs.shape, generator=torch.Generator().manual_seed(5))
+    relaxed = gumbel_sigmoid(probs, tau=0.1, noise=noise)
+    hard = hard_mask_from_noise(probs, noise)
+    assert (relaxed - hard).abs().mean() < 0.03
+    assert (area_penalty(relaxed) - area_penalty(hard)).abs().mean() < 0.02
+    s_relaxed, s_hard = smoothness_penalty(relaxed), smoothness_penalty(hard)
+    assert ((s_relaxed - s_hard).abs() / s_hard).mean() < 0.15  # relaxed edges are a little softer
+    # and both are unbiased samples of the RBF Bernoulli map: E[m] = p
+    assert (relaxed.mean(0) - probs[0]).abs().max() < 0.12
+    assert (hard.mean(0) - probs[0]).abs().max() < 5 * 0.5 / 20
+    # at tau = 1 (the paper's selector temperature) the relaxed mask is far from any hard mask
+    assert (gumbel_sigmoid(probs, tau=1.0, noise=noise) - hard).abs().mean() > 0.1
+
+
+def test_sample_mask_is_hard_at_zero_and_rejects_negative_temperatures():
+    probs = torch.full((2000,), 0.3)
+    hard = sample_mask(probs, 0.0, torch.Generator().manual_seed(6))
+    assert set(hard.unique().tolist()) <= {0.0, 1.0}
+    assert abs(hard.mean().item() - 0.3) < 5 * math.sqrt(0.21 / 2000)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_mask(probs, -0.1)

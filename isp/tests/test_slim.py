@@ -89,3 +89,21 @@ def test_injector_without_values_is_identity():
         with GateInjector(prunable_sites(model)):
             out = model(x)
     assert torch.equal(ref, out)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_slim_model_matches_gated_model_with_channel_groups(name):
+    from isp.gates import ChannelGates, group_sizes
+
+    torch.manual_seed(1)
+    model = _randomise_bn(build_backbone(name))
+    sites = prunable_sites(model)
+    channels = [s.channels for s in sites]
+    gates = ChannelGates(channels, groups=group_sizes(channels, 16))
+    with torch.no_grad():
+        gates.theta.normal_(-3.0, 2.0)
+    hard = gates.hard()
+    slim = slim_copy(model, kept_indices(hard), (3, 32, 32))
+    assert all(m.out_channels % 16 == 0 for m in (s.conv for s in prunable_sites(slim)) if m.out_channels >= 16)
+    x = torch.rand(2, 3, 32, 32)
+    assert slim_vs_gated(model, slim, sites, hard, x) < 1e-4
