@@ -1,8 +1,9 @@
 """PICNN (Guo, Yang et al., AAAI 2024): an interpretation pathway that groups the filters of a late conv-layer
 into class-specific clusters through a learnable filter-class correspondence matrix P.
 
-Entry for the benchmark: ``run_method``. Pieces: ``sampling`` (Eq. 5-10), ``model`` (pathways, Eq. 1-4),
-``train`` (Eq. 3, resumable), ``metrics`` (ACC1/ACC2/ACC3, MIS), ``explain`` (class-cluster Grad-CAM).
+Entry for the benchmark: ``run_method``. Pieces: ``config`` (PicnnSettings), ``sampling`` (Eq. 5-10),
+``model`` (target layer, P, pathways, Eq. 4), ``losses`` (Eq. 1-3), ``train`` (resumable loop),
+``evaluate`` (ACC1/ACC2/ACC3, MIS, MACs), ``explain`` (class-cluster Grad-CAM).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from common.data import DatasetSplits
 from common.method import Budget, MethodResult
 from common.run import RunDir, seed_everything
 
+from .config import PicnnSettings
+from .evaluate import evaluate_picnn, interpretation_accuracies
 from .explain import class_cluster_saliency, cluster_grad_cams
-from .metrics import evaluate_picnn, interpretation_accuracies
-from .model import PicnnNet, picnn_losses
+from .losses import discrimination_loss, interpretation_loss, picnn_loss, picnn_losses
+from .model import PicnnNet, resolve_target
 from .sampling import bernoulli_assignment, gumbel_assignment, pseudo_label
-from .train import PicnnSettings, build_picnn, load_model, save_model, train_picnn
+from .train import build_picnn, load_model, save_model, train_picnn
 
 __all__ = [
     "PicnnNet",
@@ -31,12 +34,16 @@ __all__ = [
     "build_picnn",
     "class_cluster_saliency",
     "cluster_grad_cams",
+    "discrimination_loss",
     "evaluate_picnn",
     "gumbel_assignment",
     "interpretation_accuracies",
+    "interpretation_loss",
     "load_model",
+    "picnn_loss",
     "picnn_losses",
     "pseudo_label",
+    "resolve_target",
     "run_method",
     "train_picnn",
 ]
@@ -64,10 +71,12 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     run.write_environment(device)
     report = train_picnn(model, data, budget, run, config, device, seed)
     save_model(model, run, {"backbone_class": type(start).__name__, "num_classes": data.num_classes,
-                            "filters": model.filters, "best_step": report.best_step})
+                            "filters": model.filters, "added_target_conv": model.added_target_conv,
+                            "best_step": report.best_step})
     metrics = evaluate_picnn(model, data.test, assignment=config.assignment, draws=config.eval_draws,
-                             mis_samples=config.mis_samples, device=device, seed=seed)
-    metrics.update(best_val_acc1=report.best_val_acc1, best_step=report.best_step, steps=report.steps)
+                             mis_samples=config.mis_samples, device=device, seed=seed, precision=config.precision)
+    metrics.update(best_val_acc1=report.best_val_acc1, best_step=report.best_step, steps=report.steps,
+                   split=data.test_split_name, val_source=data.val_source, lam=config.lam)
     run.write_metrics(metrics)
     model.eval()
     return MethodResult(model=model, saliency=class_cluster_saliency(model), dynamic_forward=None,

@@ -4,6 +4,10 @@ Discrimination pathway: y1 = classifier(GAP(H)) (Eq. 1). Interpretation pathway:
 (Eq. 2, 4), with z drawn from the row of the filter-class correspondence matrix P for the (pseudo-)label.
 Because z is constant over space, GAP(H ⊙ z) = GAP(H) ⊙ z: the mask is applied to the pooled features,
 which gives the same y2 without a second pass over the feature maps.
+
+Target layer (``resolve_target``): by default the backbone's last conv stage (no added layer, the same MACs
+as the plain network, its pretrained classifier kept) whenever it has at least K channels; an added 3x3 conv
+only when N is asked for explicitly and differs from that width, or when the backbone is narrower than K.
 """
 
 from __future__ import annotations
@@ -16,16 +20,32 @@ from torch import Tensor, nn
 
 from common.backbones import Backbone
 
+from .config import ASSIGNMENTS, CLUSTER_INDEX
 from .sampling import bernoulli_assignment, gumbel_assignment, pseudo_label
 
 FILTER_TO_CLASS_RATIO = 12.8  # the paper's N / K: 128 filters for 10 classes
-ASSIGNMENTS = ("bernoulli", "gumbel")
-CLUSTER_INDEX = ("pseudo", "label")
 
 
 def default_target_filters(num_classes: int, ratio: float = FILTER_TO_CLASS_RATIO) -> int:
-    """N = round(ratio * K), at least one filter per class."""
+    """N = round(ratio * K), at least one filter per class (the width of an added target layer)."""
     return max(num_classes, round(ratio * num_classes))
+
+
+def resolve_target(feature_channels: int, num_classes: int, filters: int | None = None) -> tuple[int, bool]:
+    """(N, added): the target layer's width and whether a target conv is added after the backbone.
+
+    ``filters=None``: the backbone's last stage (N = its width, nothing added) if it has >= K channels, else
+    an added conv of ``default_target_filters(K)``. An explicit ``filters`` adds a conv unless it equals the
+    backbone's width.
+    """
+    if filters is None:
+        if feature_channels >= num_classes:
+            return int(feature_channels), False
+        return default_target_filters(num_classes), True
+    filters = int(filters)
+    if filters < 1:
+        raise ValueError(f"the target layer needs at least one filter, got {filters}")
+    return filters, filters != feature_channels
 
 
 class TargetConv(nn.Module):
@@ -74,20 +94,19 @@ class PathwayOutput:
 class PicnnNet(nn.Module):
     """A backbone with PICNN's target layer, classifier and correspondence matrix.
 
-    If the backbone's last feature map already has ``filters`` channels, it is the target layer and the
-    backbone's own (pretrained) classifier is kept; otherwise a ``TargetConv`` of width ``filters`` and a new
-    classifier are added. ``forward`` is the discrimination pathway (pixels in [0, 1] -> logits).
+    The target layer follows ``resolve_target``: when it is the backbone's last feature map, the backbone's
+    own (pretrained) classifier is kept and the network costs exactly the backbone's MACs; otherwise a
+    ``TargetConv`` of width N and a new classifier are added. ``forward`` is the discrimination pathway
+    (pixels in [0, 1] -> logits).
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, filters: int | None = None):
         super().__init__()
-        filters = default_target_filters(num_classes) if filters is None else int(filters)
-        if filters < 1:
-            raise ValueError(f"the target layer needs at least one filter, got {filters}")
+        filters, added = resolve_target(backbone.feature_channels, num_classes, filters)
         self.backbone = backbone
         self.num_classes = num_classes
         self.filters = filters
-        self.added_target_conv = backbone.feature_channels != filters
+        self.added_target_conv = added
         if self.added_target_conv:
             self.target: nn.Module = TargetConv(backbone.feature_channels, filters)
             self.classifier = nn.Linear(filters, num_classes)
@@ -129,22 +148,18 @@ class PicnnNet(nn.Module):
             raise ValueError(f"cluster_index must be one of {CLUSTER_INDEX}, got {cluster_index!r}")
         pooled = self.pooled_features(x)
         y1_logits = self.classifier(pooled)
-        if cluster_index == "pseudo":
-            cluster = pseudo_label(torch.softmax(y1_logits, dim=1))  # Eq. 8-10
-        else:
-            cluster = F.one_hot(labels, self.num_classes).to(pooled.dtype)
-        if assignment == "bernoulli":
-            p_rows = cluster @ self.correspondence()  # p_y~ for every sample: B x N
-            z = bernoulli_assignment(p_rows)  # Eq. 5-7
-        else:
-            relaxed = gumbel_assignment(self.correspondence.logits, x.shape[0], gumbel_temperature)
-            z = torch.einsum("bk,bkn->bn", cluster, relaxed)
-        y2_logits = self.classifier(pooled * z)  # Eq. 4, pooled (see module docstring)
+        # The samplers compare probabilities with uniform noise: always in float32, outside any autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if cluster_index == "pseudo":
+                cluster = pseudo_label(torch.softmax(y1_logits.float(), dim=1))  # Eq. 8-10
+            else:
+                cluster = F.one_hot(labels, self.num_classes).float()
+            if assignment == "bernoulli":
+                p_rows = cluster @ self.correspondence().float()  # p_y~ for every sample: B x N
+                z = bernoulli_assignment(p_rows)  # Eq. 5-7
+            else:
+                relaxed = gumbel_assignment(self.correspondence.logits.float(), x.shape[0], gumbel_temperature)
+                z = torch.einsum("bk,bkn->bn", cluster, relaxed)
+        y2_logits = self.classifier(pooled * z.to(pooled.dtype))  # Eq. 4, pooled (see module docstring)
         return PathwayOutput(y1_logits, y2_logits, cluster, z)
 
-
-def picnn_losses(out: PathwayOutput, labels: Tensor, lam: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(L, L_dis, L_int) with L_dis = H(y, y1) (Eq. 1), L_int = H(y, y2) (Eq. 2), L = L_dis + lam L_int (Eq. 3)."""
-    l_dis = F.cross_entropy(out.y1_logits, labels)
-    l_int = F.cross_entropy(out.y2_logits, labels)
-    return l_dis + lam * l_int, l_dis, l_int

@@ -1,76 +1,30 @@
-"""Training PICNN: L = L_dis + lambda L_int (Eq. 3) with Adam, resumable, model selection on validation ACC1."""
+"""Training PICNN: L = L_dis + lambda L_int (Eq. 3) with Adam, resumable, model selection on validation ACC1;
+and the per-step training overhead against the plain backbone, timed side by side."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import math
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from common.backbones import build_backbone
 from common.data import BatchLoader, DatasetSplits
 from common.method import Budget
+from common.precision import Precision, resolve_precision
 from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_checkpoint, progress
 
-from .metrics import collect_pooled, interpretation_accuracies
-from .model import ASSIGNMENTS, CLUSTER_INDEX, PicnnNet, picnn_losses
-
-
-@dataclass
-class PicnnSettings:
-    """Hyperparameters; the defaults are the paper's (Implementation Details) unless a comment says otherwise."""
-
-    lam: float = 2.0  # lambda of Eq. 3
-    filters: int | None = None  # N of the target layer; None = round(12.8 K), the paper's filter-to-class ratio
-    assignment: str = "bernoulli"  # "bernoulli" (Eq. 5-7) or "gumbel" (Table 4 ablation)
-    gumbel_temperature: float = 0.01  # Table 4
-    cluster_index: str = "pseudo"  # "pseudo" (Eq. 8-10) or "label" (leaks y: the trivial solution, Fig. 4)
-    lr: float = 1e-3  # Adam
-    p_lr: float | None = None  # learning rate of P's logits; None = lr
-    backbone_lr_scale: float = 1.0  # backbone lr = lr * scale (1 in the paper; < 1 suits short fine-tunes)
-    weight_decay: float = 1e-4  # not in the paper; the authors' code uses 1e-4 (never applied to P)
-    final_lr_scale: float = 1e-3  # cosine decay to lr * scale over the run (not in the paper; authors' code)
-    batch_size: int = 128
-    augment: bool = True  # random crop + flip
-    eval_draws: int = 5  # Bernoulli draws averaged for the sampled ACC2 / ACC3
-    mis_samples: int | None = None  # cap on test images used for MIS (the k-NN estimator is O(M log M))
-    checkpoint_every: int = 200  # steps between mid-epoch checkpoints (one is also written every epoch)
-    log_every: int = 50  # steps between loss logs and finite-loss checks
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> PicnnSettings:
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown PICNN setting(s) {unknown}; known settings: {sorted(known)}")
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
-        if self.assignment not in ASSIGNMENTS:
-            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
-        if self.cluster_index not in CLUSTER_INDEX:
-            raise ValueError(f"cluster_index must be one of {CLUSTER_INDEX}, got {self.cluster_index!r}")
-        for name in ("lr", "backbone_lr_scale", "final_lr_scale", "gumbel_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("batch_size", "eval_draws", "checkpoint_every", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.filters is not None and self.filters < 1:
-            raise ValueError(f"filters must be >= 1, got {self.filters}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from .config import PicnnSettings
+from .evaluate import collect_pooled, interpretation_accuracies
+from .losses import picnn_losses
+from .model import PicnnNet
 
 
 @dataclass
@@ -116,9 +70,9 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, final_sc
 
 @torch.no_grad()
 def validate(model: PicnnNet, data: DatasetSplits, settings: PicnnSettings, device: torch.device,
-             seed: int) -> dict[str, float]:
-    """ACC1/ACC2/ACC3 on the validation split (one Bernoulli draw: it only informs the log)."""
-    pooled, labels = collect_pooled(model, data.val, 256, device)
+             seed: int, policy: Precision | None = None) -> dict[str, float]:
+    """ACC1/ACC2/ACC3 on the validation split (one draw: ACC1 selects the weights, the rest informs the log)."""
+    pooled, labels = collect_pooled(model, data.val, 256, device, policy)
     return interpretation_accuracies(pooled, labels, model.classifier, model.correspondence(),
                                      model.correspondence.logits, assignment=settings.assignment, draws=1,
                                      seed=seed)
@@ -137,6 +91,9 @@ def train_picnn(model: PicnnNet, data: DatasetSplits, budget: Budget, run: RunDi
     """
     log = run.logger("picnn")
     model.to(device)
+    policy = resolve_precision(settings.precision, device)
+    policy.prepare_model(model)
+    log.info("precision: %s", policy.describe())
     loader = BatchLoader(data.train, settings.batch_size, train=True, device=device, augment=settings.augment,
                          seed=seed)
     if len(loader) == 0:
@@ -171,7 +128,7 @@ def train_picnn(model: PicnnNet, data: DatasetSplits, budget: Budget, run: RunDi
     def end_of_epoch() -> None:
         entry: dict[str, float] = {"step": state["step"], "train_seconds": clock.elapsed}
         if len(data.val):
-            entry.update({f"val_{k}": v for k, v in validate(model, data, settings, device, seed).items()})
+            entry.update({f"val_{k}": v for k, v in validate(model, data, settings, device, seed, policy).items()})
             if state["best_val_acc1"] is None or entry["val_acc1"] > state["best_val_acc1"]:
                 state.update(best_val_acc1=entry["val_acc1"], best_step=state["step"], best_state=_cpu_state(model))
         state["history"].append(entry)
@@ -187,9 +144,12 @@ def train_picnn(model: PicnnNet, data: DatasetSplits, budget: Budget, run: RunDi
         loader.set_epoch(epoch)
         for x, y in itertools.islice(loader, offset, per_epoch):
             with clock:
-                out = model.pathways(x, y, assignment=settings.assignment, cluster_index=settings.cluster_index,
-                                     gumbel_temperature=settings.gumbel_temperature)
-                loss, l_dis, l_int = picnn_losses(out, y, settings.lam)
+                x = policy.prepare_inputs(x)
+                with policy.autocast():
+                    out = model.pathways(x, y, assignment=settings.assignment,
+                                         cluster_index=settings.cluster_index,
+                                         gumbel_temperature=settings.gumbel_temperature)
+                loss, l_dis, l_int = picnn_losses(out, y, settings.lam)  # float32 losses of the logits
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -233,3 +193,62 @@ def load_model(run: RunDir, device: torch.device | str = "cpu") -> tuple[PicnnNe
     model = build_picnn(meta["backbone"], meta["num_classes"], meta["filters"])
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), meta
+
+
+def _timed(step: Callable[[Tensor, Tensor], None], x: Tensor, y: Tensor, clock_device: torch.device) -> float:
+    watch = Stopwatch(clock_device)
+    with watch:
+        step(x, y)
+    return watch.elapsed
+
+
+def step_overhead(model: PicnnNet, plain: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
+                  settings: PicnnSettings, device: torch.device, warmup: int = 3) -> dict[str, Any]:
+    """Seconds per training step of PICNN (both pathways, Eq. 3, backward, Adam) against the plain backbone
+    (cross-entropy, backward, Adam), timed in one process, interleaved on the same batches, after warm-up.
+
+    ``model`` and ``plain`` should hold the same starting weights; both are trained in place. Each round
+    times one PICNN step and one plain step on the same batch, alternating which goes first. Returns the
+    median seconds of each, their ratio and the median of the per-round ratios.
+    """
+    if len(batches) <= warmup:
+        raise ValueError(f"need more than {warmup} batches (warm-up), got {len(batches)}")
+    policy = resolve_precision(settings.precision, device)
+    policy.prepare_model(model.to(device).train())
+    policy.prepare_model(plain.to(device).train())
+    picnn_opt = make_optimizer(model, settings)
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def picnn_step(x: Tensor, y: Tensor) -> None:
+        with policy.autocast():
+            out = model.pathways(x, y, assignment=settings.assignment, cluster_index=settings.cluster_index,
+                                 gumbel_temperature=settings.gumbel_temperature)
+        loss, _, _ = picnn_losses(out, y, settings.lam)
+        picnn_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        picnn_opt.step()
+
+    def plain_step(x: Tensor, y: Tensor) -> None:
+        with policy.autocast():
+            logits = plain(x)
+        loss = F.cross_entropy(logits.float(), y)
+        plain_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        plain_opt.step()
+
+    picnn_times, plain_times = [], []
+    for index, (x, y) in enumerate(batches):
+        x, y = policy.prepare_inputs(x.to(device)), y.to(device)
+        first, second = (picnn_step, plain_step) if index % 2 == 0 else (plain_step, picnn_step)
+        t_first = _timed(first, x, y, device)
+        t_second = _timed(second, x, y, device)
+        t_picnn, t_plain = (t_first, t_second) if index % 2 == 0 else (t_second, t_first)
+        if index >= warmup:
+            picnn_times.append(t_picnn)
+            plain_times.append(t_plain)
+    picnn_median, plain_median = statistics.median(picnn_times), statistics.median(plain_times)
+    return {"picnn_step_seconds": picnn_median, "plain_step_seconds": plain_median,
+            "overhead_percent": 100.0 * (picnn_median / plain_median - 1.0),
+            "median_round_ratio": statistics.median(a / b for a, b in zip(picnn_times, plain_times)),
+            "timed_steps": len(picnn_times), "warmup_steps": warmup, "batch_size": int(batches[0][0].shape[0]),
+            "threads": torch.get_num_threads(), "precision": policy.describe()}

@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from picnn.model import PicnnNet, picnn_losses
+from picnn.losses import picnn_losses
+from picnn.model import PicnnNet
 
 from .conftest import TinyBackbone
 
