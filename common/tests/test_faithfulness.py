@@ -134,3 +134,14 @@ def test_random_ranks_below_gradcam_on_pretrained_resnet20_held_out_half() -> No
     assert scores["centre"][1] > rand[1], scores  # the centre bias alone already beats noise
     sanity = cascading_randomisation(model, gradcam_saliency(model, model.cam_layer()), x, y)
     assert sanity.final < 0.3, sanity
+
+
+def test_imputation_agrees_with_quantus_road_imputation() -> None:
+    """Peer check: Quantus 0.6's ROAD imputation solves the same system (test-only extra `peers`)."""
+    perturb = pytest.importorskip("quantus.functions.perturb_func")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 16, 16, generator=g, dtype=torch.float64)
+    removed = torch.rand(1, 16, 16, generator=g) < 0.4
+    theirs = perturb.noisy_linear_imputation(x[0].numpy(), removed[0].reshape(-1).nonzero()[:, 0].numpy(), noise=0.0)
+    mine = noisy_linear_imputation(x, removed, noise=0.0)[0]
+    torch.testing.assert_close(mine, torch.from_numpy(theirs), atol=1e-10, rtol=0)
