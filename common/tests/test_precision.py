@@ -89,3 +89,21 @@ def test_precision_flag_parses_the_three_choices_and_rejects_others():
 
 def test_describe_names_precision_and_layout():
     assert resolve_precision("fp32", "cpu", channels_last=False).describe() == "fp32, contiguous, cpu"
+
+
+def test_evaluation_loops_run_under_the_policy_and_return_fp32_logits(native_cpu):
+    from common.training import evaluate_top1, predict_logits
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append((o.dtype, i[0].is_contiguous(
+        memory_format=torch.channels_last))))
+    batches = [(torch.rand(5, 3, 8, 8), torch.randint(0, 3, (5,))) for _ in range(2)]
+    plain, _ = predict_logits(model, batches)
+    assert seen[-1] == (torch.float32, False)
+    logits, _ = predict_logits(model, batches, precision=resolve_precision("bf16", "cpu"))
+    assert seen[-1] == (torch.bfloat16, True)
+    assert logits.dtype == torch.float32 and (logits - plain).abs().max() < 0.05
+    assert 0.0 <= evaluate_top1(model, batches, precision=resolve_precision("fp32", "cpu")) <= 100.0
+    assert model.training  # the loops restore the mode
