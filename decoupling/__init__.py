@@ -1,19 +1,37 @@
 """Interpretable Neural Network Decoupling (Li, Ji, Lin, Zhang, Yan, Wu, Huang, Shao; ECCV 2020).
 
-Every gated conv gets an architecture controlling module (Eq. 2, ``controller.py``) that looks at the
+Every gated conv gets an architecture controlling module (Eq. 2, ``model.py``) that looks at the
 layer's input and selects the filters to compute through Improved SemHash (Eq. 3-5, ``semhash.py``). The
-network is trained with Eq. 12 (``losses.py``): cross-entropy + lambda_m L_mi (paths informative of the
-class) + lambda_k L_kl (filter outputs aligned with the selection) + lambda_s L_s (sparse paths). At
-inference only the selected filters run (``GatedConvBN`` gathered execution), and the calculation paths
-are the objects of interpretation (``analysis.py``, ``adversarial.py``).
+network is trained with Eq. 12 (``losses.py``, ``train.py``): cross-entropy + lambda_m L_mi (paths
+informative of the class) + lambda_k L_kl (filter outputs aligned with the selection) + lambda_s L_s
+(sparse paths). The calculation paths are the objects of interpretation (``paths.py``, ``explain.py``,
+``adversarial.py``); ``execution.py`` runs only the selected filters.
+
+``run_method`` is the benchmark entry (contract in ``common.method``).
 """
 
-from .analysis import collect_paths, decision_tree, filter_states, hopkins_statistic, occlusion_analysis
-from .controller import ArchitectureController, GatedConvBN
-from .entry import run_method
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.backbones import Backbone
+from common.data import BatchLoader, DatasetSplits
+from common.macs import count_macs
+from common.method import Budget, MethodResult
+from common.run import RunDir, seed_everything
+from common.training import evaluate_top1
+
+from .config import resolve_settings
+from .evaluate import calibration_codes, mean_dynamic_macs
 from .losses import DecouplingObjective, kl_divergence_loss, mutual_information_loss, sparsity_loss
-from .model import DecoupledNet, load_decoupled
+from .model import ArchitectureController, DecoupledNet, GatedConvBN, load_decoupled, save_decoupled
+from .paths import collect_paths, decision_tree, filter_states, hopkins_statistic, occlusion_analysis
 from .semhash import improved_semhash, saturating_sigmoid
+from .train import build_objective, train_decoupled
 
 __all__ = [
     "ArchitectureController",
@@ -33,3 +51,55 @@ __all__ = [
     "saturating_sigmoid",
     "sparsity_loss",
 ]
+
+
+def backbone_name(model: Backbone) -> str:
+    """The registry name of a backbone instance (for Table 5 defaults and to rebuild it from model.pt)."""
+    kind = type(model).__name__
+    if kind == "CifarResNet":
+        return f"resnet{2 * len(model.blocks()) + 2}"  # type: ignore[attr-defined]
+    if kind == "VGG":
+        return "vgg16"
+    if kind == "ResNet18":
+        return "resnet18"
+    raise ValueError(f"decoupling does not support backbone class {kind}; use a CIFAR ResNet, resnet18 or vgg16")
+
+
+def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Path, *, device: torch.device,
+               seed: int = 0, settings: dict[str, Any] | None = None) -> MethodResult:
+    """Decouple a copy of ``start`` (``start`` itself is not modified) with Eq. 12 for ``budget``.
+
+    Resumes from ``out_dir/checkpoint.pt``; writes ``out_dir/model.pt``. The returned result carries the
+    decoupled model, ``dynamic_forward`` (logits and per-sample MACs of the channel-skipping execution),
+    ``mis_layer`` (the backbone's last feature map), ``dynamic_filter_share`` (share of gated filters whose
+    state depends on the input, on the validation split) and metrics measured on the validation split.
+    The paper's explanations are path-level, not pixel saliency: ``saliency`` is None (common Grad-CAM).
+    Per-sample calculation paths: ``result.model.paths(images)``.
+    """
+    name = backbone_name(start)
+    config = resolve_settings(name, settings)
+    seed_everything(seed)
+    run = RunDir(out_dir)
+    run.write_config({"backbone": name, "dataset": data.name, "budget": vars(budget), "seed": seed,
+                      "settings": config, "entry": "run_method"})
+    run.write_environment(device)
+    model = DecoupledNet(copy.deepcopy(start).cpu(), config["reduction"], config["init_bias"],
+                         config["controller_init"])
+    objective = build_objective(model, data.num_classes, config)
+    outcome = train_decoupled(model, objective, data, budget, run, config, device, seed)
+    save_decoupled(model, run.model_path, name, data.num_classes, config["reduction"], config["init_bias"],
+                         config["controller_init"])
+    val = BatchLoader(data.val, 256, train=False, device=device)
+    states = filter_states(collect_paths(model, val))  # raw gates (Eq. 5), as the paper counts them
+    # The deployed network: filter states frozen on training images (silent removed, energetic always on).
+    model.freeze_states(calibration_codes(model, data.train, config["calibration_images"], device, seed))
+    size = (3, *data.image_size)
+    dense_macs = float(count_macs(start, size))
+    macs = mean_dynamic_macs(model, val)
+    metrics = {"val_top1": evaluate_top1(model, val), "val_macs_mean": macs, "macs_dense": dense_macs,
+               "val_mac_reduction": 1.0 - macs / dense_macs, **{f"{k}_filters": v for k, v in states.fractions.items()},
+               "train_steps": outcome.steps, "stopped_by_time": outcome.stopped_by_time}
+    return MethodResult(model=model, saliency=None, dynamic_forward=model.dynamic_forward,
+                        mis_layer=model.backbone.cam_layer(), dynamic_filter_share=states.fractions["dynamic"],
+                        metrics=metrics, train_seconds=outcome.train_seconds)
+

@@ -91,6 +91,7 @@ def per_class_indices(labels: np.ndarray, per_class: int, rng: np.random.Generat
 
 
 Attack = Callable[[torch.nn.Module, Tensor, Tensor], Tensor]
+Features = Callable[[Tensor], np.ndarray]  # images in [0, 1] -> one feature row per image
 
 
 def attacks(eps: float = 8 / 255, pgd_steps: int = 10) -> dict[str, Attack]:
@@ -103,36 +104,60 @@ def _paths_of(model: DecoupledNet, images: Tensor, batch: int = 256) -> np.ndarr
     return np.concatenate([model.paths(images[i:i + batch])[1].cpu().numpy() for i in range(0, len(images), batch)])
 
 
-def _clean_and_adversarial(model: DecoupledNet, split: ImageTensors, indices: np.ndarray, attack: Attack,
-                           device: torch.device, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def pooled_features_of(backbone: torch.nn.Module) -> Features:
+    """The control's features: the plain backbone's globally pooled last feature map."""
+    @torch.no_grad()
+    def features(images: Tensor, batch: int = 256) -> np.ndarray:
+        backbone.eval()
+        return np.concatenate([backbone.forward_features(images[i:i + batch]).mean(dim=(2, 3)).cpu().numpy()
+                               for i in range(0, len(images), batch)])
+    return features
+
+
+def _clean_and_adversarial(attacked: torch.nn.Module, features: Features, split: ImageTensors,
+                           indices: np.ndarray, attack: Attack, device: torch.device, batch: int = 128
+                           ) -> tuple[np.ndarray, np.ndarray]:
     x = split.images[torch.as_tensor(indices)].float().div(255).to(device)
     y = split.labels[torch.as_tensor(indices)].to(device)
-    adv = torch.cat([attack(model, x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)])
-    return _paths_of(model, x), _paths_of(model, adv)
+    adv = torch.cat([attack(attacked, x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)])
+    return features(x), features(adv)
 
 
-def adversarial_detection(model: DecoupledNet, train: ImageTensors, test: ImageTensors, device: torch.device,
+def adversarial_detection(model: torch.nn.Module, train: ImageTensors, test: ImageTensors, device: torch.device,
                           shots: Sequence[int] = (1, 5, 10), runs: int = 5, test_per_class: int = 10,
-                          eps: float = 8 / 255, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+                          eps: float = 8 / 255, seed: int = 0, features: Features | None = None,
+                          classifiers: Sequence[str] = CLASSIFIERS) -> dict[str, dict[str, dict[str, float]]]:
     """Table 6 protocol: for each attack, classifier and k in ``shots``, the mean ROC AUC over ``runs``
     random draws of k training images per class (train split) and ``test_per_class`` test images per
-    class (test split). Returns {attack: {classifier: {str(k): auc}}}."""
+    class (test split). Returns {attack: {classifier: {str(k): auc}}}.
+
+    ``model`` is attacked (white box) and ``features`` (default: its calculation paths, for a
+    ``DecoupledNet``) feed the detector. The control is the plain backbone attacked and described by its
+    pooled features: ``adversarial_detection(plain, ..., features=pooled_features_of(plain))``."""
+    if features is None:
+        if not isinstance(model, DecoupledNet):
+            raise ValueError("features must be given for a model that is not a DecoupledNet")
+        decoupled = model
+
+        def features(images: Tensor) -> np.ndarray:
+            return _paths_of(decoupled, images)
     results: dict[str, dict[str, dict[str, float]]] = {}
     train_labels, test_labels = train.labels.numpy(), test.labels.numpy()
     for attack_name, attack in attacks(eps).items():
-        scores = {c: {str(k): [] for k in shots} for c in CLASSIFIERS}
+        scores = {c: {str(k): [] for k in shots} for c in classifiers}
         for run in range(runs):
             rng = np.random.default_rng(seed + run)
             test_idx = per_class_indices(test_labels, test_per_class, rng)
-            test_clean, test_adv = _clean_and_adversarial(model, test, test_idx, attack, device)
+            test_clean, test_adv = _clean_and_adversarial(model, features, test, test_idx, attack, device)
             train_idx = per_class_indices(train_labels, max(shots), rng).reshape(-1, max(shots))
-            train_clean, train_adv = _clean_and_adversarial(model, train, train_idx.ravel(), attack, device)
+            train_clean, train_adv = _clean_and_adversarial(model, features, train, train_idx.ravel(), attack,
+                                                            device)
             train_clean = train_clean.reshape(len(train_idx), max(shots), -1)
             train_adv = train_adv.reshape(len(train_idx), max(shots), -1)
             for k in shots:  # the first k of each class: nested training sets within a run
                 tc = train_clean[:, :k].reshape(-1, train_clean.shape[-1])
                 ta = train_adv[:, :k].reshape(-1, train_adv.shape[-1])
-                for c in CLASSIFIERS:
+                for c in classifiers:
                     scores[c][str(k)].append(detection_auc(tc, ta, test_clean, test_adv, c, seed + run))
         results[attack_name] = {c: {k: float(np.mean(v)) for k, v in per_k.items()} for c, per_k in scores.items()}
     return results

@@ -1,10 +1,16 @@
-"""Measurements of a trained decoupled network: accuracy, per-sample MACs, CPU time, filter states,
-adversarial-path detection."""
+"""Measurements of a trained decoupled network -> metrics.json: accuracy, per-sample MACs, filter states,
+class information in the paths (with controls), adversarial detection (with control), CPU speed.
+
+The figures are of the *deployed* network: filter states frozen on calibration images of the training
+split (silent filters removed, energetic ones always on, ``DecoupledNet.freeze_states``), which is the
+network ``execution.FastDecoupledResNet`` runs. Filter states themselves are counted with the raw gates
+(Eq. 5) on the reported split, as the paper defines them.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,10 +20,9 @@ from torch import Tensor, nn
 from common.data import BatchLoader, ImageTensors
 from common.macs import count_macs, count_params
 from common.run import progress
-from common.training import evaluate_top1
 
-from .analysis import FilterStates, classify_filters, layer_slices
 from .model import DecoupledNet
+from .paths import FilterStates, classify_filters, collect_paths, layer_slices
 
 
 @torch.no_grad()
@@ -26,34 +31,78 @@ def mean_dynamic_macs(model: DecoupledNet, batches: Iterable[tuple[Tensor, Tenso
     return float(torch.cat(per_sample).mean())
 
 
-@torch.no_grad()
-def cpu_latency_per_image(forward: nn.Module | Any, images: Tensor, warmup: int = 5) -> float:
-    """Median seconds per single-image forward on one CPU thread (the paper's CPU-time protocol)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def class_mixed_indices(labels: Tensor | np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` indices drawn round-robin over the classes in a seeded random order (the image-folder test
+    split is sorted by class, so its first images are all of one class)."""
+    labels = np.asarray(labels)
+    if n > len(labels):
+        raise ValueError(f"asked for {n} images from a split of {len(labels)}")
+    rng = np.random.default_rng((seed, 19))
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in rng.permutation(np.unique(labels))]
+    picks: list[int] = []
+    while len(picks) < n:
+        for pool in pools:
+            if pool and len(picks) < n:
+                picks.append(int(pool.pop()))
+    return np.array(picks)
+
+
+def class_mixed_images(split: ImageTensors, n: int, seed: int = 0) -> Tensor:
+    """``n`` images in [0, 1] from ``split``, drawn across all classes (``class_mixed_indices``)."""
     try:
-        for i in range(min(warmup, len(images))):
-            forward(images[i:i + 1])
-        times = []
-        for i in range(len(images)):
-            start = time.perf_counter()
-            forward(images[i:i + 1])
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return float(np.median(times))
+        from common.speed import class_mixed_images as shared  # type: ignore[import-not-found]
+    except ImportError:
+        shared = None
+    if shared is not None:
+        return shared(split, n, seed)
+    return split.images[torch.as_tensor(class_mixed_indices(split.labels, n, seed))].float().div(255)
 
 
-def cpu_speedup(model: DecoupledNet, dense: nn.Module, images: Tensor) -> dict[str, float]:
-    """Dense backbone vs the gathered execution (only the selected filters are computed), CPU, batch 1."""
-    model_cpu = model.to("cpu")
-    dense = dense.to("cpu").eval()
-    images = images.to("cpu")
-    dense_s = cpu_latency_per_image(dense, images)
-    with model_cpu.inference(gathered=True):
-        gathered_s = cpu_latency_per_image(model_cpu, images)
-    return {"cpu_ms_dense": 1000 * dense_s, "cpu_ms_decoupled": 1000 * gathered_s,
-            "cpu_speedup": dense_s / gathered_s}
+@torch.no_grad()
+def time_side_by_side(fns: dict[str, Callable[[Tensor], Any]], images: Tensor, batch_sizes: Sequence[int],
+                      repeats: int = 21, warmup: int = 3) -> dict[str, dict[str, float]]:
+    """Median seconds per batch of every function, interleaved in a rotating order (the same process, the
+    same images, after warm-up): {str(batch): {name: seconds}}. Batch b uses consecutive windows of
+    ``images`` (class-mixed), so every repetition sees different inputs."""
+    names = list(fns)
+    out: dict[str, dict[str, float]] = {}
+    for b in batch_sizes:
+        if b > len(images):
+            raise ValueError(f"batch {b} needs at least {b} images, got {len(images)}")
+        windows = [images[i:i + b] for i in range(0, len(images) - b + 1, b)] or [images[:b]]
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(warmup + repeats):
+            x = windows[r % len(windows)]
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                start = time.perf_counter()
+                fns[name](x)
+                if r >= warmup:
+                    times[name].append(time.perf_counter() - start)
+        out[str(b)] = {name: float(np.median(t)) for name, t in times.items()}
+    return out
+
+
+def speed_report(model: DecoupledNet, dense: nn.Module, images: Tensor, batch_sizes: Sequence[int] = (1, 128),
+                 repeats: int = 21, calibration: Tensor | None = None) -> dict[str, Any]:
+    """CPU time of the deployed decoupled network (``execution.FastDecoupledResNet``) against the dense
+    start with BN folded, side by side on class-mixed ``images``; the pattern cache is warmed on
+    ``calibration`` images (training split), never on the timed ones."""
+    from .execution import deploy_decoupled, fold_dense
+
+    fast = deploy_decoupled(model)
+    folded = fold_dense(dense)
+    if calibration is not None:
+        for i in range(len(calibration)):
+            fast(calibration[i:i + 1])
+    times = time_side_by_side({"dense_folded": folded, "decoupled": fast}, images, batch_sizes, repeats)
+    report: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": repeats}
+    for b, row in times.items():
+        report[f"ms_dense_b{b}"] = 1000 * row["dense_folded"]
+        report[f"ms_decoupled_b{b}"] = 1000 * row["decoupled"]
+        report[f"speedup_b{b}"] = row["dense_folded"] / row["decoupled"]
+    report["pattern_cache_entries"] = sum(fast.cache_sizes())
+    return report
 
 
 def state_metrics(states: FilterStates) -> dict[str, Any]:
@@ -63,32 +112,112 @@ def state_metrics(states: FilterStates) -> dict[str, Any]:
             "filter_states_per_layer": {name: counts for name, counts in zip(states.layer_names, states.per_layer)}}
 
 
+def calibration_codes(model: DecoupledNet, train: ImageTensors, n: int, device: torch.device, seed: int = 0
+                      ) -> Tensor:
+    """Inference paths of ``n`` class-mixed training images: what the filter states are frozen on."""
+    subset = train.subset(class_mixed_indices(train.labels, min(n, len(train)), seed))
+    model.freeze_states(None)
+    return torch.as_tensor(collect_paths(model, BatchLoader(subset, 256, train=False, device=device),
+                                         "calibration paths").codes)
+
+
+@torch.no_grad()
 def evaluate_model(model: DecoupledNet, dense: nn.Module, test: ImageTensors, val: ImageTensors | None,
-                   device: torch.device, batch_size: int = 256, latency_images: int = 100) -> dict[str, Any]:
-    """Everything but the adversarial detection: top-1 (test and val), MACs, params, CPU time, states."""
+                   device: torch.device, batch_size: int = 256) -> dict[str, Any]:
+    """Top-1 (test and val) and mean MACs of ``model`` as it is (frozen or not), filter states of its raw
+    gates on ``test``, parameter counts."""
     size = tuple(test.images.shape[1:])
     model.to(device).eval()
-    test_batches = BatchLoader(test, batch_size, train=False, device=device)
-    correct, macs, codes = 0, [], []
-    with torch.no_grad():
-        for x, y in progress(test_batches, "test: top-1, MACs, paths"):
-            logits, per_sample = model.dynamic_forward(x)
-            correct += int((logits.argmax(1) == y).sum())
-            macs.append(per_sample)
-            codes.append(torch.cat([g.last_mask for g in model.gated_layers], 1).cpu().numpy().astype(np.uint8))
+    correct, macs = 0, []
+    for x, y in progress(BatchLoader(test, batch_size, train=False, device=device), "test: top-1, MACs"):
+        logits, per_sample = model.dynamic_forward(x)
+        correct += int((logits.argmax(1) == y).sum())
+        macs.append(per_sample)
     metrics: dict[str, Any] = {"top1": 100.0 * correct / len(test)}
     if val is not None and len(val):
-        metrics["val_top1"] = evaluate_top1(model, BatchLoader(val, batch_size, train=False, device=device))
+        correct_val, macs_val = 0, []
+        for x, y in BatchLoader(val, batch_size, train=False, device=device):
+            logits, per_sample = model.dynamic_forward(x)
+            correct_val += int((logits.argmax(1) == y).sum())
+            macs_val.append(per_sample)
+        metrics["val_top1"] = 100.0 * correct_val / len(val)
+        metrics["val_macs_mean"] = float(torch.cat(macs_val).mean())
     macs_dense = count_macs(dense.to(device), size)
     metrics["macs_mean"] = float(torch.cat(macs).mean())
     metrics["macs_dense"] = float(macs_dense)
     metrics["mac_reduction"] = 1.0 - metrics["macs_mean"] / macs_dense
+    if "val_macs_mean" in metrics:
+        metrics["val_mac_reduction"] = 1.0 - metrics["val_macs_mean"] / macs_dense
     metrics["macs_controllers"] = float(model.dense_macs(size) - macs_dense)
     metrics["params"] = count_params(model)
     metrics["params_dense"] = count_params(dense)
-    states = classify_filters(np.concatenate(codes), layer_slices(model.layer_channels), model.layer_names)
+    frozen = [(g.always_on.clone(), g.always_off.clone()) for g in model.gated_layers]
+    for g in model.gated_layers:
+        g.freeze_states(None, None)
+    raw = collect_paths(model, BatchLoader(test, batch_size, train=False, device=device), "raw paths")
+    for g, (on, off) in zip(model.gated_layers, frozen):
+        g.freeze_states(on if on.numel() else None, off if off.numel() else None)
+    states = classify_filters(raw.codes, layer_slices(model.layer_channels), model.layer_names)
     metrics.update(state_metrics(states))
-    sample = test.images[: min(latency_images, len(test))].float().div(255)
-    metrics.update(cpu_speedup(model, dense, sample))
-    model.to(device)
+    return metrics
+
+
+def frozen_disagreement(model: DecoupledNet, raw_codes: np.ndarray) -> float:
+    """Share of inputs whose raw inference path (Eq. 5) differs from the deployed one at a frozen filter
+    (an 'energetic' filter its controller closes, or a 'silent' one it opens)."""
+    start, differs = 0, np.zeros(len(raw_codes), dtype=bool)
+    for layer in model.gated_layers:
+        block = raw_codes[:, start:start + layer.channels] > 0
+        start += layer.channels
+        if layer.always_on.numel():
+            on, off = layer.always_on.cpu().numpy(), layer.always_off.cpu().numpy()
+            differs |= (~block[:, on]).any(axis=1) | block[:, off].any(axis=1)
+    return float(differs.mean())
+
+
+def evaluate_run(model: DecoupledNet, dense: nn.Module, data, device: torch.device, *, calibration_images: int = 2000,
+                 report_split: str = "test", probe_fit_images: int = 5000, seeds: int = 3, adv_runs: int = 3,
+                 adv_shots: Sequence[int] = (1, 5, 10), adv_test_per_class: int = 10, adv_classifiers=None,
+                 latency_images: int = 256, speed_repeats: int = 21, seed: int = 0) -> dict[str, Any]:
+    """Every figure of the README for one trained run. ``dense`` is the pretrained start (the control).
+    ``report_split`` "test" reports on ``data.test`` (the held-out half for a published start); "val"
+    reports the path, adversarial and speed figures on ``data.val`` (for recipe selection)."""
+    from .adversarial import CLASSIFIERS, adversarial_detection, pooled_features_of
+    from .explain import path_report
+
+    if report_split not in ("test", "val"):
+        raise ValueError(f"report_split must be 'test' or 'val', got {report_split!r}")
+    split = data.test if report_split == "test" else data.val
+    codes = calibration_codes(model, data.train, calibration_images, device, seed)
+    model.freeze_states(codes)
+    metrics: dict[str, Any] = {"test_split": data.test_split_name, "val_source": data.val_source,
+                               "report_split": report_split, "calibration_images": len(codes)}
+    if report_split == "test":
+        metrics.update(evaluate_model(model, dense, data.test, data.val, device))
+    else:  # selection: nothing is measured on the test split
+        renamed = {"top1": "val_top1", "macs_mean": "val_macs_mean", "mac_reduction": "val_mac_reduction"}
+        metrics.update({renamed.get(k, k): v for k, v in evaluate_model(model, dense, data.val, None, device).items()})
+    model.freeze_states(None)
+    raw = collect_paths(model, BatchLoader(split, 256, train=False, device=device), "raw paths").codes
+    model.freeze_states(codes)
+    metrics["frozen_state_disagreement"] = frozen_disagreement(model, raw)
+    fit = data.train.subset(class_mixed_indices(data.train.labels, min(probe_fit_images, len(data.train)), seed + 1))
+    metrics["paths"] = path_report(model, dense, fit, split, device, seeds)
+    if adv_runs > 0:
+        classifiers = tuple(adv_classifiers or CLASSIFIERS)
+        kwargs = {"shots": tuple(adv_shots), "runs": adv_runs, "test_per_class": adv_test_per_class,
+                  "classifiers": classifiers, "seed": seed}
+        metrics["adv_auc_paths"] = adversarial_detection(model, data.train, split, device, **kwargs)
+        dense_dev = dense.to(device).eval()
+        metrics["adv_auc_plain_features"] = adversarial_detection(dense_dev, data.train, split, device,
+                                                                  features=pooled_features_of(dense_dev), **kwargs)
+        metrics["adv_protocol"] = {**{k: v for k, v in kwargs.items() if k != "seed"}, "eps": "8/255",
+                                   "pgd_steps": 10, "pgd_step": "2/255"}
+    if latency_images > 0 and type(model.backbone).__name__ == "CifarResNet":
+        n = min(latency_images, len(split))
+        batches = tuple(b for b in (1, 128) if b <= n)
+        calibration = class_mixed_images(data.train, min(200, len(data.train)), seed + 2)
+        metrics["speed"] = speed_report(model.cpu(), dense.cpu(), class_mixed_images(split, n, seed), batches,
+                                        speed_repeats, calibration)
+        model.to(device)
     return metrics

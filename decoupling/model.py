@@ -3,6 +3,12 @@
 Gate placement follows the paper ("all convolutional layers except the first and last"): every
 ``GateSite`` the backbone lists is gated; the backbones list every conv but the stem, and the last layer is
 the linear classifier. A calculation path is the concatenation of all encoding vectors z^l of one input.
+
+The architecture controlling module (Eq. 2) and the gated conv it drives:
+For layer l with input X^l (C channels) and N filters: s = GAP(X^l), G(s) = W2 (W1 s)_+ with
+W1: C/gamma x C and W2: N x C/gamma (gamma = 4), then z^l = SemHash(G(s)) selects the filters, and the
+layer output is Y^l * z^l. The controller reads the layer's *input*, so at inference the filter selection
+is known before the convolution runs and unselected filters are never computed.
 """
 
 from __future__ import annotations
@@ -12,12 +18,174 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.backbones import Backbone
 from common.macs import ChannelActivity, LayerShape, count_macs, dynamic_macs, layer_shapes
+from common.sparse import bn_affine, conv_bn_subset, group_rows
 
-from .controller import GatedConvBN
+from .semhash import improved_semhash
+
+CONTROLLER_INITS = ("authors", "open")
+
+
+class ArchitectureController(nn.Module):
+    """Eq. 2: GAP -> FC(C -> C/gamma) -> ReLU -> FC(-> N), returning the real vector G(s) (B x N).
+
+    Initialisation (``init``, not in the paper):
+
+    - ``"authors"`` (the authors' code): W1 = 0 with bias 1, W2 Kaiming-normal with bias 1. G(s) starts
+      input-independent but different per filter (about N(1, 2): a quarter of the gates start closed), and
+      W2 != 0 lets W1 learn an input dependence from the first step. ``init_bias`` is unused.
+    - ``"open"``: W2 = 0 with bias ``init_bias`` > 0, so every gate starts open for every input and the
+      pretrained network is unchanged at inference until training moves it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, reduction: int = 4, init_bias: float = 1.0,
+                 init: str = "open"):
+        super().__init__()
+        if reduction < 1:
+            raise ValueError(f"reduction ratio gamma must be >= 1, got {reduction}")
+        if init not in CONTROLLER_INITS:
+            raise ValueError(f"controller init must be one of {CONTROLLER_INITS}, got {init!r}")
+        if init == "open" and init_bias <= 0:
+            raise ValueError(f"init_bias must be > 0 so that the gates start open, got {init_bias}")
+        hidden = max(1, in_channels // reduction)
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.fc2 = nn.Linear(hidden, out_channels)
+        if init == "authors":
+            nn.init.zeros_(self.fc1.weight)
+            nn.init.ones_(self.fc1.bias)
+            nn.init.kaiming_normal_(self.fc2.weight)
+            nn.init.ones_(self.fc2.bias)
+        else:
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.constant_(self.fc2.bias, init_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.mean(dim=(2, 3))
+        return self.fc2(F.relu(self.fc1(s)))
+
+
+class GatedConvBN(nn.Module):
+    """conv -> BN -> mask by z, with z from an ``ArchitectureController`` on the conv's input.
+
+    Replaces a backbone's conv (its BN becomes an identity). After each forward it keeps, for the losses
+    and the analysis tools: ``last_logits`` (G(s)), ``last_mask`` (z) and ``last_pooled`` (y^l = GAP of
+    (BN(conv(x)))_+ before masking, used by L_kl; masked execution only).
+
+    ``gathered`` (inference only) computes just the selected filters from just the active input
+    channels (the producer's mask when the input comes from another gated layer), with gathered weights.
+    """
+
+    def __init__(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, reduction: int = 4,
+                 init_bias: float = 1.0, init: str = "open"):
+        super().__init__()
+        self.name = name
+        self.conv = conv
+        self.bn = bn
+        self.controller = ArchitectureController(conv.in_channels, conv.out_channels, reduction, init_bias, init)
+        self.gathered = False
+        self.hard_gates = False  # training with inference-mode gates (the fine-tuning phase)
+        self.keep_maps = False
+        # The gated layer whose mask zeroes this layer's input channels; a tuple so that nn.Module does
+        # not register it as a child a second time.
+        self._producer: tuple[GatedConvBN, ...] = ()
+        # Frozen filter states (``DecoupledNet.freeze_states``): at inference energetic filters are always
+        # computed and silent ones never, so that the deployed network can remove the silent filters
+        # physically and run the energetic ones densely. Empty = not frozen.
+        self.register_buffer("always_on", torch.zeros(0, dtype=torch.bool), persistent=True)
+        self.register_buffer("always_off", torch.zeros(0, dtype=torch.bool), persistent=True)
+        self.last_logits: Tensor | None = None
+        self.last_mask: Tensor | None = None
+        self.last_pooled: Tensor | None = None
+        self.last_map: Tensor | None = None
+
+    def freeze_states(self, always_on: Tensor | None, always_off: Tensor | None) -> None:
+        """Fix the inference gates of ``always_on`` filters to 1 and of ``always_off`` filters to 0 (bool N);
+        None, None unfreezes."""
+        if always_on is None or always_off is None:
+            self.always_on = torch.zeros(0, dtype=torch.bool, device=self.always_on.device)
+            self.always_off = torch.zeros(0, dtype=torch.bool, device=self.always_off.device)
+            return
+        if always_on.shape != (self.channels,) or always_off.shape != (self.channels,):
+            raise ValueError(f"{self.name}: frozen states need {self.channels} flags each")
+        if bool((always_on & always_off).any()):
+            raise ValueError(f"{self.name}: a filter cannot be both energetic and silent")
+        self.always_on = always_on.to(self.always_on.device, torch.bool)
+        self.always_off = always_off.to(self.always_off.device, torch.bool)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in ("always_on", "always_off"):  # the frozen states may be empty or not in the file
+            if prefix + key in state_dict:
+                setattr(self, key, torch.zeros_like(state_dict[prefix + key]))
+            else:
+                state_dict[prefix + key] = torch.zeros(0, dtype=torch.bool)
+                setattr(self, key, torch.zeros(0, dtype=torch.bool))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def channels(self) -> int:
+        return self.conv.out_channels
+
+    @property
+    def producer(self) -> GatedConvBN | None:
+        return self._producer[0] if self._producer else None
+
+    def set_producer(self, producer: GatedConvBN) -> None:
+        if producer.channels != self.conv.in_channels:
+            raise ValueError(f"{producer.name} has {producer.channels} filters but {self.name} reads "
+                             f"{self.conv.in_channels} channels")
+        self._producer = (producer,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.controller(x)
+        noisy = self.training and not self.hard_gates
+        z = improved_semhash(logits, noisy)
+        if not noisy and self.always_on.numel():
+            z = torch.where(self.always_on, torch.ones_like(z), torch.where(self.always_off, torch.zeros_like(z), z))
+        self.last_logits, self.last_mask = logits, z
+        if self.gathered and not self.training:
+            out = self._gathered_forward(x, z)
+            self.last_pooled = None
+        else:
+            out = self.bn(self.conv(x))
+            self.last_pooled = F.relu(out).mean(dim=(2, 3))
+            out = out * z[:, :, None, None]
+        self.last_map = out.detach() if self.keep_maps else None
+        return out
+
+    def input_mask(self) -> Tensor | None:
+        """Active input channels of the current forward (B x C), or None when the input is dense."""
+        producer = self.producer
+        return None if producer is None else producer.last_mask
+
+    def _gathered_forward(self, x: Tensor, z: Tensor) -> Tensor:
+        conv = self.conv
+        in_mask = self.input_mask()
+        h_out = (x.shape[2] + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) \
+            // conv.stride[0] + 1
+        w_out = (x.shape[3] + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) \
+            // conv.stride[1] + 1
+        out = x.new_zeros(x.shape[0], conv.out_channels, h_out, w_out)
+        keys = z if in_mask is None else torch.cat([in_mask, z], dim=1)
+        offset = 0 if in_mask is None else in_mask.shape[1]
+        for rows, active in group_rows(keys):
+            out_index = active[active >= offset] - offset
+            if out_index.numel() == 0:
+                continue  # every filter of this layer is off for these samples: nothing to compute
+            in_index = None if in_mask is None else active[active < offset]
+            if in_index is not None and in_index.numel() == 0:
+                # No active input channel: the conv yields its bias only, which BN maps to a constant.
+                scale, shift = bn_affine(self.bn)
+                bias = conv.bias[out_index] if conv.bias is not None else 0.0
+                value = bias * scale[out_index] + shift[out_index]
+                compact = value.view(1, -1, 1, 1).expand(len(rows), -1, h_out, w_out)
+            else:
+                compact = conv_bn_subset(x[rows], conv, self.bn, out_index, in_index)
+            out[rows[:, None], out_index[None, :]] = compact
+        return out
 
 
 @dataclass
@@ -32,7 +200,8 @@ class PathRecord:
 class DecoupledNet(nn.Module):
     """Pixels in [0, 1] -> logits, like every backbone; ``gated_layers`` are the controlled convs."""
 
-    def __init__(self, backbone: Backbone, reduction: int = 4, init_bias: float = 1.0):
+    def __init__(self, backbone: Backbone, reduction: int = 4, init_bias: float = 1.0,
+                 controller_init: str = "open"):
         super().__init__()
         sites = backbone.gate_sites()
         if not sites:
@@ -45,7 +214,7 @@ class DecoupledNet(nn.Module):
         self.backbone = backbone
         gated: dict[int, GatedConvBN] = {}
         for site in sites:
-            layer = GatedConvBN(site.name, site.conv, site.bn, reduction, init_bias)
+            layer = GatedConvBN(site.name, site.conv, site.bn, reduction, init_bias, controller_init)
             bn_name = backbone.module_name(site.bn)
             _replace(backbone, site.name, layer)
             _replace(backbone, bn_name, nn.Identity())
@@ -86,6 +255,22 @@ class DecoupledNet(nn.Module):
         (BN statistics included) can be fine-tuned on exactly the paths it will run at inference."""
         for layer in self.gated_layers:
             layer.hard_gates = hard
+
+    @torch.no_grad()
+    def freeze_states(self, codes: Tensor | None) -> None:
+        """Freeze the filter states seen in ``codes`` (calibration paths, inputs x sum N^l, 0/1): filters
+        on for every input become energetic (always computed), filters on for none silent (removed);
+        None unfreezes. Only inference (Eq. 5) gates are affected."""
+        start = 0
+        for layer in self.gated_layers:
+            if codes is None:
+                layer.freeze_states(None, None)
+                continue
+            block = codes[:, start:start + layer.channels] > 0
+            start += layer.channels
+            layer.freeze_states(block.all(dim=0), ~block.any(dim=0))
+        if codes is not None and start != codes.shape[1]:
+            raise ValueError(f"paths have {codes.shape[1]} entries, the network has {start} gated filters")
 
     def controller_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.gated_layers for p in layer.controller.parameters()]
@@ -140,12 +325,13 @@ def _replace(root: nn.Module, qualified_name: str, new: nn.Module) -> None:
 
 
 def save_decoupled(model: DecoupledNet, path, backbone: str, num_classes: int, reduction: int,
-                   init_bias: float) -> None:
+                   init_bias: float, controller_init: str = "open") -> None:
     """model.pt: what ``load_decoupled`` needs to rebuild the network, and its weights."""
     from common.run import atomic_torch_save
 
     atomic_torch_save({"backbone": backbone, "num_classes": num_classes, "reduction": reduction,
-                       "init_bias": init_bias, "state_dict": model.state_dict()}, path)
+                       "init_bias": init_bias, "controller_init": controller_init,
+                       "state_dict": model.state_dict()}, path)
 
 
 def load_decoupled(path, map_location: str | torch.device = "cpu") -> tuple[DecoupledNet, dict]:
@@ -156,7 +342,8 @@ def load_decoupled(path, map_location: str | torch.device = "cpu") -> tuple[Deco
     blob = load_checkpoint(path, map_location)
     if not isinstance(blob, dict) or "state_dict" not in blob or "backbone" not in blob:
         raise CheckpointError(f"{path} is not a decoupling model file (written by `python -m decoupling train`)")
-    model = DecoupledNet(build_backbone(blob["backbone"], blob["num_classes"]), blob["reduction"], blob["init_bias"])
+    model = DecoupledNet(build_backbone(blob["backbone"], blob["num_classes"]), blob["reduction"], blob["init_bias"],
+                         blob.get("controller_init", "open"))
     model.load_state_dict(blob["state_dict"])
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model.eval(), meta

@@ -12,12 +12,23 @@ from typing import Any
 
 import torch
 
-from common.data import BatchLoader, DatasetSplits
+from common.backbones import build_backbone
+from common.data import BatchLoader, DatasetSplits, default_val_source, load_dataset
 from common.method import Budget
-from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_checkpoint, progress
+from common.run import (
+    RunDir,
+    Stopwatch,
+    atomic_torch_save,
+    check_finite,
+    load_checkpoint,
+    pick_device,
+    progress,
+    seed_everything,
+)
 
+from .config import resolve_settings
 from .losses import DecouplingObjective
-from .model import DecoupledNet
+from .model import DecoupledNet, save_decoupled
 
 
 def _batches_from(loader: BatchLoader, step: int, per_epoch: int):
@@ -82,14 +93,16 @@ def parameter_groups(model: DecoupledNet, objective: DecouplingObjective, settin
     ``controller_lr`` when set."""
     controller_ids = {id(p) for layer in model.gated_layers for p in layer.controller.parameters()}
     backbone = [p for p in model.parameters() if id(p) not in controller_ids]
-    controllers = [p for p in model.parameters() if id(p) in controller_ids] + list(objective.parameters())
+    controllers = [p for p in model.parameters() if id(p) in controller_ids]
     controller_lr = settings["controller_lr"] if settings["controller_lr"] is not None else settings["lr"]
-    return [{"params": backbone, "base_lr": settings["lr"]}, {"params": controllers, "base_lr": controller_lr}]
+    head_lr = settings["mi_head_lr"] if settings["mi_head_lr"] is not None else controller_lr
+    return [{"params": backbone, "base_lr": settings["lr"]}, {"params": controllers, "base_lr": controller_lr},
+            {"params": list(objective.parameters()), "base_lr": head_lr}]
 
 
 def build_objective(model: DecoupledNet, num_classes: int, settings: dict[str, Any]) -> DecouplingObjective:
     return DecouplingObjective(model.layer_channels, num_classes, settings["lambda_m"], settings["lambda_k"],
-                               settings["lambda_s"], settings["target_ratio"])
+                               settings["lambda_s"], settings["target_ratio"], settings["mi_heads_unscaled"])
 
 
 def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: DatasetSplits, budget: Budget,
@@ -167,3 +180,50 @@ def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: D
     model.eval()
     return TrainOutcome(steps=step, total_steps=total_steps, train_seconds=clock.elapsed,
                         stopped_by_time=stopped_by_time, last_losses=last)
+
+
+def train_command(args: Any, recipe: dict[str, Any], overrides: dict[str, Any]) -> int:
+    """``python -m decoupling train``: recipe + flags -> RUN/{config.json, checkpoint.pt, model.pt}."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    backbone = args.backbone or recipe.get("backbone")
+    dataset = args.dataset or recipe.get("dataset")
+    epochs = args.epochs if args.epochs is not None else recipe.get("epochs")
+    if not backbone or not dataset or epochs is None:
+        raise ValueError("train needs --backbone, --dataset and --epochs (or a --config that sets them)")
+    seconds = args.seconds if args.seconds is not None else recipe.get("seconds")
+    max_batches = args.max_batches if args.max_batches is not None else recipe.get("max_batches")
+    settings = resolve_settings(backbone, {**recipe.get("settings", {}), **overrides})
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    run = RunDir(args.out)
+    val_source = default_val_source(args.weights is not None) if args.val_source == "auto" else args.val_source
+    config = {"backbone": backbone, "dataset": dataset, "data_root": args.data_root, "weights": args.weights,
+              "val_source": val_source,
+              "epochs": epochs, "seconds": seconds, "max_batches": max_batches, "seed": args.seed,
+              "settings": settings}
+    if run.config_path.is_file() and run.checkpoint_path.is_file():
+        previous = run.read_config()
+        changed = [k for k in ("backbone", "dataset", "settings", "seed", "val_source")
+                   if previous.get(k, "train" if k == "val_source" else None) != config[k]]
+        if changed:
+            raise ValueError(f"{run.path} holds a run with different {changed}; use another --out to start afresh")
+    run.write_config(config)
+    run.write_environment(device)
+    logger = run.logger("decoupling")
+    data = load_dataset(dataset, args.data_root, val_source=val_source)
+    start = build_backbone(backbone, data.num_classes, args.weights)
+    model = DecoupledNet(start, settings["reduction"], settings["init_bias"],
+                         settings["controller_init"])
+    objective = build_objective(model, data.num_classes, settings)
+    logger.info("decoupling %s on %s: %d gated layers, %d filters", backbone, dataset, len(model.gated_layers),
+                sum(model.layer_channels))
+    outcome = train_decoupled(model, objective, data, Budget(epochs, seconds, max_batches), run, settings, device,
+                              args.seed, logger)
+    save_decoupled(model, run.model_path, backbone, data.num_classes, settings["reduction"], settings["init_bias"],
+                         settings["controller_init"])
+    logger.info("trained %d/%d steps in %.1f s%s", outcome.steps, outcome.total_steps, outcome.train_seconds,
+                " (time budget reached)" if outcome.stopped_by_time else "")
+    print(f"trained {outcome.steps}/{outcome.total_steps} steps in {outcome.train_seconds:.1f} s; "
+          f"model in {run.model_path}")
+    return 0

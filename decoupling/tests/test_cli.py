@@ -34,16 +34,26 @@ def test_train_writes_the_run_and_resumes(trained_run):
     assert "resumed at step 2 of 3" in (out / "log.txt").read_text()
 
 
+SMALL_EVAL = ["--device", "cpu", "--calibration-images", "64", "--probe-fit-images", "200", "--seeds", "2",
+              "--latency-images", "4", "--speed-repeats", "3", "--adv-runs", "1", "--adv-shots", "1",
+              "--adv-test-per-class", "2", "--adv-classifiers", "random_forest"]
+
+
 def test_evaluate_and_explain(trained_run, tmp_path):
     out, _ = trained_run
-    assert main(["evaluate", "--run", str(out), "--device", "cpu", "--latency-images", "3", "--adv-runs", "1",
-                 "--adv-shots", "1", "--adv-test-per-class", "2"]) == 0
+    assert main(["evaluate", "--run", str(out), *SMALL_EVAL]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("top1", "macs_mean", "macs_dense", "mac_reduction", "params", "cpu_speedup",
-                "energetic_filters", "silent_filters", "dynamic_filters", "adv_auc"):
-        assert key in metrics
+    assert metrics["test_split"].startswith("test") and metrics["val_source"] == "train"  # no --weights
     assert metrics["energetic_filters"] + metrics["silent_filters"] + metrics["dynamic_filters"] == pytest.approx(1)
-    assert set(metrics["adv_auc"]) == {"fgsm", "pgd"}
+    assert 0 < metrics["macs_mean"] <= metrics["macs_dense"] + metrics["macs_controllers"]
+    paths = metrics["paths"]
+    assert len(paths["probe_per_layer"]) == 18 and paths["probe_fit_images"] == 200
+    assert all(0 <= paths[k] <= 1 for k in ("probe_paths", "probe_plain_features", "probe_shuffled_paths_mean"))
+    assert set(metrics["adv_auc_paths"]) == set(metrics["adv_auc_plain_features"]) == {"fgsm", "pgd"}
+    assert metrics["speed"]["speedup_b1"] > 0 and "speedup_b128" not in metrics["speed"]  # 4 images only
+    assert main(["evaluate", "--run", str(out), "--split", "val", *SMALL_EVAL]) == 0
+    selection = json.loads((out / "metrics_val.json").read_text())
+    assert "top1" not in selection and "val_top1" in selection  # selection never measures on test
     png = tmp_path / "explain.png"
     assert main(["explain", "--run", str(out), "--out", str(png), "--device", "cpu", "--per-class", "4"]) == 0
     assert png.stat().st_size > 10_000

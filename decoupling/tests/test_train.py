@@ -7,8 +7,8 @@ from common.backbones import build_backbone
 from common.data import load_dataset
 from common.method import Budget
 from common.run import RunDir
+from decoupling.config import resolve_settings
 from decoupling.model import DecoupledNet
-from decoupling.settings import resolve_settings
 from decoupling.train import build_objective, finetune_start, train_decoupled
 
 

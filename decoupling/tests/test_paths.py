@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from common.backbones import build_backbone
-from decoupling.analysis import (
+from decoupling.model import DecoupledNet
+from decoupling.paths import (
     Paths,
     classify_filters,
     decision_tree,
@@ -15,7 +16,6 @@ from decoupling.analysis import (
     layer_slices,
     occlusion_analysis,
 )
-from decoupling.model import DecoupledNet
 
 
 def test_filter_states_on_planted_gates():

@@ -1,0 +1,106 @@
+"""The deployed execution (silent filters removed, BN folded, packed pattern ids, cached slices) equals the
+masked dense decoupled network; the latency sampler draws across classes; the timer times every function."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from common.backbones import build_backbone
+from common.data import ImageTensors
+from decoupling.evaluate import class_mixed_images, class_mixed_indices, time_side_by_side
+from decoupling.execution import deploy_decoupled, fold_dense
+from decoupling.model import DecoupledNet
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    """A ResNet-20 with non-trivial BN, input-dependent planted gates, filters that are always on, always
+    off, a fully closed conv1 layer and a fully closed conv2 layer; states frozen on 64 random inputs."""
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet20", 10)
+    for m in backbone.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model = DecoupledNet(backbone).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for index, layer in enumerate(model.gated_layers):
+            fc2 = layer.controller.fc2
+            fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=gen) * 3)
+            fc2.bias.copy_(torch.randn(fc2.bias.shape, generator=gen) + 0.5)
+            fc2.weight[:4] = 0
+            fc2.bias[:2], fc2.bias[2:4] = 5.0, -5.0  # two energetic and two silent filters per layer
+            if index in (4, 7):  # block 3's conv1 and block 4's conv2 never compute anything
+                fc2.weight.zero_()
+                fc2.bias.fill_(-5.0)
+    _, codes = model.paths(torch.rand(64, 3, 32, 32, generator=gen))
+    model.freeze_states(codes)
+    return model
+
+
+def test_frozen_states_force_energetic_on_and_silent_off(frozen):
+    layer = frozen.gated_layers[0]
+    assert layer.always_on[:2].all() and layer.always_off[2:4].all()
+    assert frozen.gated_layers[4].always_off.all()
+    _, paths = frozen.paths(torch.rand(8, 3, 32, 32))
+    first = paths[:, : layer.channels]
+    assert torch.all(first[:, :2] == 1) and torch.all(first[:, 2:4] == 0)
+
+
+def test_fast_execution_equals_masked_dense_at_batch_1_and_in_batches(frozen):
+    fast = deploy_decoupled(frozen)
+    x = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = frozen(x)  # masked dense, frozen states, inference gates (Eq. 5)
+    assert torch.allclose(fast(x), reference, atol=1e-4)
+    gathered = torch.cat([fast(x[i:i + 1]) for i in range(len(x))])
+    assert torch.allclose(gathered, reference, atol=1e-4)
+    again = torch.cat([fast(x[i:i + 1]) for i in range(len(x))])  # the second pass reads the cache
+    assert torch.equal(again, gathered)
+    assert max(fast.cache_sizes()) > 1  # several patterns were met and cached
+    removed = sum(int(g.always_off.sum()) for g in frozen.gated_layers)
+    kept = sum(len(layer.keep) for block in fast.blocks for layer in block[:2])
+    assert kept == sum(frozen.layer_channels) - removed  # silent filters are physically gone
+
+
+def test_fast_execution_needs_frozen_states():
+    model = DecoupledNet(build_backbone("resnet20", 10)).eval()
+    with pytest.raises(ValueError, match="freeze the filter states"):
+        deploy_decoupled(model)
+
+
+def test_folded_dense_equals_the_backbone():
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet20", 10).eval()
+    for m in backbone.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fold_dense(backbone)(x), backbone(x), atol=1e-4)
+
+
+def test_latency_sampler_draws_across_classes_of_a_class_sorted_split():
+    labels = torch.arange(10).repeat_interleave(50)  # sorted by class, as the image-folder test split
+    split = ImageTensors(torch.zeros(500, 3, 4, 4, dtype=torch.uint8), labels)
+    picks = class_mixed_indices(split.labels, 20, seed=0)
+    assert len(set(picks.tolist())) == 20
+    assert np.bincount(labels[picks].numpy(), minlength=10).tolist() == [2] * 10
+    assert len(np.unique(labels[class_mixed_indices(labels, 10, seed=3)].numpy())) == 10
+    assert class_mixed_images(split, 10).shape == (10, 3, 4, 4)
+    with pytest.raises(ValueError, match="asked for"):
+        class_mixed_indices(labels, 501)
+
+
+def test_time_side_by_side_times_every_function_at_every_batch_size():
+    calls = {"a": [], "b": []}
+    fns = {name: (lambda x, n=name: calls[n].append(len(x))) for name in calls}
+    times = time_side_by_side(fns, torch.zeros(8, 3, 2, 2), batch_sizes=(1, 4), repeats=5, warmup=1)
+    assert set(times) == {"1", "4"} and all(set(row) == {"a", "b"} for row in times.values())
+    assert calls["a"] == [1] * 6 + [4] * 6 and calls["b"] == calls["a"]
+    with pytest.raises(ValueError, match="needs at least"):
+        time_side_by_side(fns, torch.zeros(2, 3, 2, 2), batch_sizes=(4,))
