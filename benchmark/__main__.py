@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from common.backbones import WeightsError
-from common.data import DatasetNotFoundError
+from common.cli import add_budget_arguments, add_common_arguments, apply_overrides, main_guard, parse_args
 
+from .jobs import Context
 from .presets import get_preset, list_presets
-from .runner import LAUNCHERS, run_preset
+from .runner import LAUNCHERS, failure_summary, plan_jobs, run_preset
 from .start import StartError
+
+PROG = "python -m benchmark"
+EXIT_JOBS_FAILED = 1
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -26,20 +30,22 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmark",
+        prog=PROG,
         description="Run the baseline and the four methods under one budget and write one leaderboard. "
-                    "Finished runs are skipped; interrupted ones resume.")
+                    "Finished runs are skipped; interrupted ones resume; runs made under another config are "
+                    "never reused. Exit status 1 when a job failed (after writing the leaderboard).")
     parser.add_argument("--preset", required=True, choices=list_presets(), help="what to run (see presets.py)")
     parser.add_argument("--data-root", help="dataset root (default: $DATA_ROOT, else ./data)")
+    parser.add_argument("--download", action="store_true",
+                        help="fetch a missing torchvision dataset into the data root (needs internet)")
     parser.add_argument("--weights-dir", help="folder with the pretrained weights (default: $DATA_ROOT/weights)")
-    parser.add_argument("--out", default="results", help="results folder; the preset writes into OUT/PRESET")
-    parser.add_argument("--budget-seconds", type=float,
-                        help="also stop every method after this many seconds of training")
-    parser.add_argument("--epochs", type=float, help="override the preset's epoch budget (all methods)")
-    parser.add_argument("--max-batches", type=int, help="override the preset's batches-per-epoch cap")
+    add_common_arguments(parser, seed=False, out=True, overrides=True, val_source=True,
+                         out_help="results folder; the preset writes into OUT/PRESET (default: results)")
+    add_budget_arguments(parser, epochs=None)
     parser.add_argument("--methods", type=_csv, help="comma-separated subset, e.g. baseline,drib")
     parser.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 0,1,2")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    parser.add_argument("--replace-changed", action="store_true",
+                        help="re-run (deleting) the runs in OUT/PRESET made under a different config")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
                         help="local: in this process; submitit: one job array (Slurm, or local subprocesses)")
     parser.add_argument("--slurm-partition", help="submitit only: Slurm partition")
@@ -48,22 +54,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(argv: list[str] | None) -> int:
+    args = parse_args(build_parser(), argv)  # seeds, threads, budget/device/--out checks first
+    out = args.out or "results"
     preset = get_preset(args.preset, seconds=args.budget_seconds, epochs=args.epochs,
                         max_batches=args.max_batches, methods=args.methods, seeds=args.seeds)
+    preset = apply_overrides(preset, args.set, frozen_keys=("name", "settings", "start"))
+    if not preset.seeds or not preset.methods:
+        raise ValueError("--seeds and --methods need at least one entry each")
     options = {"slurm_partition": args.slurm_partition} if args.slurm_partition else None
-    try:
-        paths = run_preset(preset, args.out, data_root=args.data_root, weights_dir=args.weights_dir,
-                           device=args.device, launcher=args.launcher, launcher_options=options,
-                           skip_training=args.aggregate_only)
-    except (DatasetNotFoundError, StartError, WeightsError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if paths:
-        print(paths["md"].read_text())
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    paths = run_preset(preset, out, data_root=args.data_root, weights_dir=args.weights_dir,
+                       device=args.device, launcher=args.launcher, launcher_options=options,
+                       skip_training=args.aggregate_only, replace_changed=args.replace_changed,
+                       val_source=args.val_source, download=args.download)
+    if not paths:  # a torchrun rank other than 0
+        return 0
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    ctx = Context(preset, Path(out) / preset.name)
+    failed = failure_summary(ctx, plan_jobs(preset))
+    if failed:
+        print(f"{PROG}: {len(failed)} job(s) failed (rows marked failed above):", file=sys.stderr)
+        for line in failed:
+            print(f"  {line[:300]}", file=sys.stderr)
+        return EXIT_JOBS_FAILED
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_guard(_run, argv, prog=PROG, extra_errors=(StartError,))
 
 
 if __name__ == "__main__":

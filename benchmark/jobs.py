@@ -7,6 +7,11 @@ Run directory ``<results>/<preset>/runs/<method>-seed<k>/``:
     metrics.json                             written atomically, last: its presence means "finished"
     error.json                               the last failure (removed when a later attempt starts)
 
+A run's identity is its config.json without the device (preset, budget, settings, metrics, data split,
+torch version, results format): a directory written under another identity is never reused or resumed
+(``config_mismatch``; the runner refuses, or re-runs it with ``replace_changed``). A corrupt metrics.json
+is not "finished": the job runs again (and ``--aggregate-only`` shows it as a failed row).
+
 A method that raises becomes a failed job with its error; ``KeyboardInterrupt``/``SystemExit`` (a kill)
 propagate, leaving the directory to be resumed on the next run.
 """
@@ -23,9 +28,19 @@ from typing import Any
 
 import torch
 
-from common.data import DatasetSplits, load_dataset
+from common.data import DatasetSplits, default_val_source, load_dataset
 from common.method import MethodResult
-from common.run import RunDir, atomic_torch_save, atomic_write_json, pick_device, seed_everything
+from common.run import (
+    CheckpointError,
+    ConfigMismatchError,
+    RunDir,
+    atomic_torch_save,
+    atomic_write_json,
+    config_diff,
+    pick_device,
+    read_json,
+    seed_everything,
+)
 
 from .metrics import evaluate_result
 from .presets import Preset
@@ -33,6 +48,8 @@ from .registry import Registry, default_registry
 from .start import prepare_start
 
 SPLIT_SEED = 0  # the validation split never moves with the run's seed: the same hold-out for every job
+RESULTS_FORMAT = 2  # bump when what a job measures changes incompatibly: older runs are then not reused
+NOT_IDENTITY = ("device",)  # config keys that describe a run but do not change what it measures
 
 
 @dataclass(frozen=True)
@@ -54,37 +71,96 @@ class Context:
     data_root: str | None = None
     weights_dir: str | None = None
     device: str | None = None
+    val_source: str | None = None  # None / "auto": test-half from published weights, train from scratch
+    download: bool = False
 
     def run_dir(self, job: Job) -> Path:
         return self.results_dir / "runs" / job.name
 
+    @property
+    def resolved_val_source(self) -> str:
+        """Where validation comes from (evaluation-protocol.md 1): the published weights saw the whole
+        training set, so their runs validate on a fixed half of the test set and report the other half."""
+        if self.val_source in (None, "auto"):
+            return default_val_source(self.preset.start.kind == "weights")
+        return self.val_source
+
+
+def read_metrics(ctx: Context, job: Job) -> dict[str, Any] | None:
+    """The job's metrics when it finished, None when not; a corrupt file raises ``CheckpointError``."""
+    path = ctx.run_dir(job) / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = read_json(path)
+    if not isinstance(metrics, dict) or metrics.get("status") != "finished" or "top1" not in metrics:
+        raise CheckpointError(f"{path} is not a finished job's metrics; delete it to run the job again")
+    return metrics
+
 
 def is_finished(ctx: Context, job: Job) -> bool:
-    return (ctx.run_dir(job) / "metrics.json").is_file()
+    try:
+        return read_metrics(ctx, job) is not None
+    except CheckpointError:
+        return False
 
 
 def load_data(ctx: Context) -> DatasetSplits:
-    return load_dataset(ctx.preset.dataset, ctx.data_root, val_fraction=ctx.preset.val_fraction, seed=SPLIT_SEED)
+    return load_dataset(ctx.preset.dataset, ctx.data_root, val_fraction=ctx.preset.val_fraction, seed=SPLIT_SEED,
+                        download=ctx.download, val_source=ctx.resolved_val_source)
 
 
-def _config(ctx: Context, job: Job) -> dict[str, Any]:
+def job_config(ctx: Context, job: Job) -> dict[str, Any]:
+    """Everything the job's result depends on (its identity), plus the requested device."""
     preset = ctx.preset
     return {"preset": preset.name, "method": job.method, "seed": job.seed, "dataset": preset.dataset,
             "backbone": preset.backbone, "start": asdict(preset.start), "budget": asdict(preset.budget()),
-            "settings": preset.method_settings(job.method), "metrics": asdict(preset.metrics),
-            "val_fraction": preset.val_fraction, "split_seed": SPLIT_SEED, "device": ctx.device}
+            "batch_size": preset.batch_size, "settings": preset.method_settings(job.method),
+            "metrics": asdict(preset.metrics), "val_fraction": preset.val_fraction, "split_seed": SPLIT_SEED,
+            "val_source": ctx.resolved_val_source,
+            "versions": {"results_format": RESULTS_FORMAT, "torch": torch.__version__},
+            "device": ctx.device}
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+
+
+def config_mismatch(ctx: Context, job: Job) -> list[str]:
+    """What differs between the config that wrote the job's directory and this one ([] when the directory
+    is new or was written by the same config)."""
+    path = ctx.run_dir(job) / "config.json"
+    if not path.is_file():
+        return []
+    try:
+        stored = read_json(path)
+    except CheckpointError:
+        return ["config.json is unreadable"]
+    if not isinstance(stored, dict):
+        return ["config.json is not a config"]
+    return config_diff(identity(stored), identity(job_config(ctx, job)))
+
 
 
 def run_job(job: Job, ctx: Context, registry: Registry | None = None,
             data: DatasetSplits | None = None) -> str:
-    """Run one job unless finished. Returns "skipped", "finished" or "failed"."""
+    """Run one job unless finished. Returns "skipped", "finished" or "failed".
+
+    A directory written by a different config raises ``ConfigMismatchError`` (its checkpoints are never
+    resumed into this one); a corrupt metrics.json is set aside as metrics.json.corrupt and the job runs."""
+    differences = config_mismatch(ctx, job)
+    if differences:
+        raise ConfigMismatchError(f"{ctx.run_dir(job)} was run with a different config ({'; '.join(differences)})"
+                                  "; pass a new --out to keep it, or --replace-changed to re-run it")
     run = RunDir(ctx.run_dir(job))
-    if run.metrics_path.is_file():
+    if is_finished(ctx, job):
         return "skipped"
+    if run.metrics_path.is_file():
+        run.metrics_path.replace(run.path / "metrics.json.corrupt")
     (run.path / "error.json").unlink(missing_ok=True)
     registry = default_registry() if registry is None else registry
     device = pick_device(ctx.device)
-    run.write_config(_config(ctx, job))
+    seed_everything(job.seed)
+    run.write_config(job_config(ctx, job))
     run.write_environment(device)
     log = run.logger("benchmark")
     log.info("job %s of preset %s on %s (pid %d)", job.name, ctx.preset.name, device, os.getpid())

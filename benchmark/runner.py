@@ -11,20 +11,31 @@ Launchers (no home-made scheduler):
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-from common.run import pick_device, progress
+from common.cli import validate_budget
+from common.data import DatasetNotFoundError, DatasetSplits
+from common.run import CheckpointError, ConfigMismatchError, pick_device, progress, read_json
 
-from .jobs import Context, Job, is_finished, load_data, run_job
+from .jobs import Context, Job, config_mismatch, is_finished, load_data, read_metrics, run_job
 from .leaderboard import write_leaderboard
 from .presets import Preset
 from .registry import Registry, default_registry
-from .start import default_weights_dir, prepare_start, weights_file
+from .start import StartError, default_weights_dir, prepare_start, weights_file
 
 LAUNCHERS = ("local", "submitit")
+
+
+class MissingInputsError(FileNotFoundError):
+    """Data and/or weights a preset needs are missing; the message lists all of them and how to fetch them."""
+
+
+class NoRunsError(ValueError):
+    """``--aggregate-only`` on a results folder that holds no run of the preset."""
 
 
 def plan_jobs(preset: Preset) -> list[Job]:
@@ -32,8 +43,9 @@ def plan_jobs(preset: Preset) -> list[Job]:
     return [Job(method, seed) for method in preset.methods for seed in preset.seeds]
 
 
-def _run_local(jobs: Sequence[Job], ctx: Context, registry: Registry | None) -> dict[str, str]:
-    data = load_data(ctx)  # decoded once for all jobs of this process
+def _run_local(jobs: Sequence[Job], ctx: Context, registry: Registry | None,
+               data: DatasetSplits | None = None) -> dict[str, str]:
+    data = load_data(ctx) if data is None else data  # decoded once for all jobs of this process
     outcome = {}
     for job in progress(jobs, "runs", total=len(jobs), leave=True):
         outcome[job.name] = run_job(job, ctx, registry, data=data)
@@ -70,38 +82,121 @@ def _torchrun_rank() -> tuple[int, int, int] | None:
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def job_states(ctx: Context, jobs: Sequence[Job]) -> dict[str, list[str]]:
+    """Job names by state: finished, failed (error.json, or a corrupt metrics.json), pending."""
+    states: dict[str, list[str]] = {"finished": [], "failed": [], "pending": []}
+    for job in jobs:
+        try:
+            finished = read_metrics(ctx, job) is not None
+        except CheckpointError:
+            states["failed"].append(job.name)
+            continue
+        if finished:
+            states["finished"].append(job.name)
+        elif (ctx.run_dir(job) / "error.json").is_file():
+            states["failed"].append(job.name)
+        else:
+            states["pending"].append(job.name)
+    return states
+
+
+def failure_summary(ctx: Context, jobs: Sequence[Job]) -> list[str]:
+    """One line per failed job: its name and error (from error.json), or why its metrics are unreadable."""
+    lines, failed = [], set(job_states(ctx, jobs)["failed"])
+    for job in jobs:
+        if job.name not in failed:
+            continue
+        try:
+            read_metrics(ctx, job)
+            error = read_json(ctx.run_dir(job) / "error.json").get("error", "failed")
+        except CheckpointError as exc:
+            error = str(exc)
+        lines.append(f"{job.name}: {error}")
+    return lines
+
+
+def _check_identities(ctx: Context, jobs: Sequence[Job], *, replace_changed: bool, aggregate_only: bool) -> None:
+    """No run directory written by another config is reused: refuse (naming what differs), or remove it."""
+    changed = {job: diff for job in jobs if (diff := config_mismatch(ctx, job))}
+    if not changed:
+        return
+    if replace_changed and not aggregate_only:
+        for job in changed:
+            shutil.rmtree(ctx.run_dir(job))
+        return
+    shown = "; ".join(f"{job.name}: {', '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}"
+                      for job, diff in list(changed.items())[:3])
+    more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
+    if aggregate_only:
+        fix = ("--aggregate-only reads runs as they are: pass the flags they were run with, or point --out at "
+               "the results of this config")
+    else:
+        fix = (f"to keep them, pass a new --out (e.g. --out {ctx.results_dir.parent}-2); to re-run them here, "
+               "deleting the old runs, pass --replace-changed")
+    raise ConfigMismatchError(f"{len(changed)} run(s) in {ctx.results_dir / 'runs'} were made with a different "
+                              f"config: {shown}{more}. {fix}")
+
+
+def _load_inputs(ctx: Context, weights_dir: str | None) -> DatasetSplits:
+    """The data, after checking data and weights together: one message lists everything missing."""
+    problems, data = [], None
+    try:
+        data = load_data(ctx)
+    except DatasetNotFoundError as exc:
+        problems.append(str(exc))
+    if ctx.preset.start.kind == "weights":
+        try:
+            weights_file(ctx.preset, default_weights_dir(weights_dir))
+        except StartError as exc:
+            problems.append(f"Pretrained weights: {exc}")
+    if problems:
+        head = f"preset {ctx.preset.name!r} cannot start; {len(problems)} input(s) missing:"
+        raise MissingInputsError("\n\n".join([head, *problems]))
+    assert data is not None
+    return data
+
+
 def run_preset(preset: Preset, out: str | os.PathLike = "results", *, data_root: str | None = None,
                weights_dir: str | None = None, device: str | None = None, registry: Registry | None = None,
                launcher: str = "local", launcher_options: dict | None = None,
-               skip_training: bool = False) -> dict[str, Path]:
-    """Run every unfinished job of ``preset`` and (re)write its leaderboard; returns the output paths."""
+               skip_training: bool = False, replace_changed: bool = False, val_source: str | None = None,
+               download: bool = False) -> dict[str, Path]:
+    """Run every unfinished job of ``preset`` and (re)write its leaderboard; returns the output paths.
+
+    Runs written by a different config are refused (``ConfigMismatchError``), or removed and re-run with
+    ``replace_changed``. ``skip_training`` on a folder with no run of the preset is a ``NoRunsError``."""
+    validate_budget(preset.budget())
     registry_names = list(default_registry() if registry is None else registry)
     unknown = [m for m in preset.methods if m not in registry_names]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(registry_names)}")
     if launcher not in LAUNCHERS:
         raise ValueError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
-    ctx = Context(preset, Path(out) / preset.name, data_root, weights_dir, device)
+    ctx = Context(preset, Path(out) / preset.name, data_root, weights_dir, device, val_source, download)
     jobs = plan_jobs(preset)
+    if skip_training:
+        states = job_states(ctx, jobs)
+        if not states["finished"] and not states["failed"]:
+            raise NoRunsError(f"--aggregate-only: no run of preset {preset.name!r} under {ctx.results_dir / 'runs'}"
+                              f"; check --out (now {out}) and --preset, or run without --aggregate-only first")
+    _check_identities(ctx, jobs, replace_changed=replace_changed, aggregate_only=skip_training)
     pending = [job for job in jobs if not is_finished(ctx, job)]
     distributed = _torchrun_rank()
-    if pending and not skip_training and preset.start.kind == "weights":
-        weights_file(preset, default_weights_dir(weights_dir))  # fail before any job, not once per job
     if pending and not skip_training:
+        data = _load_inputs(ctx, weights_dir)  # fail before any job, not once per job
         if preset.start.kind == "scratch":  # train the shared start once, before jobs race for it
-            prepare_start(preset, load_data(ctx), ctx.results_dir, weights_dir=weights_dir,
-                          device=pick_device(device))
+            prepare_start(preset, data, ctx.results_dir, weights_dir=weights_dir, device=pick_device(device))
         if distributed is not None:
             rank, world, local_rank = distributed
             if device is None:
                 import torch
 
                 ctx = replace(ctx, device=f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-            _run_local(pending[rank::world], ctx, registry)
+            _run_local(pending[rank::world], ctx, registry, data)
         elif launcher == "submitit":
             _run_submitit(pending, ctx, launcher_options)
         else:
-            _run_local(pending, ctx, registry)
+            _run_local(pending, ctx, registry, data)
     if distributed is not None:
         import torch.distributed as dist
 
