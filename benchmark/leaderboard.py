@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from common.run import read_json
+from common.run import CheckpointError, read_json
 
-from .jobs import Context, Job
+from .jobs import Context, Job, read_metrics
 from .metrics import COLUMNS
 
 # column -> (markdown header, scale, decimals)
@@ -48,13 +48,19 @@ def collect_runs(ctx: Context, jobs: Sequence[Job]) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for job in jobs:
         path = ctx.run_dir(job)
-        if (path / "metrics.json").is_file():
-            rows.append(read_json(path / "metrics.json"))
-        elif (path / "error.json").is_file():
-            failure = read_json(path / "error.json")
-            rows.append({"method": job.method, "seed": job.seed, "status": "failed", "error": failure["error"]})
-        else:
-            rows.append({"method": job.method, "seed": job.seed, "status": "pending"})
+        try:  # a corrupt metrics.json or error.json is that job's failed row, never a blocked leaderboard
+            if (path / "metrics.json").is_file():
+                rows.append(read_metrics(ctx, job))
+                continue
+            if (path / "error.json").is_file():
+                failure = read_json(path / "error.json")
+                rows.append({"method": job.method, "seed": job.seed, "status": "failed",
+                             "error": str(failure.get("error", "failed"))})
+                continue
+        except (CheckpointError, AttributeError) as exc:
+            rows.append({"method": job.method, "seed": job.seed, "status": "failed", "error": str(exc)})
+            continue
+        rows.append({"method": job.method, "seed": job.seed, "status": "pending"})
     runs = pd.DataFrame(rows)
     for column in (*COLUMNS, "error"):
         if column not in runs:
