@@ -15,9 +15,9 @@ from common.backbones import Backbone
 from common.data import DatasetSplits
 from common.method import Budget, MethodResult
 
-from .pipeline import Pipeline, load_backbone, load_decoder
+from .config import ISPSettings
 from .selector import Selector
-from .settings import ISPSettings
+from .train import Pipeline, load_backbone, load_decoder
 
 __all__ = ["ISPSettings", "Pipeline", "Selector", "load_backbone", "load_decoder", "run_method"]
 

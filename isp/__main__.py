@@ -13,9 +13,9 @@ from common.data import DatasetNotFoundError, default_val_source, load_dataset
 from common.method import Budget
 from common.run import CheckpointError, NonFiniteLossError, RunDir, pick_device, read_json
 
-from .pipeline import STAGES, Pipeline, StageOrderError
+from .config import ISPSettings
 from .selector import Selector
-from .settings import ISPSettings
+from .train import STAGES, Pipeline, StageOrderError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,6 +88,22 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--repeats", type=int, default=20)
     speed.add_argument("--compile", default=None, choices=("jit", "inductor"))
     speed.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    report = sub.add_parser("report", help="the selector's masks (kept fraction, centre spread) and its insertion "
+                                           "/ ROAD beside Grad-CAM and random, on the held-out test split")
+    report.add_argument("--run", required=True, help="run directory holding selector.pt")
+    report.add_argument("--images", type=int, default=500, help="class-mixed test images")
+    report.add_argument("--data-root", default=None)
+    report.add_argument("--device", default=None)
+    report.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    compare = sub.add_parser("compare", help="two or more gate searches side by side (e.g. gamma1 vs gamma1 = 0): "
+                                             "kept channels, top-1 and Grad-CAM drift of the slim networks")
+    compare.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="repeatable")
+    compare.add_argument("--images", type=int, default=500, help="class-mixed test images for the drift")
+    compare.add_argument("--data-root", default=None)
+    compare.add_argument("--device", default=None)
+    compare.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 
 
@@ -152,7 +168,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _explain(args: argparse.Namespace) -> None:
-    from .figures import saliency_figure
+    from .explain import saliency_figure
 
     pipeline = _reopen(args.run, args.data_root, args.device)
     n = args.images or pipeline.settings.figure_images
@@ -171,7 +187,7 @@ def _explain(args: argparse.Namespace) -> None:
 
 def _sweep(args: argparse.Namespace) -> None:
     from .evaluate import loss_along_sigma
-    from .pipeline import load_backbone
+    from .train import load_backbone
 
     pipeline = _reopen(args.run, args.data_root, args.device)
     s = pipeline.settings
@@ -212,7 +228,7 @@ def _speed(args: argparse.Namespace) -> None:
     from common.speed import class_mixed_images
 
     from .evaluate import slim_from_widths, speed_against_dense
-    from .pipeline import load_backbone
+    from .train import load_backbone
 
     data = load_dataset(args.dataset, args.data_root, val_source="test-half")
     models = {"dense": build_backbone(args.backbone, data.num_classes).eval()}
@@ -235,13 +251,57 @@ def _speed(args: argparse.Namespace) -> None:
         print(f"{name} | {macs / 1e6:.2f} M | {dense_macs / macs:.2f}x | {cells}")
 
 
+def _report(args: argparse.Namespace) -> None:
+    import json
+
+    from common.speed import class_mixed_images
+
+    from .evaluate import selector_report
+
+    pipeline = _reopen(args.run, args.data_root, args.device)
+    images = class_mixed_images(pipeline.data.test, args.images, seed=0).to(pipeline.device)
+    out = selector_report(pipeline.classifier, pipeline.decoder(), images)
+    out["split"] = pipeline.data.test_split_name
+    print(json.dumps(out, indent=1))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    import json
+
+    from common.run import load_checkpoint
+    from common.speed import class_mixed_images
+    from common.training import evaluate_top1
+
+    from .evaluate import gradcam_drift, kept_channel_difference
+    from .train import load_backbone
+
+    rows, keeps = {}, {}
+    for spec in args.run:
+        name, path = _named(spec)
+        pipeline = _reopen(path, args.data_root, args.device)
+        images = class_mixed_images(pipeline.data.test, args.images, seed=0).to(pipeline.device)
+        gates = load_checkpoint(pipeline._require("gates"))
+        keeps[name] = gates["keep"]
+        slim = load_backbone(pipeline._require("slim"), pipeline.device, pipeline.input_size)
+        test = pipeline._loader(256, train=False, split="test")
+        rows[name] = {"gamma1": pipeline.settings.gamma1, "prunable_kept_ratio": gates["prunable_kept_ratio"],
+                      "channels_kept": {k: len(v) for k, v in gates["keep"].items()},
+                      "top1_slim_before_finetune": evaluate_top1(slim, test),
+                      "gradcam_drift_before_finetune": gradcam_drift(pipeline.classifier, slim, images),
+                      "split": pipeline.data.test_split_name}
+    names = list(rows)
+    pairs = {f"{a} vs {b}": kept_channel_difference(keeps[a], keeps[b])
+             for i, a in enumerate(names) for b in names[i + 1:]}
+    print(json.dumps({"runs": rows, "kept_channel_difference": pairs}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         {"train": _train, "evaluate": _evaluate, "explain": _explain, "sweep": _sweep,
-         "blocks": _blocks, "speed": _speed}[args.command](args)
+         "blocks": _blocks, "speed": _speed, "report": _report, "compare": _compare}[args.command](args)
     except (DatasetNotFoundError, WeightsError, CheckpointError, StageOrderError, NonFiniteLossError,
             FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,16 +1,136 @@
-"""Measurements of the selector objective itself (README, "loss along sigma")."""
+"""The method's own metrics (metrics.json: top-1, MACs, latency, explanation distance, selector fidelity) and
+the measurements behind the README: the selector loss along sigma, the selector's masks and faithfulness,
+Grad-CAM drift, kept-channel differences between gate searches, and speed against the dense start."""
 
 from __future__ import annotations
 
+import copy
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from common.backbones import Backbone
+from common.macs import count_macs, count_params
+from common.run import load_checkpoint, read_json
+from common.training import evaluate_top1, measure_latency
 
-from .rbf import area_penalty, rbf_bernoulli, sample_mask, smoothness_penalty
-from .stages import kl_to_classifier
+from .losses import area_penalty, kl_to_classifier, smoothness_penalty
+from .rbf import bernoulli_mask, mask_input, rbf_bernoulli, sample_mask
+from .selector import Selector
+from .slim import keep_from_json
+from .train import Pipeline, images_as_float, load_backbone
+
+
+@torch.no_grad()
+def explanation_distance(original: Selector, pruned: Selector, images: torch.Tensor, batch: int = 256
+                         ) -> dict[str, float]:
+    """Mean distance between the codes (RBF parameters) of the original and pruned selectors, explaining
+    the original classifier's predicted class with both."""
+    dists, abs_diffs = [], []
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch]
+        logits, code_a = original(x)
+        _, code_b = pruned(x, logits.argmax(1))
+        diff = (code_a - code_b).flatten(1)
+        dists.append(diff.norm(dim=1).cpu())
+        abs_diffs.append(diff.abs().cpu())
+    all_abs = torch.cat(abs_diffs)
+    out = {"mean_l2": float(torch.cat(dists).mean())}
+    if original.decoder.kind == "rbf":
+        for i, name in enumerate(("c_z", "c_t", "sigma")):
+            out[f"mean_abs_{name}"] = float(all_abs[:, i].mean())
+    return out
+
+
+@torch.no_grad()
+def selector_fidelity(selector: Selector, predictor: Backbone, images: torch.Tensor, batch: int = 256
+                      ) -> dict[str, float]:
+    """How well one hard mask sampled from the selector keeps the classifier's decision for the predictor
+    (the quantity Eq. 2 asks for), and how much of the image it keeps."""
+    agree, area, count = 0.0, 0.0, 0
+    predictor.eval()
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch]
+        logits, code = selector(x)
+        mask = bernoulli_mask(selector.decoder.probabilities(code))
+        agree += float((predictor(mask_input(x, mask)).argmax(1) == logits.argmax(1)).sum())
+        area += float(mask.flatten(1).mean(1).sum())
+        count += len(x)
+    return {"selector_mask_agreement": 100.0 * agree / count, "selector_mask_area": area / count}
+
+
+def cpu_latency(model: Backbone, input_size, batch: int, threads: int) -> float:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return measure_latency(copy.deepcopy(model).cpu(), input_size, batch, "cpu", repeats=15)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def evaluate_run(pipeline: Pipeline, max_explained: int = 2000) -> dict[str, Any]:
+    """Everything metrics.json reports; selection already happened on the validation split."""
+    s = pipeline.settings
+    dev = pipeline.device
+    original = pipeline.classifier
+    final = pipeline.final_model()
+    slim_before_ft = load_backbone(pipeline.path("slim"), dev, pipeline.input_size)
+    decoder = pipeline.decoder()
+    predictor = load_backbone(pipeline.path("predictor"), dev, pipeline.input_size)
+    test = pipeline._loader(256, train=False, split="test")
+    val = pipeline._loader(256, train=False, split="val")
+    started = time.perf_counter()
+    macs_before, macs_after = count_macs(original, pipeline.input_size), count_macs(final, pipeline.input_size)
+    gates_blob = load_checkpoint(pipeline.path("gates"))
+    sites, _, prunable = pipeline._gates()
+    keep = keep_from_json(sites, gates_blob["keep"])
+    hard = [torch.zeros(site.channels).index_fill_(0, k, 1.0) for site, k in zip(sites, keep)]
+    lat_before = cpu_latency(original, pipeline.input_size, s.latency_batch, s.latency_threads)
+    lat_after = cpu_latency(final, pipeline.input_size, s.latency_batch, s.latency_threads)
+    explained = images_as_float(pipeline.data.test, dev)[:max_explained]
+    original_selector = Selector(original, decoder)
+    metrics: dict[str, Any] = {
+        "backbone": pipeline.name,
+        "dataset": pipeline.data.name,
+        "val_source": pipeline.data.val_source,
+        "test_split_name": pipeline.data.test_split_name,
+        "selector": decoder.kind,
+        "top1_before": evaluate_top1(original, test),
+        "top1_after": evaluate_top1(final, test),
+        "top1_after_pruning_before_finetune": evaluate_top1(slim_before_ft, test),
+        "val_top1_before": evaluate_top1(original, val),
+        "val_top1_after": evaluate_top1(final, val),
+        "macs_before": macs_before,
+        "macs": macs_after,
+        "params_before": count_params(original),
+        "params": count_params(final),
+        "pruned_macs_ratio": 1.0 - macs_after / macs_before,
+        "prunable_macs_kept_ratio": float(prunable(hard)) / prunable.total,
+        "target_ratio_p": s.target_ratio,
+        "channels_kept": {site.name: len(k) for site, k in zip(sites, keep)},
+        "channel_groups": gates_blob.get("channel_groups"),
+        "cpu_latency_ms_before": 1000 * lat_before,
+        "cpu_latency_ms_after": 1000 * lat_after,
+        "cpu_speedup": lat_before / lat_after,
+        "latency_setting": f"batch {s.latency_batch}, {s.latency_threads} CPU thread(s), median of 15",
+        "explanation_distance": explanation_distance(original_selector, Selector(final, decoder), explained),
+        "explanation_distance_before_finetune": explanation_distance(original_selector,
+                                                                     Selector(slim_before_ft, decoder), explained),
+        **selector_fidelity(original_selector, predictor, explained),
+        "explained_test_images": len(explained),
+        "stage_seconds": read_json(pipeline.seconds_path) if pipeline.seconds_path.is_file() else {},
+    }
+    metrics["rbf_distance"] = metrics["explanation_distance"]["mean_l2"]
+    check = pipeline.run_dir.file("slim_check.json")
+    if check.is_file():
+        metrics["slim_max_abs_logit_difference"] = read_json(check)["max_abs_logit_difference"]
+    metrics["evaluate_seconds"] = time.perf_counter() - started
+    return metrics
+
+
 
 
 @torch.no_grad()
@@ -50,7 +170,7 @@ def slim_from_widths(name: str, widths: Sequence[int], num_classes: int = 10,
     site i: a network of the given shape for timing (which channels are kept does not change its speed)."""
     from common.backbones import build_backbone
 
-    from .gates import prunable_sites
+    from .model import prunable_sites
     from .slim import slim_copy
 
     model = build_backbone(name, num_classes, weights).eval()
@@ -73,3 +193,83 @@ def speed_against_dense(models: dict[str, Backbone], images: Tensor, batch_sizes
 
     forms = {name: deploy(model.eval(), example=images[:4], compile=compile) for name, model in models.items()}
     return time_side_by_side(forms, images, batch_sizes, min_repeats=repeats)
+
+
+@torch.no_grad()
+def selector_codes(classifier: Backbone, decoder, images: Tensor, batch: int = 256) -> tuple[Tensor, Tensor]:
+    """(c_z, c_t, sigma) of the selector for every image (explaining the predicted class) and that class."""
+    from .selector import forward_with_stages
+
+    classifier.eval()
+    decoder.eval()
+    codes, classes = [], []
+    for start in range(0, len(images), batch):
+        logits, stages = forward_with_stages(classifier, images[start:start + batch])
+        classes.append(logits.argmax(1))
+        codes.append(decoder.code(stages, classes[-1]))
+    return torch.cat(codes), torch.cat(classes)
+
+
+def selector_report(classifier: Backbone, decoder, images: Tensor, seed: int = 0) -> dict[str, float]:
+    """The selector's masks (kept-pixel fraction, centre spread across images) and its maps' faithfulness
+    (tiled insertion on a blurred canvas, ROAD) beside Grad-CAM and a seeded random map, on ``images``."""
+    from common.explain import grad_cam
+    from common.explain.controls import random_saliency
+    from common.explain.faithfulness import road, tile_deletion_insertion
+
+    codes, classes = selector_codes(classifier, decoder, images)
+    probs = decoder.probabilities(codes)
+    out: dict[str, float] = {
+        "images": float(len(images)),
+        "kept_fraction_mean": float(probs.flatten(1).mean(1).mean()),
+        "kept_fraction_median": float(probs.flatten(1).mean(1).median()),
+        "centre_sd_z": float(codes[:, 0].std()), "centre_sd_t": float(codes[:, 1].std()),
+        "sigma_mean": float(codes[:, 2].mean()), "sigma_sd": float(codes[:, 2].std()),
+    }
+    if decoder.kind != "rbf":
+        for key in ("centre_sd_z", "centre_sd_t", "sigma_mean", "sigma_sd"):
+            out.pop(key)
+    maps = {"selector": probs,
+            "grad-cam": torch.cat([grad_cam(classifier, classifier.cam_layer(), images[s:s + 128], classes[s:s + 128])
+                                   for s in range(0, len(images), 128)]),
+            "random": random_saliency(seed)(images, classes)}
+    for name, saliency in maps.items():
+        tiles = tile_deletion_insertion(classifier, images, saliency, classes)
+        roads = road(classifier, images, saliency, classes, seed=seed)
+        out[f"{name}_insertion_auc"] = float(tiles.insertion_auc.mean())
+        out[f"{name}_deletion_auc"] = float(tiles.deletion_auc.mean())
+        out[f"{name}_road_gap"] = float(roads.gap.mean())
+    return out
+
+
+def gradcam_drift(original: Backbone, pruned: Backbone, images: Tensor, batch: int = 128) -> dict[str, float]:
+    """Explanation drift (common.explain.controls.explanation_drift: Spearman rank correlation and top-10%
+    overlap) of Grad-CAM at the last feature map, original vs pruned, both explaining the original's class."""
+    from common.explain import grad_cam
+    from common.explain.controls import explanation_drift
+
+    original.eval()
+    pruned.eval()
+    maps_a, maps_b = [], []
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch]
+        with torch.no_grad():
+            target = original(x).argmax(1)
+        maps_a.append(grad_cam(original, original.cam_layer(), x, target))
+        maps_b.append(grad_cam(pruned, pruned.cam_layer(), x, target))
+    return explanation_drift(torch.cat(maps_a), torch.cat(maps_b))
+
+
+def kept_channel_difference(keep_a: dict[str, list[int]], keep_b: dict[str, list[int]]) -> dict[str, float]:
+    """How differently two gate searches pruned: channels kept by exactly one of them (count and share of all
+    prunable channels kept by either) and the mean per-site Jaccard index of the kept sets."""
+    if keep_a.keys() != keep_b.keys():
+        raise ValueError("the two architectures have different prunable sites")
+    only_one, either, jaccards = 0, 0, []
+    for site in keep_a:
+        a, b = set(keep_a[site]), set(keep_b[site])
+        only_one += len(a ^ b)
+        either += len(a | b)
+        jaccards.append(len(a & b) / max(1, len(a | b)))
+    return {"kept_by_one_only": float(only_one), "share_kept_by_one_only": only_one / max(1, either),
+            "mean_site_jaccard": sum(jaccards) / len(jaccards)}

@@ -121,19 +121,3 @@ def mask_input(images: Tensor, mask: Tensor) -> Tensor:
     return images * mask
 
 
-def area_penalty(mask: Tensor) -> Tensor:
-    """R(m') of Eq. 9, ||m'||_0 relaxed to the mean of the relaxed mask (fraction of kept pixels), per sample."""
-    return mask.flatten(1).mean(1)
-
-
-def smoothness_penalty(mask: Tensor) -> Tensor:
-    """S(m') of Eq. 9, per sample, as the *mean* over the 2 M N - M - N neighbour pairs of the squared
-    difference (the paper's sum divided by the pair count, 1,984 on 32 x 32), so that R and S are both
-    fractions in [0, 1] and lambda1, lambda2 weigh comparable numbers (README, deviations)."""
-    vertical = (mask[:, 1:, :] - mask[:, :-1, :]).pow(2).flatten(1).sum(1)
-    horizontal = (mask[:, :, 1:] - mask[:, :, :-1]).pow(2).flatten(1).sum(1)
-    height, width = mask.shape[-2:]
-    pairs = (height - 1) * width + height * (width - 1)
-    if pairs == 0:
-        raise ValueError(f"a {height} x {width} mask has no neighbour pairs")
-    return (vertical + horizontal) / pairs

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from common.backbones import Backbone
 
-from .gates import PrunableSite, prunable_sites
+from .model import GateInjector, PrunableSite, prunable_sites
 
 
 def _select(param: Tensor | None, index: Tensor, dim: int) -> nn.Parameter | None:
@@ -91,3 +91,15 @@ def keep_from_json(sites: Sequence[PrunableSite], saved: Mapping[str, list[int]]
     if missing:
         raise ValueError(f"the saved architecture lacks sites {missing[:3]}: it belongs to another backbone")
     return [torch.tensor(saved[s.name], dtype=torch.int64) for s in sites]
+
+
+@torch.no_grad()
+def slim_vs_gated(classifier: Backbone, slim: Backbone, sites, hard, images: torch.Tensor) -> float:
+    """Max |logit difference| between the classifier with hard gates and the physically pruned network."""
+    classifier.eval()
+    slim.eval()
+    injector = GateInjector(sites)
+    injector.values = hard
+    with injector:
+        gated = classifier(images)
+    return float((gated - slim(images)).abs().max())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common.run import NonFiniteLossError, RunDir
-from isp.loop import run_steps
+from isp.train import run_steps
 
 
 def _problem():

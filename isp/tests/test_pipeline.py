@@ -8,7 +8,7 @@ from common.data import load_dataset
 from common.method import Budget
 from isp import run_method
 from isp.__main__ import main
-from isp.settings import ISPSettings
+from isp.config import ISPSettings
 
 TINY = {"predictor_epochs": 1, "selector_epochs": 1, "gate_epochs": 2, "finetune_epochs": 1,
         "predictor_batch": 32, "selector_batch": 16, "gate_batch": 16, "subset_fraction": 0.05,

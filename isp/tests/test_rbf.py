@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from isp.losses import area_penalty, smoothness_penalty
 from isp.rbf import (
-    area_penalty,
     bernoulli_mask,
     centre_nonlinearity,
     gumbel_sigmoid,
@@ -16,7 +16,6 @@ from isp.rbf import (
     sample_mask,
     sample_random_rbf_params,
     sigma_nonlinearity,
-    smoothness_penalty,
 )
 
 

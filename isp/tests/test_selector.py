@@ -79,7 +79,7 @@ def test_unknown_selector_kind_is_a_clear_error(resnet20):
 
 
 def test_interpretation_code_units(resnet20):
-    from isp.stages import comparable_code
+    from isp.losses import comparable_code
 
     decoder = SelectorDecoder(decoder_shape(resnet20, (32, 32), 10), "rbf")
     code = torch.tensor([[16.0, 8.0, 32.0]])

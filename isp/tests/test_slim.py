@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from common.backbones import build_backbone
-from isp.gates import GateInjector, prunable_sites
-from isp.pipeline import slim_vs_gated
-from isp.slim import kept_indices, slim_copy
+from isp.model import GateInjector, prunable_sites
+from isp.slim import kept_indices, slim_copy, slim_vs_gated
 
 
 def _randomise_bn(model):
@@ -93,7 +92,7 @@ def test_injector_without_values_is_identity():
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
 def test_slim_model_matches_gated_model_with_channel_groups(name):
-    from isp.gates import ChannelGates, group_sizes
+    from isp.model import ChannelGates, group_sizes
 
     torch.manual_seed(1)
     model = _randomise_bn(build_backbone(name))

@@ -11,7 +11,7 @@ from common.data import BatchLoader, ImageTensors
 from common.run import RunDir
 from isp.rbf import rbf_bernoulli
 from isp.selector import SelectorDecoder, decoder_shape, forward_with_stages
-from isp.stages import train_predictor, train_selector
+from isp.train import train_predictor, train_selector
 
 SIZE, PATCH, CLASSES = 16, 4, 3
 

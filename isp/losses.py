@@ -1,0 +1,107 @@
+"""The objectives, one function per paper equation: the predictor's and selector's KL (Eq. 6-9) with the
+mask penalties R and S (Eq. 9), the interpretation term of Eq. 10, R_res (supplementary Sec. 3.2) and the
+whole pruning objective (Eq. 10)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .rbf import mask_input, sample_mask
+from .selector import SelectorDecoder
+
+
+def kl_to_classifier(classifier_logits: Tensor, predictor_logits: Tensor) -> Tensor:
+    """KL(Q_class(y | x) || q_pred(y | m(x))), averaged over the batch (Eq. 7, 9)."""
+    return F.kl_div(F.log_softmax(predictor_logits, 1), F.log_softmax(classifier_logits, 1), log_target=True,
+                    reduction="batchmean")
+
+
+def area_penalty(mask: Tensor) -> Tensor:
+    """R(m') of Eq. 9, ||m'||_0 relaxed to the mean of the relaxed mask (fraction of kept pixels), per sample."""
+    return mask.flatten(1).mean(1)
+
+
+def smoothness_penalty(mask: Tensor) -> Tensor:
+    """S(m') of Eq. 9, per sample, as the *mean* over the 2 M N - M - N neighbour pairs of the squared
+    difference (the paper's sum divided by the pair count, 1,984 on 32 x 32), so that R and S are both
+    fractions in [0, 1] and lambda1, lambda2 weigh comparable numbers (README, deviations)."""
+    vertical = (mask[:, 1:, :] - mask[:, :-1, :]).pow(2).flatten(1).sum(1)
+    horizontal = (mask[:, :, 1:] - mask[:, :, :-1]).pow(2).flatten(1).sum(1)
+    height, width = mask.shape[-2:]
+    pairs = (height - 1) * width + height * (width - 1)
+    if pairs == 0:
+        raise ValueError(f"a {height} x {width} mask has no neighbour pairs")
+    return (vertical + horizontal) / pairs
+
+
+@dataclass
+class SelectorLossParts:
+    kl: Tensor
+    area: Tensor
+    smoothness: Tensor
+    total: Tensor
+
+
+def selector_loss(classifier_logits: Tensor, predictor: nn.Module, images: Tensor, probs: Tensor, *,
+                  lambda1: float, lambda2: float, tau: float, generator: torch.Generator | None = None
+                  ) -> SelectorLossParts:
+    """Eq. 8-9: KL + lambda1 R(m') + lambda2 S(m') on one relaxed sample m' (Eq. 14) per image, drawn by the
+    predictor's own sampler at its own temperature ``tau`` (R: fraction of kept pixels, S: mean over
+    neighbour pairs; both in [0, 1])."""
+    mask = sample_mask(probs, tau, generator)
+    kl = kl_to_classifier(classifier_logits, predictor(mask_input(images, mask)))
+    area = area_penalty(mask).mean()
+    smooth = smoothness_penalty(mask).mean()
+    return SelectorLossParts(kl, area, smooth, kl + lambda1 * area + lambda2 * smooth)
+
+
+def resource_loss(macs: Tensor, target: float) -> Tensor:
+    """R_res(x, y) = log(max(x, y) / y) (supplementary Sec. 3.2): zero once T(v) <= p T_all."""
+    return torch.log(torch.clamp(macs, min=target) / target)
+
+
+@dataclass
+class GateLossWeights:
+    classification: float = 1.0
+    gamma1: float = 0.5
+    gamma2: float = 2.0
+    target_ratio: float = 0.5  # p
+    interpretation_units: str = "image"  # "image": RBF parameters / image side; "pixels": as predicted
+
+
+def comparable_code(code: Tensor, decoder: SelectorDecoder, units: str) -> Tensor:
+    """The explanation code in the units the interpretation term of Eq. 10 compares.
+
+    "pixels": (c_z, c_t, sigma) as predicted. "image": divided by (H, W, max(H, W)), so the squared distance is
+    O(0.01-0.1) like the other two terms; in pixel units it is O(10-100) and gamma1 = 0.5 drowns the resource
+    term (no gate closes). REAL-X codes are compared as Bernoulli parameters, averaged over the pixels.
+    """
+    if decoder.kind == "realx":
+        return torch.sigmoid(code).flatten(1) / math.sqrt(code[0].numel())
+    if units == "pixels":
+        return code
+    if units != "image":
+        raise ValueError(f"interpretation_units must be 'image' or 'pixels', got {units!r}")
+    height, width = decoder.shape.image_size
+    return code / code.new_tensor([height, width, max(height, width)])
+
+
+def interpretation_loss(target_codes: Tensor, codes: Tensor, decoder: SelectorDecoder, units: str) -> Tensor:
+    """Eq. 10, second term: ||C_x - f_sel(x; beta, v)||_2^2, averaged over the batch."""
+    return (comparable_code(target_codes, decoder, units) - comparable_code(codes, decoder, units)
+            ).pow(2).flatten(1).sum(1).mean()
+
+
+def pruning_loss(logits: Tensor, labels: Tensor, target_codes: Tensor, codes: Tensor, decoder: SelectorDecoder,
+                 macs: Tensor, target_macs: float, weights: GateLossWeights) -> Tensor:
+    """Eq. 10: L(f(x; W, v), y) + gamma1 ||C_x - f_sel(x; beta, v)||^2 + gamma2 R_res(T(v), p T_all)
+    (gamma1 = 0: the steering ablation, pruning by accuracy and resources only)."""
+    loss = weights.classification * F.cross_entropy(logits, labels)
+    if weights.gamma1:
+        loss = loss + weights.gamma1 * interpretation_loss(target_codes, codes, decoder, weights.interpretation_units)
+    return loss + weights.gamma2 * resource_loss(macs, target_macs)

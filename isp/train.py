@@ -1,0 +1,578 @@
+"""Training: the resumable loop, one function per stage (predictor Eq. 6-7, selector Eq. 8-9, gate search
+Eq. 10, fine-tuning) and the ``Pipeline`` that runs them, each stage writing its artefact to the run directory:
+
+predictor.pt (Eq. 6-7) -> selector.pt (Eq. 8-9) -> targets.pt (C_x on the 5% subset) -> gates.pt (Eq. 10)
+-> slim.pt (physically pruned, checked against the gated network) -> model.pt (fine-tuned) -> metrics.json.
+A stage whose artefact exists is skipped; an interrupted stage resumes from checkpoint.pt (stage name, step,
+every module and optimiser state and the RNG; rewritten every ``save_every`` steps and on a time-budget stop).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.backbones import Backbone, build_backbone, list_backbones
+from common.data import BatchLoader, DatasetSplits, ImageTensors
+from common.method import Budget
+from common.run import (
+    RunDir,
+    atomic_torch_save,
+    atomic_write_json,
+    check_finite,
+    load_checkpoint,
+    progress,
+    read_json,
+    seed_everything,
+)
+from common.training import evaluate_top1
+
+from .config import STAGE_SHARES, ISPSettings
+from .hardware import resolve_channel_group
+from .losses import GateLossWeights, kl_to_classifier, pruning_loss, selector_loss
+from .model import ChannelGates, GateInjector, PrunableMacs, PrunableSite, group_sizes, prunable_sites
+from .rbf import mask_input, rbf_bernoulli, sample_mask, sample_random_rbf_params
+from .selector import DecoderShape, SelectorDecoder, decoder_shape, forward_with_stages
+from .slim import keep_from_json, keep_to_json, kept_indices, slim_copy, slim_vs_gated
+
+CHECK_EVERY = 50
+
+
+@dataclass
+class LoopState:
+    """What a stage keeps across steps besides its modules: free-form tensors or numbers (best model, ...)."""
+
+    step: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def batch_stream(loader: BatchLoader, start_step: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless batches, positioned at ``start_step`` of the loader's epoch sequence (for resuming)."""
+    per_epoch = len(loader)
+    epoch, skip = divmod(start_step, per_epoch)
+    loader.set_epoch(epoch)
+    while True:
+        for i, batch in enumerate(loader):
+            if skip and i < skip:
+                continue
+            yield batch
+        skip = 0
+
+
+def run_steps(run: RunDir, stage: str, stateful: dict[str, Any], total_steps: int,
+              step_fn: Callable[[int], Tensor], *, seconds: float | None = None, save_every: int = 200,
+              on_period: Callable[[int, LoopState], None] | None = None, period: int | None = None,
+              log=None) -> LoopState:
+    """Run ``step_fn(step) -> loss`` until ``total_steps`` or ``seconds`` of training time.
+
+    ``stateful`` maps names to modules / optimisers (anything with state_dict). ``on_period`` runs every
+    ``period`` steps and at the end (validation, best-model tracking through ``LoopState.extra``).
+    """
+    state = LoopState()
+    ckpt_path = run.checkpoint_path
+    if ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("stage") == stage:
+            for name, obj in stateful.items():
+                obj.load_state_dict(ckpt["state"][name])
+            state = LoopState(ckpt["step"], ckpt["seconds"], ckpt.get("extra", {}))
+            torch.set_rng_state(ckpt["rng"])
+            if log:
+                log.info("%s: resumed at step %d", stage, state.step)
+
+    def save() -> None:
+        atomic_torch_save({"stage": stage, "step": state.step, "seconds": state.seconds, "extra": state.extra,
+                           "rng": torch.get_rng_state(),
+                           "state": {k: v.state_dict() for k, v in stateful.items()}}, ckpt_path)
+
+    bar = progress(range(state.step, total_steps), desc=stage, total=total_steps - state.step)
+    for step in bar:
+        start = time.perf_counter()
+        loss = step_fn(step)
+        if loss.is_cuda:  # CUDA runs asynchronously: wait for the step so the time budget counts device time
+            torch.cuda.synchronize(loss.device)
+        if step % CHECK_EVERY == 0:
+            check_finite(loss, f"isp {stage} step {step}")
+            if log:
+                log.info("%s step %d/%d loss %.4f", stage, step, total_steps, float(loss.detach()))
+        state.seconds += time.perf_counter() - start
+        state.step = step + 1
+        done = state.step == total_steps
+        out_of_time = seconds is not None and state.seconds >= seconds
+        if on_period is not None and period and (state.step % period == 0 or done or out_of_time):
+            on_period(state.step, state)
+        if state.step % save_every == 0 or done or out_of_time:
+            save()
+        if out_of_time:
+            if log:
+                log.info("%s: time budget of %.0f s reached at step %d/%d", stage, seconds, state.step,
+                         total_steps)
+            break
+    return state
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode (BN statistics fixed) and no gradients: the classifier and predictor are never updated."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def random_masks(batch: int, size: tuple[int, int], kind: str, device: torch.device, tau: float,
+                 sigma_max: float | None = None) -> Tensor:
+    """The predictor's training masks: random RBF Bernoulli masks (Eq. 7), or Bernoulli(0.5) per pixel for
+    REAL-X (supplementary Eq. 8), sampled with ``sample_mask`` at ``tau``: the same sampler and temperature
+    the selector's objective uses, so the predictor is trained on the masks it will score."""
+    if kind == "realx":
+        probs = torch.full((batch, *size), 0.5, device=device)
+    else:
+        probs = rbf_bernoulli(sample_random_rbf_params(batch, *size, device=device, sigma_max=sigma_max), *size)
+    return sample_mask(probs, tau)
+
+
+def train_predictor(run: RunDir, classifier: Backbone, predictor: Backbone, loader: BatchLoader, steps: int, *,
+                    lr: float, weight_decay: float, kind: str, tau: float, seconds: float | None, log,
+                    sigma_max: float | None = None, save_every: int = 200) -> LoopState:
+    """Eq. 6: min_theta E_x E_(c, sigma) E_m' KL(Q_class(y | x) || q_pred(y | m'(x))), m' relaxed at ``tau``."""
+    freeze(classifier)
+    predictor.train()
+    optimizer = torch.optim.Adam(predictor.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    batches = None
+
+    def step(i: int) -> Tensor:
+        nonlocal batches
+        if batches is None:
+            batches = batch_stream(loader, i)
+        x, _ = next(batches)
+        with torch.no_grad():
+            teacher = classifier(x)
+        masks = random_masks(len(x), tuple(x.shape[-2:]), kind, x.device, tau, sigma_max)
+        loss = kl_to_classifier(teacher, predictor(mask_input(x, masks)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return run_steps(run, "predictor", {"predictor": predictor, "optimizer": optimizer}, steps, step,
+                     seconds=seconds, save_every=save_every, log=log)
+
+
+def train_selector(run: RunDir, classifier: Backbone, predictor: Backbone, decoder: SelectorDecoder,
+                   loader: BatchLoader, steps: int, *, lr: float, weight_decay: float, lambda1: float,
+                   lambda2: float, tau: float, seconds: float | None, log,
+                   save_every: int = 200) -> LoopState:
+    """Only the decoder learns; the encoder (the classifier's backbone) and the predictor stay frozen."""
+    freeze(classifier)
+    freeze(predictor)
+    decoder.train()
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    batches = None
+
+    def step(i: int) -> Tensor:
+        nonlocal batches
+        if batches is None:
+            batches = batch_stream(loader, i)
+        x, _ = next(batches)
+        with torch.no_grad():
+            logits, stages = forward_with_stages(classifier, x)
+        code = decoder.code(stages, logits.argmax(1))
+        parts = selector_loss(logits, predictor, x, decoder.probabilities(code), lambda1=lambda1,
+                              lambda2=lambda2, tau=tau)
+        optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        optimizer.step()
+        return parts.total
+
+    return run_steps(run, "selector", {"decoder": decoder, "optimizer": optimizer}, steps, step,
+                     seconds=seconds, save_every=save_every, log=log)
+
+
+@torch.no_grad()
+def explanation_targets(classifier: Backbone, decoder: SelectorDecoder, images: Tensor, batch_size: int = 256
+                        ) -> tuple[Tensor, Tensor]:
+    """C_x of Eq. 10 for every image (the unpruned selector's code) and the class it explains."""
+    freeze(classifier)
+    decoder.eval()
+    codes, classes = [], []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        logits, stages = forward_with_stages(classifier, x)
+        target = logits.argmax(1)
+        codes.append(decoder.code(stages, target))
+        classes.append(target)
+    return torch.cat(codes), torch.cat(classes)
+
+
+@dataclass
+class PruningSubset:
+    """The 5% subset of Eq. 10 with its stored targets, as tensors on the training device."""
+
+    images: Tensor  # float in [0, 1]
+    labels: Tensor
+    codes: Tensor  # C_x
+    explained: Tensor  # class whose explanation C_x is
+
+
+def subset_batches(subset: PruningSubset, batch_size: int, start_step: int, seed: int):
+    """Shuffled, unaugmented batches (C_x was computed on the unaugmented image), resumable by step."""
+    n = len(subset.labels)
+    per_epoch = max(1, n // batch_size)
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).to(subset.labels.device)
+        for b in range(skip, per_epoch):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            yield subset.images[idx], subset.labels[idx], subset.codes[idx], subset.explained[idx]
+        epoch, skip = epoch + 1, 0
+
+
+def search_gates(run: RunDir, classifier: Backbone, decoder: SelectorDecoder, sites: list[PrunableSite],
+                 gates: ChannelGates, macs: PrunableMacs, subset: PruningSubset, steps: int, *, batch_size: int,
+                 lr: float, weights: GateLossWeights, seed: int, seconds: float | None, log,
+                 save_every: int = 200) -> LoopState:
+    """Eq. 10: min_theta CE(f(x; W, v), y) + gamma1 ||C_x - f_sel(x; beta, v)||^2 + gamma2 R_res(T(v), p T_all).
+    W (classifier) and beta (decoder) are frozen; only the gate logits theta learn."""
+    freeze(classifier)
+    freeze(decoder)
+    optimizer = torch.optim.Adam(gates.parameters(), lr=lr)
+    target_macs = weights.target_ratio * macs.total
+    injector = GateInjector(sites)
+    batches = None
+
+    def step(i: int) -> Tensor:
+        nonlocal batches
+        if batches is None:
+            batches = subset_batches(subset, batch_size, i, seed)
+        x, y, codes, explained = next(batches)
+        values = gates.sample()
+        injector.values = values
+        with injector:
+            logits, stages = forward_with_stages(classifier, x)
+            code = decoder.code(stages, explained)
+        loss = pruning_loss(logits, y, codes, code, decoder, macs(values), target_macs, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return run_steps(run, "gates", {"gates": gates, "optimizer": optimizer}, steps, step, seconds=seconds,
+                     save_every=save_every, log=log)
+
+
+def finetune(run: RunDir, model: Backbone, loader: BatchLoader, val_loader: BatchLoader, steps: int, *, lr: float,
+             momentum: float, weight_decay: float, schedule: str, val_every: int, seconds: float | None, log,
+             save_every: int = 200) -> LoopState:
+    """SGD fine-tuning of the slim model; the step with the best validation top-1 is kept (never the test set)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    batches = None
+
+    def lr_at(i: int) -> float:
+        if schedule == "cosine":
+            return 0.5 * lr * (1 + math.cos(math.pi * i / steps))
+        if schedule == "step":  # x0.1 at 50% and 75% of training (the reference recipe)
+            return lr * (0.1 ** ((i >= steps // 2) + (i >= 3 * steps // 4)))
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'cosine' or 'step'")
+
+    def step(i: int) -> Tensor:
+        nonlocal batches
+        if batches is None:
+            batches = batch_stream(loader, i)
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(i)
+        x, y = next(batches)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def validate(done: int, state: LoopState) -> None:
+        top1 = evaluate_top1(model, val_loader, desc="validate")
+        model.train()
+        if log:
+            log.info("finetune step %d: val top-1 %.2f", done, top1)
+        if top1 > state.extra.get("best_val_top1", -1.0):
+            state.extra["best_val_top1"] = top1
+            state.extra["best_step"] = done
+            state.extra["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    state = run_steps(run, "finetune", {"model": model, "optimizer": optimizer}, steps, step, seconds=seconds,
+                      on_period=validate, period=val_every, save_every=save_every, log=log)
+    if "best_state" in state.extra:
+        model.load_state_dict(state.extra["best_state"])
+    model.eval()
+    return state
+
+
+def subset_indices(n: int, fraction: float, seed: int) -> Tensor:
+    """A fixed random ``fraction`` of the training set (at least one image)."""
+    count = max(1, round(fraction * n))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]
+
+
+def images_as_float(split: ImageTensors, device: torch.device) -> Tensor:
+    return split.images.to(device).float().div_(255.0)
+
+
+def clone_backbone(model: Backbone) -> Backbone:
+    return copy.deepcopy(model)
+
+
+STAGES = ("predictor", "selector", "targets", "gates", "slim", "finetune", "evaluate")
+# The slim network must compute what the gated one computes; float32 reorderings stay far below this.
+SLIM_TOLERANCE = 1e-3
+# Checkpoint at least every epoch, and every 200 steps within long epochs.
+SAVE_EVERY = 200
+
+
+class StageOrderError(RuntimeError):
+    """A single stage was requested before the stages it depends on have written their artefacts."""
+
+
+def identify_backbone(model: Backbone) -> str:
+    """The registry name whose architecture has exactly ``model``'s parameter names and shapes."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    num_classes = model.classifier.out_features
+    for name in list_backbones():
+        candidate = build_backbone(name, num_classes).state_dict()
+        if {k: tuple(v.shape) for k, v in candidate.items()} == own:
+            return name
+    raise ValueError(f"{type(model).__name__} matches no registered backbone; ISP needs one of {list_backbones()}")
+
+
+def save_backbone(path: Path, name: str, model: Backbone, keep: dict[str, list[int]] | None) -> None:
+    """A (possibly slim) backbone as registry name + kept channels + state dict: rebuildable, no pickled code."""
+    atomic_torch_save({"backbone": name, "num_classes": model.classifier.out_features, "keep": keep,
+                       "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+
+
+def load_backbone(path: Path, device: torch.device | str = "cpu",
+                  input_size: tuple[int, int, int] = (3, 32, 32)) -> Backbone:
+    blob = load_checkpoint(path)
+    model = build_backbone(blob["backbone"], blob["num_classes"])
+    if blob["keep"] is not None:
+        model = slim_copy(model, keep_from_json(prunable_sites(model, input_size), blob["keep"]), input_size)
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval()
+
+
+def save_decoder(path: Path, decoder: SelectorDecoder) -> None:
+    atomic_torch_save({"kind": decoder.kind, "shape": asdict(decoder.shape),
+                       "centre_margin": getattr(decoder.head, "centre_margin", None),
+                       "state_dict": decoder.state_dict()}, path)
+
+
+def load_decoder(path: Path, device: torch.device | str = "cpu") -> SelectorDecoder:
+    blob = load_checkpoint(path)
+    shape = blob["shape"]
+    shape = DecoderShape(list(shape["stage_channels"]), [tuple(s) for s in shape["stage_sizes"]],
+                         tuple(shape["image_size"]), shape["num_classes"])
+    decoder = SelectorDecoder(shape, blob["kind"], centre_margin=blob["centre_margin"] or 2.0)
+    decoder.load_state_dict(blob["state_dict"])
+    return decoder.to(device).eval()
+
+
+class Pipeline:
+    """Runs (or resumes) every stage for one classifier, dataset, budget and settings."""
+
+    def __init__(self, out_dir: str | Path, classifier: Backbone, data: DatasetSplits, budget: Budget,
+                 settings: ISPSettings, device: torch.device, seed: int = 0, backbone_name: str | None = None):
+        self.run_dir = RunDir(out_dir)
+        self.log = self.run_dir.logger("isp")
+        self.device = device
+        self.seed = seed
+        self.data = data
+        self.budget = budget
+        self.settings = settings
+        self.name = backbone_name or identify_backbone(classifier)
+        self.image_size = data.image_size
+        self.input_size = (3, *self.image_size)
+        self.classifier_path = self.run_dir.file("classifier.pt")
+        if not self.classifier_path.is_file():
+            save_backbone(self.classifier_path, self.name, classifier, None)
+        # The run's own copy, so freezing it never touches the caller's model.
+        self.classifier = load_backbone(self.classifier_path, device, self.input_size)
+        self.seconds_path = self.run_dir.file("stage_seconds.json")
+        self.channel_group = resolve_channel_group(settings.channel_group, device)
+
+    # --- bookkeeping -------------------------------------------------------------------------------------
+    def path(self, stage: str) -> Path:
+        return self.run_dir.file({"predictor": "predictor.pt", "selector": "selector.pt", "targets": "targets.pt",
+                                  "gates": "gates.pt", "slim": "slim.pt", "finetune": "model.pt",
+                                  "evaluate": "metrics.json"}[stage])
+
+    def _record_seconds(self, stage: str, seconds: float) -> None:
+        record = read_json(self.seconds_path) if self.seconds_path.is_file() else {}
+        record[stage] = seconds
+        atomic_write_json(record, self.seconds_path)
+
+    def train_seconds(self) -> float:
+        return float(sum(read_json(self.seconds_path).values())) if self.seconds_path.is_file() else 0.0
+
+    def _steps(self, stage: str, per_epoch: int) -> int:
+        epochs = self.settings.stage_epochs(stage, self.budget.epochs)
+        return Budget(epochs, max_batches=self.budget.max_batches).batches(per_epoch)
+
+    def _seconds(self, stage: str) -> float | None:
+        if self.budget.seconds is None:
+            return None
+        return STAGE_SHARES.get(stage, 0.0) * self.budget.seconds
+
+    def _loader(self, batch: int, train: bool = True, split: str = "train") -> BatchLoader:
+        return BatchLoader(getattr(self.data, split), batch, train=train, device=self.device, seed=self.seed)
+
+    def _require(self, stage: str) -> Path:
+        path = self.path(stage)
+        if not path.is_file():
+            raise StageOrderError(f"stage {stage!r} has not been run in {self.run_dir.path} ({path.name} is missing);"
+                                  f" run `python -m isp train` without --stage, or with --stage {stage} first")
+        return path
+
+    # --- stages ------------------------------------------------------------------------------------------
+    def run(self, only: str | None = None) -> None:
+        if only is not None and only not in STAGES:
+            raise ValueError(f"unknown stage {only!r}; stages are {', '.join(STAGES)}")
+        for stage in STAGES:
+            if only is not None and stage != only:
+                continue
+            # Evaluation is cheap and re-run on request; training stages never repeat once their artefact exists.
+            if self.path(stage).is_file() and not (stage == "evaluate" and only == "evaluate"):
+                self.log.info("stage %s: %s exists, skipped", stage, self.path(stage).name)
+                continue
+            seed_everything(self.seed + STAGES.index(stage))
+            self.log.info("stage %s: start", stage)
+            getattr(self, f"_stage_{stage}")()
+            self.log.info("stage %s: done", stage)
+
+    def _stage_predictor(self) -> None:
+        s = self.settings
+        predictor = build_backbone(self.name, self.data.num_classes)
+        if s.predictor_from_classifier:
+            predictor.load_state_dict(self.classifier.state_dict())
+        predictor.to(self.device)
+        loader = self._loader(s.predictor_batch)
+        state = train_predictor(self.run_dir, self.classifier, predictor, loader,
+                                       self._steps("predictor", len(loader)), lr=s.predictor_lr,
+                                       weight_decay=s.predictor_weight_decay, kind=s.selector,
+                                       tau=s.mask_tau, sigma_max=s.predictor_sigma_max,
+                                       seconds=self._seconds("predictor"), log=self.log,
+                                       save_every=min(SAVE_EVERY, len(loader)))
+        save_backbone(self.path("predictor"), self.name, predictor, None)
+        self._record_seconds("predictor", state.seconds)
+
+    def _stage_selector(self) -> None:
+        s = self.settings
+        predictor = load_backbone(self._require("predictor"), self.device, self.input_size)
+        shape = decoder_shape(self.classifier, self.image_size, self.data.num_classes)
+        decoder = SelectorDecoder(shape, s.selector, s.centre_margin, s.sigma_bias).to(self.device)
+        loader = self._loader(s.selector_batch)
+        state = train_selector(self.run_dir, self.classifier, predictor, decoder, loader,
+                                      self._steps("selector", len(loader)), lr=s.selector_lr,
+                                      weight_decay=s.selector_weight_decay, lambda1=s.lambda1,
+                                      lambda2=s.lambda2 if s.selector == "rbf" else 0.0, tau=s.mask_tau,
+                                      seconds=self._seconds("selector"), log=self.log,
+                                      save_every=min(SAVE_EVERY, len(loader)))
+        save_decoder(self.path("selector"), decoder)
+        self._record_seconds("selector", state.seconds)
+
+    def _stage_targets(self) -> None:
+        decoder = load_decoder(self._require("selector"), self.device)
+        indices = subset_indices(len(self.data.train), self.settings.subset_fraction, self.seed)
+        images = images_as_float(self.data.train.subset(indices), self.device)
+        codes, explained = explanation_targets(self.classifier, decoder, images)
+        atomic_torch_save({"indices": indices, "codes": codes.cpu(), "explained": explained.cpu()},
+                          self.path("targets"))
+
+    def _subset(self) -> PruningSubset:
+        blob = load_checkpoint(self._require("targets"))
+        split = self.data.train.subset(blob["indices"])
+        return PruningSubset(images_as_float(split, self.device), split.labels.to(self.device),
+                                    blob["codes"].to(self.device), blob["explained"].to(self.device))
+
+    def _gates(self) -> tuple[list, ChannelGates, PrunableMacs]:
+        sites = prunable_sites(self.classifier, self.input_size)
+        channels = [s.channels for s in sites]
+        groups = group_sizes(channels, self.channel_group)
+        gates = ChannelGates(channels, self.settings.gate_bias, self.settings.gate_tau, groups)
+        return sites, gates.to(self.device), PrunableMacs(self.classifier, sites, self.input_size)
+
+    def _stage_gates(self) -> None:
+        s = self.settings
+        decoder = load_decoder(self._require("selector"), self.device)
+        subset = self._subset()
+        sites, gates, macs = self._gates()
+        per_epoch = max(1, len(subset.labels) // s.gate_batch)
+        weights = GateLossWeights(s.classification_weight, s.gamma1, s.gamma2, s.target_ratio,
+                                        s.interpretation_units)
+        state = search_gates(self.run_dir, self.classifier, decoder, sites, gates, macs, subset,
+                                    self._steps("gates", per_epoch), batch_size=s.gate_batch, lr=s.gate_lr,
+                                    weights=weights, seed=self.seed, seconds=self._seconds("gates"), log=self.log,
+                                    save_every=min(SAVE_EVERY, per_epoch))
+        hard = gates.hard()
+        keep = keep_to_json(sites, kept_indices(hard))
+        ratio = float(macs(hard)) / macs.total
+        self.log.info("gates: prunable MACs kept %.3f (target p = %.3f)", ratio, s.target_ratio)
+        atomic_torch_save({"theta": gates.theta.detach().cpu(), "keep": keep, "prunable_kept_ratio": ratio,
+                           "channel_groups": gates.groups,
+                           "prunable_macs_total": macs.total}, self.path("gates"))
+        self._record_seconds("gates", state.seconds)
+
+    def _stage_slim(self) -> None:
+        blob = load_checkpoint(self._require("gates"))
+        sites = prunable_sites(self.classifier, self.input_size)
+        keep = keep_from_json(sites, blob["keep"])
+        slim = slim_copy(self.classifier, keep, self.input_size)
+        hard = [torch.zeros(s.channels, device=self.device).index_fill_(0, k.to(self.device), 1.0)
+                for s, k in zip(sites, keep)]
+        x, _ = next(iter(self._loader(64, train=False, split="val")))
+        difference = slim_vs_gated(self.classifier, slim, sites, hard, x)
+        if difference > SLIM_TOLERANCE:
+            raise RuntimeError(f"the slim network differs from the gated one by {difference:.2e} (> "
+                               f"{SLIM_TOLERANCE}); physical pruning is broken for backbone {self.name}")
+        self.log.info("slim: max |logit difference| to the gated network %.2e", difference)
+        save_backbone(self.path("slim"), self.name, slim, blob["keep"])
+        atomic_write_json({"max_abs_logit_difference": difference}, self.run_dir.file("slim_check.json"))
+
+    def _stage_finetune(self) -> None:
+        s = self.settings
+        model = load_backbone(self._require("slim"), self.device, self.input_size)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        loader = self._loader(s.finetune_batch)
+        val_loader = self._loader(256, train=False, split="val")
+        steps = self._steps("finetune", len(loader))
+        val_every = max(1, round(s.val_every_epochs * len(loader)))
+        state = finetune(self.run_dir, model, loader, val_loader, steps, lr=s.finetune_lr,
+                                momentum=s.finetune_momentum, weight_decay=s.finetune_weight_decay,
+                                schedule=s.finetune_schedule, val_every=min(val_every, steps),
+                                seconds=self._seconds("finetune"), log=self.log,
+                                save_every=min(SAVE_EVERY, len(loader)))
+        save_backbone(self.path("finetune"), self.name, model, load_checkpoint(self.path("slim"))["keep"])
+        self._record_seconds("finetune", state.seconds)
+
+    def _stage_evaluate(self) -> None:
+        from .evaluate import evaluate_run
+
+        metrics = evaluate_run(self)
+        self.run_dir.write_metrics(metrics)
+
+    # --- products ----------------------------------------------------------------------------------------
+    def final_model(self) -> Backbone:
+        return load_backbone(self._require("finetune"), self.device, self.input_size)
+
+    def decoder(self) -> SelectorDecoder:
+        return load_decoder(self._require("selector"), self.device)
+
+
