@@ -18,8 +18,17 @@ from tabulate import tabulate
 
 from common.run import CheckpointError, read_json
 
+from .explain_metrics import COLUMNS as EXPLANATION_COLUMNS
+from .explain_metrics import FAITHFULNESS
 from .jobs import Context, Job, read_metrics
 from .metrics import COLUMNS
+
+# Reference rows: the baseline model explained by a control map, scored exactly like every method's own map.
+CONTROL_ROWS = {"control: random map": "random", "control: centre map": "centre"}
+INTERPRETABILITY_COLUMNS = (*EXPLANATION_COLUMNS, "mis", "mis_control", "mis_lift")
+# Whose MIS a row's MIS is compared with (same seed): PICNN's own lambda = 0 run, else the plain baseline.
+MIS_CONTROL = {"picnn": "picnn-lambda0"}
+COST_COLUMNS = tuple(c for c in COLUMNS if c not in INTERPRETABILITY_COLUMNS)
 
 # column -> (markdown header, scale, decimals)
 DISPLAY: dict[str, tuple[str, float, int]] = {
@@ -33,11 +42,21 @@ DISPLAY: dict[str, tuple[str, float, int]] = {
     "latency_b128_ms": ("CPU ms b128", 1.0, 1),
     "speedup_b1": ("speedup b1", 1.0, 2),
     "speedup_b128": ("speedup b128", 1.0, 2),
-    "own_deletion_auc": ("own del. AUC ↓", 1.0, 3),
-    "own_insertion_auc": ("own ins. AUC ↑", 1.0, 3),
-    "gradcam_deletion_auc": ("Grad-CAM del. AUC ↓", 1.0, 3),
-    "gradcam_insertion_auc": ("Grad-CAM ins. AUC ↑", 1.0, 3),
+    **{f"{e}_{m}": (f"{label} {what}", 1.0, 3)
+       for e, label in (("own", "own"), ("gradcam", "Grad-CAM"), ("random", "random"), ("centre", "centre"))
+       for m, what in (("deletion_auc", "del. ↓"), ("insertion_auc", "ins. ↑"), ("road_gap", "ROAD gap ↑"))},
+    "own_deletion_lift": ("own del. lift ↑", 1.0, 3),
+    "own_insertion_lift": ("own ins. lift ↑", 1.0, 3),
+    "own_road_lift": ("own ROAD lift ↑", 1.0, 3),
+    "own_sanity_spearman": ("own sanity ρ ↓", 1.0, 2),
+    "gradcam_sanity_spearman": ("Grad-CAM sanity ρ ↓", 1.0, 2),
+    "random_sanity_spearman": ("random sanity ρ", 1.0, 2),
+    "centre_sanity_spearman": ("centre sanity ρ", 1.0, 2),
+    "drift_spearman": ("drift ρ ↑", 1.0, 2),
+    "drift_top10": ("drift top-10% ↑", 1.0, 2),
     "mis": ("MIS", 1.0, 4),
+    "mis_control": ("MIS of control", 1.0, 4),
+    "mis_lift": ("MIS lift ↑", 1.0, 4),
     "dynamic_filter_share": ("dyn. filter share", 1.0, 3),
     "train_seconds": ("train s", 1.0, 0),
 }
@@ -65,7 +84,7 @@ def collect_runs(ctx: Context, jobs: Sequence[Job]) -> pd.DataFrame:
     for column in (*COLUMNS, "error"):
         if column not in runs:
             runs[column] = np.nan
-    return _with_delta(runs)
+    return _with_mis_control(_with_delta(runs))
 
 
 def _with_delta(runs: pd.DataFrame) -> pd.DataFrame:
@@ -77,6 +96,45 @@ def _with_delta(runs: pd.DataFrame) -> pd.DataFrame:
         return runs
     reference = runs["seed"].map(base).fillna(base.mean())
     runs["delta_top1"] = np.where(done, runs["top1"] - reference, np.nan)
+    return runs
+
+
+def with_control_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` plus, for every baseline run, one row per control map in the place of the own explanation.
+
+    In a control row the ``own_*`` faithfulness and sanity columns hold the control map's scores on the
+    baseline model and the lifts are taken against the random map again (0 for the random row itself).
+    """
+    base = runs[runs["method"] == "baseline"]
+    extra = []
+    for name, control in CONTROL_ROWS.items():
+        rows = base.copy()
+        rows["method"] = name
+        for m in FAITHFULNESS:
+            if f"{control}_{m}" in rows:
+                rows[f"own_{m}"] = rows[f"{control}_{m}"]
+        if f"{control}_sanity_spearman" in rows:
+            rows["own_sanity_spearman"] = rows[f"{control}_sanity_spearman"]
+        if {"random_deletion_auc", "random_insertion_auc", "random_road_gap"} <= set(rows.columns):
+            rows["own_deletion_lift"] = rows["random_deletion_auc"] - rows["own_deletion_auc"]
+            rows["own_insertion_lift"] = rows["own_insertion_auc"] - rows["random_insertion_auc"]
+            rows["own_road_lift"] = rows["own_road_gap"] - rows["random_road_gap"]
+        extra.append(rows)
+    return pd.concat([runs, *extra], ignore_index=True) if extra else runs
+
+
+def _with_mis_control(runs: pd.DataFrame) -> pd.DataFrame:
+    """MIS of each run's control (``MIS_CONTROL``, else the baseline) of the same seed, and the lift over it."""
+    done = runs["status"] == "finished"
+    runs["mis_control"] = np.nan
+    for method in runs["method"].unique():
+        control = MIS_CONTROL.get(method, "baseline")
+        ref = runs[done & (runs["method"] == control)].set_index("seed")["mis"]
+        if ref.empty:
+            continue
+        mine = done & (runs["method"] == method)
+        runs.loc[mine, "mis_control"] = runs.loc[mine, "seed"].map(ref).fillna(ref.mean())
+    runs["mis_lift"] = runs["mis"] - runs["mis_control"]
     return runs
 
 
@@ -112,14 +170,14 @@ def _cell(mean: float, std: float, scale: float, decimals: int) -> str:
     return text if std is None or not math.isfinite(std) else f"{text} ± {std * scale:.{decimals}f}"
 
 
-def markdown_table(board: pd.DataFrame) -> str:
-    headers = ["method", "seeds", *(DISPLAY[c][0] for c in COLUMNS), "error"]
+def markdown_table(board: pd.DataFrame, columns: Sequence[str] = COLUMNS) -> str:
+    headers = ["method", "seeds", *(DISPLAY[c][0] for c in columns), "error"]
     body = []
     for _, row in board.iterrows():
         seeds = f"{row['seeds_finished']}/{row['seeds_total']}"
         if row["status"] != "ok":
             seeds += f" ({row['status']})"
-        cells = [_cell(row[f"{c}_mean"], row[f"{c}_std"], *DISPLAY[c][1:]) for c in COLUMNS]
+        cells = [_cell(row[f"{c}_mean"], row[f"{c}_std"], *DISPLAY[c][1:]) for c in columns]
         error = str(row["error"])
         body.append([row["method"], seeds, *cells, error[:160] + ("…" if len(error) > 160 else "")])
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
@@ -142,7 +200,9 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
     out = ctx.results_dir
     out.mkdir(parents=True, exist_ok=True)
     runs = collect_runs(ctx, jobs)
-    board = aggregate(runs, methods)
+    controls = list(CONTROL_ROWS) if "baseline" in methods else []  # the controls explain the baseline model
+    board = aggregate(with_control_rows(runs), [*methods, *controls])
+    methods_only = board[~board["method"].isin(list(CONTROL_ROWS))]
     preset = ctx.preset
     budget = preset.budget()
     header = (f"# Leaderboard: preset `{preset.name}`\n\n"
@@ -151,8 +211,21 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
               f"{f', max {budget.max_batches} batches/epoch' if budget.max_batches else ''}"
               f"{f', {budget.seconds} s' if budget.seconds else ''}; batch {preset.batch_size}; "
               f"seeds {', '.join(map(str, preset.seeds))} (mean ± sample std over finished seeds).\n\n")
-    extras = _method_metrics_section(board)
-    text = header + markdown_table(board) + "\n"
+    splits = sorted(set(runs["split"].dropna().astype(str))) if "split" in runs else []
+    halves = any("half" in t for t in splits)
+    header += (f"Every figure is measured on the {' / '.join(splits) or 'test split'}"
+               f"{'; validation (any selection) is the other half of the test set' if halves else ''}."
+               " Arrows: ↓ lower is better, ↑ higher is better.\n\n")
+    extras = _method_metrics_section(methods_only)
+    text = (header + "## Accuracy and cost\n\n" + markdown_table(methods_only, COST_COLUMNS) + "\n\n"
+            + "## Interpretability, beside its controls\n\n"
+            + "Faithfulness of each row's own explanation (tiled deletion / insertion on a blurred canvas, ROAD"
+            " gap), the same metrics for Grad-CAM and for random and centred maps on the same model, the own"
+            " map's lift over the random map, the randomisation sanity test (ρ after all weights are random) and"
+            " Grad-CAM drift from the start. The two control rows explain the baseline model with a random and"
+            " a centred map: a method's own map that does not beat them is no better than noise or centre"
+            " bias.\n\n"
+            + markdown_table(board, ("top1", *INTERPRETABILITY_COLUMNS)) + "\n")
     if extras:
         text += "\nMethod-specific metrics (means over seeds):\n\n" + extras + "\n"
     paths = {"md": out / "leaderboard.md", "csv": out / "leaderboard.csv", "json": out / "leaderboard.json",
@@ -161,7 +234,7 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
     _atomic_text(paths["csv"], board.to_csv(index=False))
     _atomic_text(paths["json"], board.to_json(orient="records", indent=2) + "\n")  # NaN -> null
     _atomic_text(paths["runs"], runs.to_csv(index=False))
-    pareto_figure(board, paths["pareto"])
+    pareto_figure(methods_only, paths["pareto"])
     explanations_figure(ctx, jobs, methods, paths["explanations"])
     return paths
 

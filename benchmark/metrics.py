@@ -1,14 +1,14 @@
 """The same metrics for every model a method returns (see README "Columns" for exact definitions).
 
 Accuracy and MACs use the whole test set; deletion / insertion AUC and MIS use fixed subsets of it drawn
-with ``MetricSpec.subset_seed``, identical for every method and seed. Latency is measured on a CPU copy of
-the model, back to back with the preset's start architecture in the same process, so that the speedup is
-a ratio of two timings taken under the same machine load.
+with ``MetricSpec.subset_seed``, identical for every method and seed. Latency is measured on the deployed
+form (``common.deploy``: BatchNorm folded, channels_last, bf16 weights where the precision policy picks bf16)
+of CPU copies of the model and of the preset's start architecture, timed side by side in interleaved calls
+(``common.speed``), so that the speedup is a ratio of two like-for-like timings under the same machine load.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,12 +19,17 @@ from torch import Tensor, nn
 
 from common.backbones import Backbone
 from common.data import BatchLoader, DatasetSplits
-from common.explain import deletion_curve, grad_cam, insertion_curve, mis, pooled_activations, saliency_to_unit
+from common.deploy import deepcopy_module, deploy
+from common.explain import mis, pooled_activations, saliency_to_unit
 from common.macs import count_macs, count_params
 from common.method import MethodResult
+from common.precision import resolve_precision
 from common.run import progress
-from common.training import evaluate_top1, measure_latency
+from common.speed import class_mixed_images, time_side_by_side
+from common.training import evaluate_top1
 
+from .explain_metrics import COLUMNS as EXPLANATION_COLUMNS
+from .explain_metrics import explanation_columns
 from .presets import MetricSpec
 
 SALIENCY_CHUNK = 32
@@ -33,8 +38,8 @@ SALIENCY_CHUNK = 32
 COLUMNS = (
     "top1", "delta_top1", "dense_macs", "mean_macs", "mac_reduction_pct", "params",
     "latency_b1_ms", "latency_b128_ms", "speedup_b1", "speedup_b128",
-    "own_deletion_auc", "own_insertion_auc", "gradcam_deletion_auc", "gradcam_insertion_auc",
-    "mis", "dynamic_filter_share", "train_seconds",
+    *EXPLANATION_COLUMNS,
+    "mis", "mis_control", "mis_lift", "dynamic_filter_share", "train_seconds",
 )
 
 
@@ -83,14 +88,6 @@ def _chunked_maps(fn: Callable[[Tensor, Tensor], Tensor], images: Tensor, labels
     return torch.cat(maps)
 
 
-def _auc_pair(model: nn.Module, images: Tensor, maps: Tensor, labels: Tensor, spec: MetricSpec
-              ) -> tuple[float, float]:
-    kwargs = {"steps": spec.perturbation_steps, "step_fraction": spec.step_fraction}
-    deletion = deletion_curve(model, images, maps, labels, **kwargs).auc.mean().item()
-    insertion = insertion_curve(model, images, maps, labels, **kwargs).auc.mean().item()
-    return deletion, insertion
-
-
 @torch.no_grad()
 def _dynamic_pass(result: MethodResult, loader: BatchLoader) -> tuple[float, float]:
     """(top-1 % from the dynamic forward, mean per-sample MACs) over the whole test set."""
@@ -107,18 +104,38 @@ def _dynamic_pass(result: MethodResult, loader: BatchLoader) -> tuple[float, flo
     return 100.0 * correct / count, macs / count
 
 
-def _latencies(model: nn.Module, start: nn.Module, input_size: tuple[int, int, int], spec: MetricSpec
-               ) -> tuple[dict[int, float], dict[int, float]]:
-    """Seconds per batch of CPU copies of ``model`` and ``start``, measured in alternating rounds; each
-    figure is the minimum over rounds of ``measure_latency``'s median, which is robust to other processes
-    competing for the CPU."""
-    models = (copy.deepcopy(model).cpu().eval(), copy.deepcopy(start).cpu().eval())
+def latency_bf16(spec: MetricSpec) -> bool:
+    """Whether the deployed forms timed for the latency columns hold bf16 weights: the precision policy
+    (``spec.precision`` when the preset names one, else ``auto``) resolved for this CPU."""
+    return resolve_precision(getattr(spec, "precision", "auto"), "cpu").name == "bf16"
+
+
+def latency_form(spec: MetricSpec) -> str:
+    """How the latency columns were measured, for metrics.json and the leaderboard."""
+    dtype = "bf16 weights" if latency_bf16(spec) else "fp32"
+    return f"deployed (BN folded, channels_last, {dtype}), cpu, {torch.get_num_threads()} thread(s)"
+
+
+def _latencies(model: nn.Module, start: nn.Module, input_size: tuple[int, int, int], spec: MetricSpec,
+               images: Tensor | None = None) -> tuple[dict[int, float], dict[int, float]]:
+    """Seconds per batch of the deployed forms (``common.deploy.deploy``) of CPU copies of ``model`` and
+    ``start``, timed side by side (``common.speed.time_side_by_side``: interleaved calls, median) on
+    ``images`` (class-mixed test images: per-input execution depends on them; random pixels when None).
+    Each figure is the minimum over ``spec.latency_rounds`` rounds, robust to other processes competing
+    for the CPU. A deployed form that does not reproduce its model raises ``common.deploy.DeployError``."""
+    if images is None:
+        images = torch.rand(max(spec.latency_batches), *input_size, generator=torch.Generator().manual_seed(0))
+    images = images.cpu()
+    bf16 = latency_bf16(spec)
+    forms = {name: deploy(deepcopy_module(candidate).cpu().eval(), bf16=bf16, example=images[:8])
+             for name, candidate in (("model", model), ("start", start))}
     best: tuple[dict[int, float], dict[int, float]] = ({}, {})
     for _ in range(spec.latency_rounds):
-        for which, candidate in enumerate(models):
+        timing = time_side_by_side(forms, images, spec.latency_batches, min_repeats=spec.latency_repeats,
+                                   reference="start")
+        for which, name in enumerate(forms):
             for b in spec.latency_batches:
-                seconds = measure_latency(candidate, input_size, b, "cpu", repeats=spec.latency_repeats)
-                best[which][b] = min(seconds, best[which].get(b, math.inf))
+                best[which][b] = min(timing["batches"][b][name]["seconds"], best[which].get(b, math.inf))
     return best
 
 
@@ -158,7 +175,9 @@ def evaluate_result(result: MethodResult, start: nn.Module, data: DatasetSplits,
                    params=float(count_params(model)))
     next(steps, None)
 
-    own_lat, start_lat = _latencies(model, start, input_size, spec)
+    latency_images = class_mixed_images(data.test, max(spec.latency_batches), spec.subset_seed)
+    own_lat, start_lat = _latencies(model, start, input_size, spec, latency_images)
+    metrics["latency_form"] = latency_form(spec)
     for b in spec.latency_batches:
         metrics[f"latency_b{b}_ms"] = 1000.0 * own_lat[b]
         metrics[f"start_latency_b{b}_ms"] = 1000.0 * start_lat[b]
@@ -169,23 +188,18 @@ def evaluate_result(result: MethodResult, start: nn.Module, data: DatasetSplits,
     images = data.test.images[idx].float().div(255.0).to(device)
     labels = data.test.labels[idx].to(device)
     cam_layer = find_cam_layer(model)
+    start = start.to(device).eval()
 
-    def common_cam(x: Tensor, y: Tensor) -> Tensor:
-        return grad_cam(model, cam_layer, x, y)
+    def maps_of(fn: Callable[[Tensor, Tensor], Tensor], what: str) -> Tensor:
+        return _chunked_maps(fn, images, labels, what)
 
-    gradcam_maps = _chunked_maps(common_cam, images, labels, "Grad-CAM")
-    metrics["gradcam_deletion_auc"], metrics["gradcam_insertion_auc"] = _auc_pair(
-        model, images, gradcam_maps, labels, spec)
+    explained, own_maps = explanation_columns(model, start, cam_layer, find_cam_layer(start), result.saliency,
+                                              maps_of, images, labels, spec)
+    metrics.update(explained)
+    # Decoupling and the baseline have no explainer of their own: theirs is the common Grad-CAM.
+    metrics["own_explainer"] = "method" if result.saliency is not None else "gradcam"
+    metrics["split"] = data.test_split_name
     next(steps, None)
-    if result.saliency is not None:
-        own_maps = _chunked_maps(result.saliency, images, labels, "the method's saliency")
-        metrics["own_deletion_auc"], metrics["own_insertion_auc"] = _auc_pair(model, images, own_maps, labels, spec)
-        metrics["own_explainer"] = "method"
-    else:  # Decoupling and the baseline: their own explanation is the common Grad-CAM
-        own_maps = gradcam_maps
-        metrics["own_deletion_auc"] = metrics["gradcam_deletion_auc"]
-        metrics["own_insertion_auc"] = metrics["gradcam_insertion_auc"]
-        metrics["own_explainer"] = "gradcam"
     next(steps, None)
 
     metrics["mis"] = float("nan")

@@ -16,7 +16,16 @@ from typing import Any
 
 from common.method import Budget
 
-METHODS = ("baseline", "drib", "picnn", "decoupling", "isp")
+# Control rows that are a method with its distinctive term switched off, trained under the same budget:
+# row name -> (method package, settings that override the recipe). PICNN with lambda = 0 is the control of
+# its MIS (same architecture and images, no class-cluster loss; evaluation-protocol.md, section 2).
+CONTROL_METHODS: dict[str, tuple[str, dict[str, Any]]] = {"picnn-lambda0": ("picnn", {"lam": 0.0})}
+METHODS = ("baseline", "drib", "picnn", "picnn-lambda0", "decoupling", "isp")
+
+
+def package_of(method: str) -> str:
+    """The package that trains a leaderboard row (a control row names its method's package)."""
+    return CONTROL_METHODS.get(method, (method, {}))[0]
 
 # Where each method reads its training batch size (dotted = nested section). The preset's one batch size is
 # written there unless the preset's own settings for that method name the key. ISP's selector keeps its
@@ -58,17 +67,22 @@ class StartSpec:
 class MetricSpec:
     """Sizes of the fixed, seeded test subsets the metrics use (full test set for accuracy and MACs).
 
-    explain_images: images for deletion / insertion AUC. mis_images: images for MIS (0: no MIS).
-    figure_images: columns of explanations.png. perturbation_steps / step_fraction: the deletion and
-    insertion games (113 steps of 0.9% as in DRIB's Fig. 3). latency_repeats: timed forward passes per
-    round; latency_rounds: alternating rounds of (model, start), the minimum is kept.
+    explain_images: images for the faithfulness metrics and drift. mis_images: images for MIS (0: no MIS).
+    figure_images: columns of explanations.png. game_points / tile: recorded points and tile side (None:
+    2 px at 32 px) of the tiled deletion and insertion games; road_fractions: ROAD's removal fractions;
+    sanity_images / sanity_stages: images and cascade stages of the randomisation sanity test.
+    latency_repeats: timed forward passes per round; latency_rounds: alternating rounds of (model, start),
+    the minimum is kept.
     """
 
     explain_images: int = 200
     mis_images: int = 1000
     figure_images: int = 6
-    perturbation_steps: int = 113
-    step_fraction: float = 0.009
+    game_points: int = 33
+    tile: int | None = None
+    road_fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    sanity_images: int = 16
+    sanity_stages: int = 3
     latency_repeats: int = 20
     latency_rounds: int = 3
     latency_batches: tuple[int, ...] = (1, 128)
@@ -105,11 +119,13 @@ class Preset:
         ``<method>/configs/<recipe>.json`` (its ``*epochs`` keys dropped unless ``recipe_epochs``: the
         shared budget decides the length); the preset's batch size at every key of ``BATCH_SIZE_KEYS``.
         """
-        settings = copy.deepcopy(self.settings.get(method, {}))
+        package = package_of(method)
+        settings = copy.deepcopy(self.settings.get(package, {}))
         if self.recipe and method != "baseline":
-            recipe = read_recipe(method, self.recipe.format(backbone=self.backbone, dataset=self.dataset))
+            recipe = read_recipe(package, self.recipe.format(backbone=self.backbone, dataset=self.dataset))
             settings = _merged(settings, recipe if self.recipe_epochs else _without_epoch_keys(recipe))
-        for dotted in BATCH_SIZE_KEYS.get(method, ()):
+        settings = _merged(settings, CONTROL_METHODS.get(method, (package, {}))[1])
+        for dotted in BATCH_SIZE_KEYS.get(package, ()):
             *sections, key = dotted.split(".")
             node = settings
             for section in sections:
@@ -168,16 +184,17 @@ def _static_presets() -> dict[str, Preset]:
         name="smoke", dataset="digits", backbone="resnet20",
         start=StartSpec("scratch", epochs=4, lr=0.1), epochs=1, batch_size=64, max_batches=3, seeds=(0,),
         settings={"baseline": {"lr": 0.01}},
-        metrics=MetricSpec(explain_images=8, mis_images=120, figure_images=4, perturbation_steps=10,
-                           step_fraction=0.1, latency_repeats=2, latency_rounds=1),
+        metrics=MetricSpec(explain_images=8, mis_images=120, figure_images=4, game_points=9,
+                           road_fractions=(0.2, 0.5, 0.8), sanity_images=4, sanity_stages=2,
+                           latency_repeats=2, latency_rounds=1),
         description="embedded digits, ResNet-20 briefly trained from scratch as the start, 3 batches",
     )
     cifar_cpu = Preset(
         name="cifar10-cpu", dataset="cifar10", backbone="resnet20",
         start=StartSpec("weights", "resnet20-12fca82f.th"), epochs=1.0, batch_size=128, max_batches=None,
         seeds=(0, 1, 2), settings=FINETUNE_FALLBACK, recipe="{backbone}_{dataset}_cpu",
-        metrics=MetricSpec(explain_images=32, mis_images=1000, figure_images=6, perturbation_steps=113,
-                           step_fraction=0.009, latency_repeats=5, latency_rounds=2),
+        metrics=MetricSpec(explain_images=64, mis_images=1000, figure_images=6, latency_repeats=5,
+                           latency_rounds=2),
         description="pretrained ResNet-20, 1 epoch (351 batches) of fine-tuning per method, 3 seeds, 2 CPU cores",
     )
     cifar = Preset(

@@ -43,5 +43,7 @@ def _baseline() -> RunMethod:
 
 
 def default_registry() -> Registry:
-    """The five leaderboard rows, baseline first."""
-    return {"baseline": _baseline, **{name: package_entry(name) for name in ("drib", "picnn", "decoupling", "isp")}}
+    """The leaderboard rows, baseline first (control rows run their method's package)."""
+    from .presets import METHODS, package_of
+
+    return {"baseline": _baseline, **{name: package_entry(package_of(name)) for name in METHODS if name != "baseline"}}

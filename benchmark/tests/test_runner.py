@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from benchmark.baseline import run_method as baseline_run_method
+from benchmark.leaderboard import CONTROL_ROWS
 from benchmark.metrics import COLUMNS
 from benchmark.presets import get_preset
 from benchmark.runner import run_preset
@@ -31,7 +32,7 @@ def test_failing_method_gives_failed_row_and_the_rest_complete(results_with_star
     for name in OUTPUTS:
         assert (results_with_start / "smoke" / name).stat().st_size > 0, name
     board = _board(results_with_start)
-    assert list(board.index) == ["baseline", "broken", "dynamic"]
+    assert list(board.index) == ["baseline", "broken", "dynamic", *CONTROL_ROWS]
     assert board.loc["broken", "status"] == "failed"
     assert "injected failure" in board.loc["broken", "error"]
     assert "injected failure" in paths["md"].read_text()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.__main__ import main
+from benchmark.leaderboard import CONTROL_ROWS
 from benchmark.metrics import COLUMNS
 from benchmark.presets import METHODS
 
@@ -18,12 +19,21 @@ def test_smoke_preset_fills_every_column_for_all_five_methods(results_with_start
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "pareto.png", "explanations.png"):
         assert (out / name).stat().st_size > 0, name
     board = pd.DataFrame(json.loads((out / "leaderboard.json").read_text())).set_index("method")
-    assert list(board.index) == list(METHODS)
+    rows = [*METHODS, *CONTROL_ROWS]
+    assert list(board.index) == rows
     errors = {m: board.loc[m, "error"] for m in METHODS if board.loc[m, "status"] != "ok"}
     assert not errors, errors
-    empty = {m: [c for c in COLUMNS if pd.isna(board.loc[m, f"{c}_mean"])] for m in METHODS}
+    empty = {m: [c for c in COLUMNS if pd.isna(board.loc[m, f"{c}_mean"])] for m in rows}
     assert not any(empty.values()), empty
     csv = pd.read_csv(out / "leaderboard.csv")
-    assert list(csv["method"]) == list(METHODS)
+    assert list(csv["method"]) == rows
+    # The control rows carry the control maps' scores in the place of an own explanation.
+    random_row = board.loc["control: random map"]
+    assert random_row["own_insertion_auc_mean"] == random_row["random_insertion_auc_mean"]
+    assert random_row["own_insertion_lift_mean"] == 0.0
+    assert board.loc["control: centre map", "own_sanity_spearman_mean"] == 1.0  # blind to the weights
+    # PICNN's MIS stands beside its lambda = 0 control; every other row beside the plain baseline's.
+    assert board.loc["picnn", "mis_control_mean"] == board.loc["picnn-lambda0", "mis_mean"]
+    assert board.loc["drib", "mis_control_mean"] == board.loc["baseline", "mis_mean"]
     table = (out / "leaderboard.md").read_text()
     assert all(f"| {m}" in table for m in METHODS)
