@@ -9,6 +9,7 @@ Entry for the benchmark: ``run_method``. Pieces: ``config`` (PicnnSettings), ``s
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +50,9 @@ __all__ = [
 ]
 
 
-def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Path, *,
-               device: torch.device | str, seed: int = 0, settings: dict[str, Any] | None = None) -> MethodResult:
-    """Train PICNN from ``start`` (a copy of it; the caller's backbone is not modified) within ``budget``.
-
-    Resumes from ``out_dir/checkpoint.pt``. Selects the weights with the best validation ACC1, evaluates them
-    on ``data.test`` (ACC1/ACC2/ACC3, MIS, MACs, params; written to ``out_dir/metrics.json``) and returns the
-    model with its native saliency (Grad-CAM of the target class from its cluster of filters), the target
-    layer as ``mis_layer``, and the measured training seconds. PICNN is a static model: ``dynamic_forward``
-    and ``dynamic_filter_share`` are None.
-    """
-    config = PicnnSettings.from_dict(settings)
-    device = torch.device(device)
+def _train_and_evaluate(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Path,
+                        config: PicnnSettings, device: torch.device, seed: int
+                        ) -> tuple[PicnnNet, dict[str, Any], float]:
     seed_everything(seed)
     model = PicnnNet(copy.deepcopy(start), data.num_classes, config.filters).to(device)
     run = RunDir(out_dir)
@@ -78,7 +70,35 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     metrics.update(best_val_acc1=report.best_val_acc1, best_step=report.best_step, steps=report.steps,
                    split=data.test_split_name, val_source=data.val_source, lam=config.lam)
     run.write_metrics(metrics)
+    return model, metrics, report.train_seconds
+
+
+def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Path, *,
+               device: torch.device | str, seed: int = 0, settings: dict[str, Any] | None = None) -> MethodResult:
+    """Train PICNN from ``start`` (a copy of it; the caller's backbone is not modified) within ``budget``.
+
+    Resumes from ``out_dir/checkpoint.pt``. Selects the weights with the best validation ACC1, evaluates them
+    on ``data.test`` (ACC1/ACC2/ACC3, MIS, MACs, params, split; written to ``out_dir/metrics.json``) and
+    returns the model with its native saliency (Grad-CAM of the target class from its cluster of filters),
+    the target layer as ``mis_layer``, and the measured training seconds. PICNN is a static model:
+    ``dynamic_forward`` and ``dynamic_filter_share`` are None.
+
+    With ``settings["control"] = True`` the lambda = 0 control (same architecture, seed, batches, budget and
+    test images; its P never trained) is trained too, in ``out_dir/control``, and the metrics gain
+    ``control_acc1``, ``control_acc2``, ``control_acc3``, ``control_mis`` and ``mis_lift`` = mis - control_mis.
+    ``train_seconds`` counts PICNN's own training only.
+    """
+    config = PicnnSettings.from_dict(settings)
+    device = torch.device(device)
+    model, metrics, train_seconds = _train_and_evaluate(start, data, budget, Path(out_dir), config, device, seed)
+    if config.control:
+        control_config = dataclasses.replace(config, lam=0.0, control=False)
+        _twin, control, _ = _train_and_evaluate(start, data, budget, Path(out_dir) / "control", control_config,
+                                                device, seed)
+        metrics.update({f"control_{k}": control[k] for k in ("acc1", "acc2", "acc3", "mis")})
+        metrics["mis_lift"] = metrics["mis"] - control["mis"]
+        RunDir(out_dir).write_metrics(metrics)
     model.eval()
     return MethodResult(model=model, saliency=class_cluster_saliency(model), dynamic_forward=None,
                         mis_layer=model.target_layer, dynamic_filter_share=None, metrics=metrics,
-                        train_seconds=report.train_seconds)
+                        train_seconds=train_seconds)

@@ -37,6 +37,7 @@ class PicnnSettings:
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints (one is also written every epoch)
     log_every: int = 50  # steps between loss logs and finite-loss checks
     precision: str = "auto"  # common.precision policy of training and evaluation: auto, fp32 or bf16
+    control: bool = False  # run_method only: also train the lambda = 0 control and report mis_lift
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> PicnnSettings:

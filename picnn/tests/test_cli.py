@@ -114,8 +114,13 @@ def test_nan_loss_raises(digits, tmp_path):
 def test_run_method_returns_the_benchmark_contract(digits, tmp_path):
     start = build_backbone("resnet20", digits.num_classes)
     result = run_method(start, digits, Budget(epochs=1, max_batches=2), tmp_path, device="cpu",
-                        settings={"batch_size": 16, "eval_draws": 1, "mis_samples": 40})
-    assert {"acc1", "acc2", "acc3", "mis", "macs", "params"} <= set(result.metrics)
+                        settings={"batch_size": 16, "eval_draws": 1, "mis_samples": 40, "control": True})
+    metrics = result.metrics
+    assert metrics["split"] == digits.test_split_name and metrics["mac_change_percent"] == 0.0
+    # The lambda = 0 control: same architecture, batches and images, trained alongside.
+    control = json.loads((tmp_path / "control" / "metrics.json").read_text())
+    assert control["lam"] == 0.0 and control["macs"] == metrics["macs"]
+    assert metrics["control_mis"] == control["mis"] and metrics["mis_lift"] == metrics["mis"] - control["mis"]
     assert result.mis_layer is result.model.target_layer and result.dynamic_forward is None
     assert result.train_seconds > 0 and (tmp_path / "model.pt").is_file()
     images, targets = digits.test.images[:3].float() / 255, digits.test.labels[:3]
