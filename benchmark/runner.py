@@ -148,7 +148,8 @@ def _load_inputs(ctx: Context, weights_dir: str | None) -> DatasetSplits:
         try:
             weights_file(ctx.preset, default_weights_dir(weights_dir))
         except StartError as exc:
-            problems.append(f"Pretrained weights: {exc}")
+            text = str(exc)
+            problems.append(text[:1].upper() + text[1:])
     if problems:
         head = f"preset {ctx.preset.name!r} cannot start; {len(problems)} input(s) missing:"
         raise MissingInputsError("\n\n".join([head, *problems]))
