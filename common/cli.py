@@ -367,14 +367,12 @@ def main_guard(fn: Callable[..., int | None], *args: Any, prog: str,
     except (*extra_errors, *known_errors()) as exc:
         if show:
             raise
-        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        hint = " (ICNN_TRACEBACK=1 shows where)" if type(exc) in (RuntimeError, OSError) else ""
+        print(f"{prog}: error: {_one_line(exc)}{hint}", file=sys.stderr)
         return EXIT_ERROR
     return 0 if code is None else int(code)
 
 
 def _one_line(exc: BaseException) -> str:
-    """Multi-line messages (a missing-data report) stay readable; a bare type gets its name."""
-    text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, KeyError) and len(exc.args) == 1:
-        text = str(exc.args[0])
-    return text
+    """The message as raised (a missing-data report keeps its lines); a bare exception gets its type name."""
+    return str(exc).strip() or type(exc).__name__
