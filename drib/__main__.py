@@ -11,6 +11,7 @@ import torch
 from common.backbones import WeightsError, build_backbone, list_backbones
 from common.data import VAL_SOURCES, DatasetNotFoundError, default_val_source, load_dataset
 from common.method import Budget
+from common.precision import add_precision_argument
 from common.run import CheckpointError, NonFiniteLossError, RunDir, pick_device, read_json
 
 from .config import DRIBConfig
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if available)")
     train.add_argument("--seed", type=int, default=0, help="random seed")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_precision_argument(train, default=None)  # None: the config's train.precision (default auto)
     _add_val_source(train)
 
     evaluate = sub.add_parser("evaluate", help="write RUN/metrics.json (accuracy, MACs, credibility, AUCs)")
@@ -55,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--thresholds", default=None,
                           help="comma-separated credibility thresholds for the in-the-loop verification "
                           "(default: bottleneck.verify_threshold, else 0.5,0.6)")
+    evaluate.add_argument("--no-attribution", action="store_true",
+                          help="skip the saliency metrics (credibility and its controls only)")
     evaluate.add_argument("--speed", action="store_true",
                           help="also time channel skipping against the dense start (batch 1 and 128)")
     _add_val_source(evaluate)
@@ -103,6 +107,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError("--weights PATH is required (DRIB starts from a pretrained baseline); "
                          "pass --from-scratch to start from random weights")
     config = _config(args.config)
+    if args.precision is not None:
+        config.train.precision = args.precision
+        config.validate()
     device = pick_device(args.device)
     data = load_dataset(args.dataset, args.data_root,
                         val_source=resolve_val_source(args.val_source, args.weights is not None))
@@ -129,7 +136,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     metrics = evaluate(trained, data, device, subset=args.subset, seed=args.seed, compare=not args.no_compare,
                        degradation_points=args.degradation_points, betas=betas, speed=args.speed,
                        thresholds=None if args.thresholds is None else
-                       [float(t) for t in args.thresholds.split(",") if t.strip()])
+                       [float(t) for t in args.thresholds.split(",") if t.strip()],
+                       attribution=not args.no_attribution)
     write_metrics(Path(args.run), metrics)
     print(f"{metrics['test_split']}: top-1 {metrics['top1']:.2f}%  MACs {metrics['macs_mean'] / 1e6:.2f}M of "
           f"{metrics['macs_dense'] / 1e6:.2f}M ({100 * metrics['mac_reduction']:.1f}% fewer)"

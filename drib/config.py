@@ -107,6 +107,9 @@ class TrainConfig:
     # (the decision stage keeps `augment`); the batches are the same images in the same order either way.
     finetune_augment: bool = False
     log_every: int = 50  # steps between loss checks / log lines
+    # common.precision policy of the training forward passes ("auto": bf16 where the device has native bf16);
+    # losses, masks' regulariser, IBA, metrics and channel-skipping inference always run in fp32.
+    precision: str = "auto"
     val_every_epoch: bool = True  # pick the epoch with the best validation top-1 (never the test set)
 
 
@@ -155,6 +158,8 @@ class DRIBConfig:
             raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.train.lr_schedule!r}")
         if not 0 <= self.train.finetune_fraction < 1:
             raise ValueError("train.finetune_fraction must be in [0, 1)")
+        if self.train.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.train.precision!r}")
         if self.train.weight_decay < 0 or self.train.decision_weight_decay < 0:
             raise ValueError("train.weight_decay and train.decision_weight_decay must be >= 0")
         b.validate()

@@ -68,7 +68,12 @@ class DecisionGate(nn.Module):
         return torch.where(g >= self.prune_below, g, g - g.detach())
 
     def decide(self, x: Tensor) -> Tensor:
-        """Pick one action per sample and return its mask G_l[i] (B x C_out)."""
+        """Pick one action per sample and return its mask G_l[i] (B x C_out). Always in fp32 (outside any
+        bf16 autocast): the Gumbel noise and the straight-through mask need it."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._decide(x.float())
+
+    def _decide(self, x: Tensor) -> Tensor:
         logits = self.action_logits(x)
         if self.training:
             hard, soft = gumbel_softmax_select(logits, self.tau)

@@ -158,7 +158,8 @@ def _static_mask(trained: TrainedDRIB, data: DatasetSplits, device: torch.device
 
 def evaluate(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, subset: int = 200,
              seed: int = 0, compare: bool = True, degradation_points: int = 20, betas: list[float] | None = None,
-             speed: bool = False, thresholds: list[float] | None = None) -> dict[str, Any]:
+             speed: bool = False, thresholds: list[float] | None = None, attribution: bool = True
+             ) -> dict[str, Any]:
     metrics: dict[str, Any] = {"backbone": trained.meta["backbone"], "dataset": data.name,
                                "test_split": data.test_split_name, "val_source": data.val_source}
     metrics.update(accuracy_and_macs(trained, data, device))
@@ -175,7 +176,8 @@ def evaluate(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, su
             targets = trained.net.eval()(images).argmax(1)
         metrics.update({"attribution_subset": len(images), "attribution_subset_seed": seed,
                         "attribution_split": data.test_split_name})
-        metrics.update(attribution_metrics(trained, images, targets, device, seed, degradation_points, compare))
+        if attribution:
+            metrics.update(attribution_metrics(trained, images, targets, device, seed, degradation_points, compare))
         if thresholds is None:
             thresholds = [cfg.verify_threshold] if cfg.verify_threshold is not None else [0.5, 0.6]
         metrics.update(credibility_metrics(trained, images, labels, data, device, betas or [cfg.beta], seed,

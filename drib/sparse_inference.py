@@ -235,14 +235,20 @@ class DeployedBlock(nn.Module):
 class DeployedDRIB(nn.Module):
     """Standalone inference copy of a DynamicNetwork (or a dense backbone) with pre-sliced, folded weights."""
 
-    def __init__(self, backbone: nn.Module, blocks: list[tuple[str, DeployedBlock]], gated_blocks: list[str]):
+    def __init__(self, backbone: nn.Module, blocks: list[tuple[str, DeployedBlock]], gated_blocks: list[str],
+                 channels_last: bool = False):
         super().__init__()
         self.backbone = backbone
         self.block_names = [name for name, _ in blocks]
         self.gated_blocks = gated_blocks
         self._blocks = dict(blocks)
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
 
     def codes(self) -> list[Tensor]:
@@ -292,22 +298,23 @@ def _fold_stem_and_blocks(backbone: nn.Module, gates: dict[int, DecisionGate]) -
 
 
 @torch.no_grad()
-def deploy(net: DynamicNetwork) -> DeployedDRIB:
-    """Build the pre-sliced, BN-folded inference copy of ``net`` (see the module docstring)."""
+def deploy(net: DynamicNetwork, channels_last: bool = False) -> DeployedDRIB:
+    """Build the pre-sliced, BN-folded inference copy of ``net`` (see the module docstring); ``channels_last``
+    stores the weights and runs the inputs in NHWC (faster for large batches on this project's CPU)."""
     if not supports_deploy(net):
         raise ValueError("deploy() needs gates on BasicBlock conv1 layers (CIFAR ResNets, ResNet-18); "
                          "use channel_skipping() for this backbone")
     gates = {id(g.site.conv): g.gate for g in net.gated}
     # The copy's gated convs / BNs (which carry DRIB's hooks) are all replaced by DeployedBlocks.
     backbone, blocks, gated = _fold_stem_and_blocks(net.backbone, gates)
-    return DeployedDRIB(backbone, blocks, gated).eval()
+    return DeployedDRIB(backbone, blocks, gated, channels_last).eval()
 
 
 @torch.no_grad()
-def deploy_dense(backbone: nn.Module) -> DeployedDRIB:
+def deploy_dense(backbone: nn.Module, channels_last: bool = False) -> DeployedDRIB:
     """The dense start in the same folded form (BN folded into every conv, one code per block)."""
     folded, blocks, _ = _fold_stem_and_blocks(backbone.eval(), {})
-    return DeployedDRIB(folded, blocks, []).eval()
+    return DeployedDRIB(folded, blocks, [], channels_last).eval()
 
 
 def deployed_masks(net: DynamicNetwork, deployed: DeployedDRIB) -> list[Tensor]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from common.backbones import Backbone, build_backbone
 from common.data import BatchLoader, DatasetSplits
 from common.method import Budget
+from common.precision import resolve_precision
 from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_checkpoint, progress, seed_everything
 
 from .bottleneck import FeatureStats, estimate_statistics_sites
@@ -102,6 +103,9 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
     log = run.logger("drib")
     t, d = config.train, config.decision
     net.to(device)
+    policy = resolve_precision(t.precision, device)
+    policy.prepare_model(net)
+    log.info("precision: %s", policy.describe())
     loader = BatchLoader(data.train, t.batch_size, train=True, device=device, augment=t.augment, seed=seed)
     # Same seed, so the same shuffle: the fine-tuning share takes the augmented copy of each batch.
     aug_loader = (BatchLoader(data.train, t.batch_size, train=True, device=device, augment=True, seed=seed)
@@ -159,9 +163,11 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
                     group["weight_decay"] = t.weight_decay if finetuning else t.decision_weight_decay
                 for gate in net.gates:
                     gate.train(not finetuning)  # fine-tuning: argmax decisions, as at inference
-                logits = net(x)
-                ce = F.cross_entropy(logits, y)
-                reg = sparsity_loss(net, net.masks(), config)
+                x = policy.prepare_inputs(x)
+                with policy.autocast():
+                    logits = net(x)
+                ce = F.cross_entropy(logits.float(), y)  # losses in fp32 (common.precision)
+                reg = sparsity_loss(net, [m.float() for m in net.masks()], config)
                 loss = ce + d.lam * reg
                 gate_opt.zero_grad(set_to_none=True)
                 backbone_opt.zero_grad(set_to_none=True)
@@ -171,7 +177,9 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
                     loss.backward(inputs=net.gate_parameters())
                     gate_opt.step()
                     net.project_()
-                    ce = F.cross_entropy(net(x), y)
+                    with policy.autocast():
+                        logits = net(x)
+                    ce = F.cross_entropy(logits.float(), y)
                     ce.backward(inputs=net.backbone_parameters())
                 else:  # one forward; still the regulariser only reaches the gates, the backbone gets CE
                     loss.backward(inputs=net.gate_parameters(), retain_graph=True)

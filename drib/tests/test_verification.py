@@ -48,7 +48,7 @@ def test_credibility_accepts_selections_that_follow_the_information():
     selected[torch.arange(len(info))[:, None], info.topk(6, dim=1).indices] = True  # covers the 4 informative
     static = torch.zeros(16, dtype=torch.bool)
     static[:6] = True
-    out, summary = credibility_controls(info, selected, static)
+    _, summary = credibility_controls(info, selected, static)
     assert summary["credibility_accepted"] is True
     assert summary["credibility_own"] > 0.9 and summary["credibility_random"] == pytest.approx(6 / 16)
     assert summary["credibility_normalised"] == pytest.approx(1.0)  # equal to the oracle
