@@ -3,9 +3,10 @@
 `deploy(net)` (residual BasicBlock backbones: the CIFAR ResNets, ResNet-18) builds a standalone copy once:
 every BN folded into its conv; for each gated block and each code-book row r (a finite set of masks), conv1
 sliced to the row's kept output channels with BN1 and the decision's scale G_l[r] folded in, and conv2
-sliced to the same input channels with BN2 folded; at run time each block decides, groups the batch by
-code and runs the pre-sliced convolutions of each code on its samples (no gathers of weights, no scatter
-into zero tensors). Ungated blocks and the dense start run the same folded path with one code.
+sliced to the same input channels with BN2 folded; at run time each block decides and runs the pre-sliced
+convolutions of the batch's code; a batch with several codes runs once on the union of their channels
+(default, weights of each union sliced once and cached) or per code on its group of samples
+(`multi="group"`). Ungated blocks and the dense start run the same folded path with one code.
 
 Fallback for other backbones (VGG, MobileNetV2): inside `channel_skipping(net)`, each gated conv + BN pair
 is swapped for a module that runs the decision,
@@ -197,11 +198,21 @@ class _Code(nn.Module):
 
 
 class DeployedBlock(nn.Module):
-    """A BasicBlock run per code (see the module docstring); ``gate`` None: the dense block, one code."""
+    """A BasicBlock run per code (see the module docstring); ``gate`` None: the dense block, one code.
 
-    def __init__(self, block: BasicBlock, gate: DecisionGate | None):
+    A batch whose samples chose several codes runs either per code on its group of samples (``multi =
+    "group"``) or once on the union of the codes' channels with each sample's G_l[i] applied after conv1
+    (``"union"``: zeros where a sample's code skips the channel, so the output is the same; the weights of
+    each union are sliced once and cached). The block input is a ReLU output (stem or previous block), so
+    the head's ReLU of Eq. 2 is the identity and is not recomputed.
+    """
+
+    def __init__(self, block: BasicBlock, gate: DecisionGate | None, multi: str = "union"):
         super().__init__()
+        if multi not in ("union", "group"):
+            raise ValueError(f"multi must be 'union' or 'group', got {multi!r}")
         self.shortcut = block.shortcut
+        self.multi = multi
         if gate is None:
             channels = block.conv1.out_channels
             self.codes = nn.ModuleList([_Code(block, torch.arange(channels), torch.ones(channels))])
@@ -210,19 +221,41 @@ class DeployedBlock(nn.Module):
             codebook = gate.effective_codebook().detach()
             self.codes = nn.ModuleList(_Code(block, torch.nonzero(row).flatten(), row[row != 0]) for row in codebook)
             self.head = nn.Parameter(gate.head.weight.detach().clone(), requires_grad=False)
+            self.register_buffer("codebook", codebook.clone())
+            self._full = _Code(block, torch.arange(block.conv1.out_channels), torch.ones(block.conv1.out_channels))
+        self._unions: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self.last_codes: Tensor | None = None
+
+    def _union(self, present: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        key = tuple(present)
+        if key not in self._unions:
+            index = torch.nonzero((self.codebook[present] != 0).any(dim=0)).flatten()
+            full = self._full
+            fmt = torch.channels_last if full.w1.is_contiguous(memory_format=torch.channels_last) \
+                and not full.w1.is_contiguous() else torch.contiguous_format
+            self._unions[key] = (index, full.w1[index].contiguous(memory_format=fmt), full.b1[index].contiguous(),
+                                 full.w2[:, index].contiguous(memory_format=fmt))
+        return self._unions[key]
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)
         if self.head is None:
             return self.codes[0](x, shortcut)
-        codes = F.linear(F.relu(x).mean(dim=(2, 3)), self.head).argmax(dim=1)  # Eq. 2 + Algorithm 1, line 5
+        codes = F.linear(x.mean(dim=(2, 3)), self.head).argmax(dim=1)  # Eq. 2 + Algorithm 1, line 5
         self.last_codes = codes
-        first = int(codes[0])
-        if len(codes) == 1 or bool((codes == first).all()):
-            return self.codes[first](x, shortcut)
+        if len(codes) == 1:
+            return self.codes[int(codes)](x, shortcut)
+        present = torch.unique(codes).tolist()
+        if len(present) == 1:
+            return self.codes[present[0]](x, shortcut)
+        if self.multi == "union":
+            index, w1, b1, w2 = self._union(present)
+            full = self._full
+            scale = self.codebook[codes][:, index].to(x.dtype)[:, :, None, None]
+            h = F.relu(F.conv2d(x, w1, b1, full.s1, full.p1) * scale)
+            return F.relu(F.conv2d(h, w2, full.b2, full.s2, full.p2) + shortcut)
         out: Tensor | None = None
-        for code in torch.unique(codes).tolist():
+        for code in present:
             rows = torch.nonzero(codes == code).flatten()
             part = self.codes[code](x.index_select(0, rows), shortcut.index_select(0, rows))
             if out is None:
@@ -266,7 +299,8 @@ def supports_deploy(net: DynamicNetwork) -> bool:
     return True
 
 
-def _fold_stem_and_blocks(backbone: nn.Module, gates: dict[int, DecisionGate]) -> tuple[nn.Module, list, list]:
+def _fold_stem_and_blocks(backbone: nn.Module, gates: dict[int, DecisionGate], multi: str = "union"
+                          ) -> tuple[nn.Module, list, list]:
     import copy
 
     twin = copy.deepcopy(backbone).eval()
@@ -277,7 +311,7 @@ def _fold_stem_and_blocks(backbone: nn.Module, gates: dict[int, DecisionGate]) -
         if isinstance(module, BasicBlock):
             source = original_by_name[name]
             gate = gates.get(id(source.conv1))
-            deployed = DeployedBlock(module, gate)
+            deployed = DeployedBlock(module, gate, multi)
             parent_name, _, child = name.rpartition(".")
             setattr(names[parent_name] if parent_name else twin, child, deployed)
             blocks.append((name, deployed))
@@ -298,7 +332,7 @@ def _fold_stem_and_blocks(backbone: nn.Module, gates: dict[int, DecisionGate]) -
 
 
 @torch.no_grad()
-def deploy(net: DynamicNetwork, channels_last: bool = False) -> DeployedDRIB:
+def deploy(net: DynamicNetwork, channels_last: bool = False, multi: str = "union") -> DeployedDRIB:
     """Build the pre-sliced, BN-folded inference copy of ``net`` (see the module docstring); ``channels_last``
     stores the weights and runs the inputs in NHWC (faster for large batches on this project's CPU)."""
     if not supports_deploy(net):
@@ -306,7 +340,7 @@ def deploy(net: DynamicNetwork, channels_last: bool = False) -> DeployedDRIB:
                          "use channel_skipping() for this backbone")
     gates = {id(g.site.conv): g.gate for g in net.gated}
     # The copy's gated convs / BNs (which carry DRIB's hooks) are all replaced by DeployedBlocks.
-    backbone, blocks, gated = _fold_stem_and_blocks(net.backbone, gates)
+    backbone, blocks, gated = _fold_stem_and_blocks(net.backbone, gates, multi)
     return DeployedDRIB(backbone, blocks, gated, channels_last).eval()
 
 

@@ -132,7 +132,9 @@ def test_pre_sliced_folded_execution_equals_masked_dense():
         fast_masks = deployed_masks(net, deployed)
         single = torch.cat([deployed(x[i:i + 1]) for i in range(3)])
         nhwc = deploy(net, channels_last=True)(x)
-    assert (nhwc - dense).abs().max() < 1e-5 * max(1.0, float(dense.abs().max()))
+        grouped = deploy(net, multi="group")(x)  # per code on its samples instead of the union of codes
+    for other in (nhwc, grouped):
+        assert (other - dense).abs().max() < 1e-5 * max(1.0, float(dense.abs().max()))
     assert max(len(torch.unique(c)) for c in codes) > 1  # several codes in one batch: grouping exercised
     assert (fast - dense).abs().max() < 1e-5 * max(1.0, float(dense.abs().max()))
     assert (single - dense[:3]).abs().max() < 1e-5 * max(1.0, float(dense.abs().max()))
