@@ -15,6 +15,7 @@ Every fold is checked on an example batch; a difference above tolerance raises :
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import types
@@ -272,14 +273,16 @@ def fold_batchnorm(model: nn.Module, *, example: Tensor | None = None,
 
 class DeployedModel(nn.Module):
     """Pixels (fp32, any layout) in, fp32 logits out; runs ``net`` in its dtype and memory format under
-    ``torch.no_grad`` (an inference form: no gradients flow through it)."""
+    ``torch.no_grad`` (an inference form: no gradients flow through it). ``autocast``: run an fp32 ``net``
+    under bf16 autocast (the fallback for models whose code does not run with bf16 weights)."""
 
     def __init__(self, net: nn.Module, dtype: torch.dtype, channels_last: bool, info: DeployInfo,
-                 runner: Any = None):
+                 runner: Any = None, autocast: bool = False):
         super().__init__()
         self.net = net
         self.dtype = dtype
         self.channels_last = channels_last
+        self.autocast = autocast
         self.deploy_info = info
         self.set_runner(runner)
 
@@ -295,7 +298,9 @@ class DeployedModel(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Any:
-        with torch.no_grad():
+        cast = (torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if self.autocast
+                else contextlib.nullcontext())
+        with torch.no_grad(), cast:
             runner = self._runner if self._runner is not None else self.net
             out = runner(self.prepare(x))
         if isinstance(out, Tensor):
@@ -311,9 +316,9 @@ class DeployedModel(nn.Module):
 def _compile(deployed: DeployedModel, compiler: str, example: Tensor, info: DeployInfo) -> None:
     has_hooks = any(m._forward_hooks or m._forward_pre_hooks for m in deployed.net.modules())
     if compiler == "jit":
-        if has_hooks or _pairs_by_fx(deployed.net) is None:
+        if has_hooks or deployed.autocast or _pairs_by_fx(deployed.net) is None:
             # A trace freezes Python control flow and per-input decisions: wrong on other inputs.
-            info.notes.append("jit skipped: the model has hooks or per-input Python control flow")
+            info.notes.append("jit skipped: the model has hooks, per-input Python control flow or runs under autocast")
             log.warning("deploy: jit skipped for %s (hooks or per-input control flow); running eager",
                         type(deployed.net).__name__)
             return
@@ -325,6 +330,30 @@ def _compile(deployed: DeployedModel, compiler: str, example: Tensor, info: Depl
         runner = torch.compile(deployed.net, mode="max-autotune-no-cudagraphs", dynamic=False)
     deployed.set_runner(runner)
     info.compiler = compiler
+
+
+def _failure(form: DeployedModel, example: Tensor) -> str | None:
+    """Why ``form`` cannot run ``example`` (an exception or non-finite logits), or None when it can."""
+    try:
+        out = _logits(form(example))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None if bool(torch.isfinite(out).all()) else "non-finite logits"
+
+
+def _bf16_form(folded: nn.Module, channels_last: bool, info: DeployInfo, example: Tensor) -> DeployedModel:
+    """bf16 weights where the model's code runs with them; else bf16 autocast over the fp32 weights (a
+    method may keep plain fp32 tensors or do arithmetic that bf16 weights break), with a note and a warning."""
+    weights = DeployedModel(deepcopy_module(folded).to(torch.bfloat16), torch.bfloat16, channels_last, info).eval()
+    problem = _failure(weights, example)
+    if problem is None:
+        info.dtype = "bf16"
+        return weights
+    info.dtype = "bf16 autocast"
+    info.notes.append(f"bf16 weights failed ({problem}); running bf16 autocast over fp32 weights")
+    log.warning("deploy %s: bf16 weights failed (%s); using bf16 autocast over fp32 weights",
+                type(folded).__name__, problem)
+    return DeployedModel(folded, torch.float32, channels_last, info, autocast=True).eval()
 
 
 def deploy(model: nn.Module, *, bf16: bool = False, compile: str | None = None,
@@ -348,13 +377,12 @@ def deploy(model: nn.Module, *, bf16: bool = False, compile: str | None = None,
         reference = _logits(deepcopy_module(model).eval()(example))
     folded = fold_batchnorm(model, example=example, tolerance=tolerance)
     info: DeployInfo = folded.deploy_info  # type: ignore[assignment]
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    info.dtype, info.channels_last = ("bf16" if bf16 else "fp32"), channels_last
+    info.dtype, info.channels_last = "fp32", channels_last
     if channels_last:
         folded.to(memory_format=torch.channels_last)
+    deployed = DeployedModel(folded, torch.float32, channels_last, info).eval()
     if bf16:
-        folded.to(dtype)
-    deployed = DeployedModel(folded, dtype, channels_last, info).eval()
+        deployed = _bf16_form(folded, channels_last, info, example)
     if compile is not None:
         _compile(deployed, compile, example, info)
     candidate = _logits(deployed(example))

@@ -144,3 +144,26 @@ def test_jit_is_skipped_with_a_note_for_hooked_models():
     deployed = deploy(model, example=_images(), compile="jit")
     assert deployed.deploy_info.compiler is None
     assert any("jit skipped" in note for note in deployed.deploy_info.notes)
+
+
+class _PlainTensorHead(nn.Module):
+    """Keeps an fp32 tensor that is neither a parameter nor a buffer: ``.to(bfloat16)`` leaves it fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.projection = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)) @ self.projection
+
+
+def test_bf16_falls_back_to_autocast_with_a_note_when_bf16_weights_break_the_model():
+    model = _with_trained_bn_stats(_PlainTensorHead())
+    x = _images()
+    deployed = deploy(model, example=x, bf16=True, compile="jit")
+    info = deployed.deploy_info
+    assert info.dtype == "bf16 autocast" and any("bf16 weights failed" in note for note in info.notes)
+    assert info.compiler is None  # jit does not trace autocast
+    with torch.no_grad():
+        assert (deployed(x) - model(x)).abs().max() < 0.05
