@@ -23,7 +23,7 @@ from .config import BottleneckConfig, DecisionConfig, DRIBConfig, TrainConfig
 from .decision import DecisionGate, gumbel_softmax_select
 from .model import DynamicNetwork, default_gate_sites
 from .sparse_inference import channel_skipping, deploy, sparse_forward
-from .train import load_model, train_run, validate
+from .train import ensure_statistics, load_model, train_run, validate
 from .verification import attribution_site, saliency_function
 
 __all__ = [
@@ -85,6 +85,7 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     run = RunDir(out_dir)
     if run.model_path.is_file():  # finished earlier: reuse
         trained = load_model(out_dir, device)
+        ensure_statistics(trained, data, device, seed)  # a model.pt of an older layout: re-estimate
         seconds = float(trained.meta.get("train_seconds", 0.0))
     else:
         run.write_config({"backbone": backbone_name, "dataset": data.name, "seed": seed, "budget": vars(budget),

@@ -53,6 +53,12 @@ def temperature(step: int, total: int, start: float, end: float) -> float:
     return start * (end / start) ** (step / (total - 1))
 
 
+def decision_temperature(step: int, decision_steps: int, start: float, end: float) -> float:
+    """The Gumbel temperature at ``step``: annealed over the decision-training steps only, so it reaches
+    ``end`` on the last of them (the fine-tuning share that follows uses argmax decisions)."""
+    return temperature(min(step, decision_steps - 1), decision_steps, start, end)
+
+
 def backbone_lr(t, step: int, total: int) -> float:
     """Constant, or cosine decay from backbone_lr to 0 over the run."""
     if t.lr_schedule == "cosine" and total > 1:
@@ -157,7 +163,7 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
                 step = state["step"]
                 finetuning = step >= finetune_from
                 # tau anneals over the decision-training steps only (fine-tuning uses argmax decisions)
-                net.set_tau(temperature(min(step, finetune_from - 1), finetune_from, d.tau_start, d.tau_end))
+                net.set_tau(decision_temperature(step, finetune_from, d.tau_start, d.tau_end))
                 for group in backbone_opt.param_groups:
                     group["lr"] = backbone_lr(t, step, total_steps)
                     group["weight_decay"] = t.weight_decay if finetuning else t.decision_weight_decay

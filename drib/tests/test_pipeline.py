@@ -1,5 +1,6 @@
 """End to end on the embedded digits dataset with tiny settings: run_method, resume, CLI."""
 
+import itertools
 import json
 
 import pytest
@@ -131,3 +132,13 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(tmp_path / "nothing")]) == 2
     assert "train into" in capsys.readouterr().err
+
+
+def test_gumbel_temperature_anneals_over_the_decision_steps_only():
+    from drib.train import decision_temperature
+
+    total, decision_steps = 100, 20  # 80% fine-tuning share
+    taus = [decision_temperature(s, decision_steps, 1.0, 0.1) for s in range(total)]
+    assert taus[0] == pytest.approx(1.0) and taus[decision_steps - 1] == pytest.approx(0.1)
+    assert all(a > b for a, b in itertools.pairwise(taus[:decision_steps]))
+    assert taus[-1] == pytest.approx(0.1)
