@@ -20,7 +20,9 @@ from common.method import Budget
 # row name -> (method package, settings that override the recipe). PICNN with lambda = 0 is the control of
 # its MIS (same architecture and images, no class-cluster loss; evaluation-protocol.md, section 2).
 CONTROL_METHODS: dict[str, tuple[str, dict[str, Any]]] = {"picnn-lambda0": ("picnn", {"lam": 0.0})}
-METHODS = ("baseline", "drib", "picnn", "picnn-lambda0", "decoupling", "isp")
+# Reference rows (benchmark/reference_pruning.py): L1-norm and random channel pruning, then CE fine-tuning.
+REFERENCES = ("l1-prune", "random-prune")
+METHODS = ("baseline", "drib", "picnn", "picnn-lambda0", "decoupling", "isp", *REFERENCES)
 
 
 def package_of(method: str) -> str:
@@ -36,10 +38,13 @@ BATCH_SIZE_KEYS: dict[str, tuple[str, ...]] = {
     "picnn": ("batch_size",),
     "decoupling": ("batch_size",),
     "isp": ("predictor_batch", "gate_batch", "finetune_batch"),
+    "l1-prune": ("batch_size",),
+    "random-prune": ("batch_size",),
 }
 # Fine-tuning from a pretrained start: learning rates for methods whose defaults are from-scratch values
 # (a method's own recipe file overrides these).
-FINETUNE_FALLBACK: dict[str, dict[str, Any]] = {"baseline": {"lr": 0.01}, "decoupling": {"lr": 0.01}}
+FINETUNE_FALLBACK: dict[str, dict[str, Any]] = {"baseline": {"lr": 0.01}, "decoupling": {"lr": 0.01},
+                                                "l1-prune": {"lr": 0.01}, "random-prune": {"lr": 0.01}}
 
 
 @dataclass(frozen=True)

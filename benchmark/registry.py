@@ -42,8 +42,18 @@ def _baseline() -> RunMethod:
     return run_method
 
 
+def _reference(name: str) -> MethodLoader:
+    def load() -> RunMethod:
+        from . import reference_pruning
+
+        return {"l1-prune": reference_pruning.l1_run_method, "random-prune": reference_pruning.random_run_method}[name]
+
+    return load
+
+
 def default_registry() -> Registry:
     """The leaderboard rows, baseline first (control rows run their method's package)."""
-    from .presets import METHODS, package_of
+    from .presets import METHODS, REFERENCES, package_of
 
-    return {"baseline": _baseline, **{name: package_entry(package_of(name)) for name in METHODS if name != "baseline"}}
+    return {"baseline": _baseline, **{name: _reference(name) if name in REFERENCES else package_entry(package_of(name))
+                                      for name in METHODS if name != "baseline"}}
