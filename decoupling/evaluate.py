@@ -9,7 +9,6 @@ network ``execution.FastDecoupledResNet`` runs. Filter states themselves are cou
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from common import speed
 from common.data import BatchLoader, ImageTensors
 from common.macs import count_macs, count_params
 from common.run import progress
@@ -32,75 +32,56 @@ def mean_dynamic_macs(model: DecoupledNet, batches: Iterable[tuple[Tensor, Tenso
 
 
 def class_mixed_indices(labels: Tensor | np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` indices drawn round-robin over the classes in a seeded random order (the image-folder test
-    split is sorted by class, so its first images are all of one class)."""
-    labels = np.asarray(labels)
+    """``n`` indices drawn round-robin over the classes (``common.speed.class_mixed_indices``): the
+    image-folder test split is sorted by class, so its first images are all of one class."""
+    labels = torch.as_tensor(np.asarray(labels))
     if n > len(labels):
         raise ValueError(f"asked for {n} images from a split of {len(labels)}")
-    rng = np.random.default_rng((seed, 19))
-    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in rng.permutation(np.unique(labels))]
-    picks: list[int] = []
-    while len(picks) < n:
-        for pool in pools:
-            if pool and len(picks) < n:
-                picks.append(int(pool.pop()))
-    return np.array(picks)
+    dummy = ImageTensors(torch.zeros(len(labels), 3, 1, 1, dtype=torch.uint8), labels.to(torch.int64))
+    return speed.class_mixed_indices(dummy, n, seed).numpy()
 
 
-def class_mixed_images(split: ImageTensors, n: int, seed: int = 0) -> Tensor:
-    """``n`` images in [0, 1] from ``split``, drawn across all classes (``class_mixed_indices``)."""
-    try:
-        from common.speed import class_mixed_images as shared  # type: ignore[import-not-found]
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return shared(split, n, seed)
-    return split.images[torch.as_tensor(class_mixed_indices(split.labels, n, seed))].float().div(255)
-
-
-@torch.no_grad()
-def time_side_by_side(fns: dict[str, Callable[[Tensor], Any]], images: Tensor, batch_sizes: Sequence[int],
-                      repeats: int = 21, warmup: int = 3) -> dict[str, dict[str, float]]:
-    """Median seconds per batch of every function, interleaved in a rotating order (the same process, the
-    same images, after warm-up): {str(batch): {name: seconds}}. Batch b uses consecutive windows of
-    ``images`` (class-mixed), so every repetition sees different inputs."""
-    names = list(fns)
-    out: dict[str, dict[str, float]] = {}
-    for b in batch_sizes:
-        if b > len(images):
-            raise ValueError(f"batch {b} needs at least {b} images, got {len(images)}")
-        windows = [images[i:i + b] for i in range(0, len(images) - b + 1, b)] or [images[:b]]
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(warmup + repeats):
-            x = windows[r % len(windows)]
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                start = time.perf_counter()
-                fns[name](x)
-                if r >= warmup:
-                    times[name].append(time.perf_counter() - start)
-        out[str(b)] = {name: float(np.median(t)) for name, t in times.items()}
-    return out
+def timing_images(split: ImageTensors, n: int, seed: int = 0) -> Tensor:
+    """The images the speed figures are timed on: ``n`` class-mixed images in [0, 1]."""
+    if n > len(split):
+        raise ValueError(f"asked for {n} images from a split of {len(split)}")
+    return speed.class_mixed_images(split, n, seed)
 
 
 def speed_report(model: DecoupledNet, dense: nn.Module, images: Tensor, batch_sizes: Sequence[int] = (1, 128),
-                 repeats: int = 21, calibration: Tensor | None = None) -> dict[str, Any]:
+                 repeats: int = 20, calibration: Tensor | None = None) -> dict[str, Any]:
     """CPU time of the deployed decoupled network (``execution.FastDecoupledResNet``) against the dense
-    start with BN folded, side by side on class-mixed ``images``; the pattern cache is warmed on
+    start in its fastest form, side by side (``common.speed.time_side_by_side``: interleaved, warmed up,
+    medians) on class-mixed ``images``. The dense forms are ``common.deploy.deploy`` (BN folded,
+    channels_last), the same traced by TorchScript (``compile="jit"``) and this package's eager BN-folded
+    ResNet; the speedup is against the fastest of them at each batch size. The pattern cache is warmed on
     ``calibration`` images (training split), never on the timed ones."""
+    from common.deploy import deploy
+
     from .execution import deploy_decoupled, fold_dense
 
     fast = deploy_decoupled(model)
-    folded = fold_dense(dense)
     if calibration is not None:
         for i in range(len(calibration)):
             fast(calibration[i:i + 1])
-    times = time_side_by_side({"dense_folded": folded, "decoupled": fast}, images, batch_sizes, repeats)
-    report: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": repeats}
-    for b, row in times.items():
-        report[f"ms_dense_b{b}"] = 1000 * row["dense_folded"]
-        report[f"ms_decoupled_b{b}"] = 1000 * row["decoupled"]
-        report[f"speedup_b{b}"] = row["dense_folded"] / row["decoupled"]
+    dense = dense.cpu().eval()
+    forms: dict[str, Callable[[Tensor], Any]] = {"decoupled": fast, "dense_eager_folded": fold_dense(dense)}
+    example = images[:2]
+    forms["dense_deploy"] = deploy(dense, example=example)
+    try:
+        forms["dense_deploy_jit"] = deploy(dense, example=example, compile="jit")
+    except Exception:
+        pass
+    with torch.inference_mode():
+        timing = speed.time_side_by_side(forms, images, batch_sizes, min_repeats=repeats, reference="decoupled")
+    report: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": repeats, "images": len(images)}
+    for b, row in timing["batches"].items():
+        dense_name = min((n for n in row if n != "decoupled"), key=lambda n: row[n]["seconds"])
+        report[f"ms_decoupled_b{b}"] = 1000 * row["decoupled"]["seconds"]
+        report[f"ms_dense_b{b}"] = 1000 * row[dense_name]["seconds"]
+        report[f"fastest_dense_b{b}"] = dense_name
+        report[f"speedup_b{b}"] = row[dense_name]["seconds"] / row["decoupled"]["seconds"]
+        report[f"ms_all_b{b}"] = {n: 1000 * v["seconds"] for n, v in row.items()}
     report["pattern_cache_entries"] = sum(fast.cache_sizes())
     return report
 
@@ -216,8 +197,8 @@ def evaluate_run(model: DecoupledNet, dense: nn.Module, data, device: torch.devi
     if latency_images > 0 and type(model.backbone).__name__ == "CifarResNet":
         n = min(latency_images, len(split))
         batches = tuple(b for b in (1, 128) if b <= n)
-        calibration = class_mixed_images(data.train, min(200, len(data.train)), seed + 2)
-        metrics["speed"] = speed_report(model.cpu(), dense.cpu(), class_mixed_images(split, n, seed), batches,
+        calibration = timing_images(data.train, min(200, len(data.train)), seed + 2)
+        metrics["speed"] = speed_report(model.cpu(), dense.cpu(), timing_images(split, n, seed), batches,
                                         speed_repeats, calibration)
         model.to(device)
     return metrics

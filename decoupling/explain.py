@@ -7,7 +7,8 @@ paths and the layer-by-layer decision tree (Fig. 9) as text.
 
 Controls:
 
-- ``linear_probe``: a linear classifier fitted on one set of features and scored on another.
+- ``common.explain.controls.linear_probe``: a standardised logistic regression fitted on one set of
+  features and scored on another (the project's one probe).
 - ``class_information``: the probe on the paths, on the plain backbone's pooled features (what the
   network knows anyway) and on the paths with their labels shuffled (chance), per training seed of the
   probe; the last gated layer's code alone as well.
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from common.data import BatchLoader, DatasetSplits, ImageTensors
+from common.explain.controls import linear_probe
 
 from .paths import (
     STATES,
@@ -45,28 +47,6 @@ from .paths import (
     hopkins_statistic,
     occlusion_analysis,
 )
-
-
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    """Accuracy on (test_x, test_y) of a multinomial logistic regression fitted on standardised train_x.
-
-    Uses ``common.explain.controls.linear_probe`` when the project provides it, so that every package
-    measures class information the same way; otherwise scikit-learn's LogisticRegression here."""
-    try:
-        from common.explain.controls import linear_probe as shared_probe  # type: ignore[import-not-found]
-    except ImportError:
-        shared_probe = None
-    if shared_probe is not None:
-        return float(shared_probe(train_x, train_y, test_x, test_y))
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
-    if len(np.unique(train_y)) < 2:
-        raise ValueError("a linear probe needs at least two classes in its training labels")
-    scaler = StandardScaler().fit(train_x)
-    probe = LogisticRegression(max_iter=1000).fit(scaler.transform(train_x), train_y)
-    return float(probe.score(scaler.transform(test_x), test_y))
 
 
 @torch.no_grad()
