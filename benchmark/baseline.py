@@ -22,6 +22,7 @@ from torch import nn
 from common.backbones import Backbone
 from common.data import BatchLoader, DatasetSplits
 from common.method import Budget, MethodResult
+from common.precision import resolve_precision
 from common.run import (
     Stopwatch,
     atomic_torch_save,
@@ -44,6 +45,7 @@ class CrossEntropyRecipe:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128
+    precision: str = "auto"  # common.precision policy: bf16 autocast + channels_last where native
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any] | None) -> CrossEntropyRecipe:
@@ -74,7 +76,8 @@ def train_cross_entropy(model: nn.Module, data: DatasetSplits, budget: Budget, w
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / "checkpoint.pt"
     seed_everything(seed)
-    model.to(device)
+    policy = resolve_precision(recipe.precision, device)
+    policy.prepare_model(model.to(device))
     loader = BatchLoader(data.train, recipe.batch_size, train=True, device=device, seed=seed)
     per_epoch = len(loader) if budget.max_batches is None else min(len(loader), budget.max_batches)
     total = budget.batches(len(loader))
@@ -121,7 +124,9 @@ def train_cross_entropy(model: nn.Module, data: DatasetSplits, budget: Budget, w
         x, y = next(batches)
         with clock:
             model.train()
-            loss = F.cross_entropy(model(x), y)
+            with policy.autocast():
+                logits = model(policy.prepare_inputs(x))
+            loss = F.cross_entropy(logits.float(), y)  # losses in fp32 (common.precision)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
