@@ -212,6 +212,10 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
               f"{f', {budget.seconds} s' if budget.seconds else ''}; batch {preset.batch_size}; "
               f"seeds {', '.join(map(str, preset.seeds))} (mean ± sample std over finished seeds).\n\n")
     splits = sorted(set(runs["split"].dropna().astype(str))) if "split" in runs else []
+    for column, label in (("machine", "Ran on"), ("latency_form", "Latency measured on the")):
+        values = sorted(set(runs[column].dropna().astype(str))) if column in runs else []
+        if values:
+            header += f"{label} {' / '.join(values)}.\n\n"
     halves = any("half" in t for t in splits)
     header += (f"Every figure is measured on the {' / '.join(splits) or 'test split'}"
                f"{'; validation (any selection) is the other half of the test set' if halves else ''}."

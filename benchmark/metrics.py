@@ -10,8 +10,10 @@ of CPU copies of the model and of the preset's start architecture, timed side by
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -110,6 +112,24 @@ def latency_bf16(spec: MetricSpec) -> bool:
     return resolve_precision(getattr(spec, "precision", "auto"), "cpu").name == "bf16"
 
 
+def machine_description(device: torch.device) -> str:
+    """The processor (or GPU), the torch thread count and the default training precision policy."""
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+                     platform.processor() or platform.machine())
+    policy = resolve_precision("auto", device).describe()
+    return f"{where}, {torch.get_num_threads()} torch thread(s), training {policy}"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
 def latency_form(spec: MetricSpec) -> str:
     """How the latency columns were measured, for metrics.json and the leaderboard."""
     dtype = "bf16 weights" if latency_bf16(spec) else "fp32"
@@ -129,6 +149,9 @@ def _latencies(model: nn.Module, start: nn.Module, input_size: tuple[int, int, i
     bf16 = latency_bf16(spec)
     forms = {name: deploy(deepcopy_module(candidate).cpu().eval(), bf16=bf16, example=images[:8])
              for name, candidate in (("model", model), ("start", start))}
+    if forms["model"].deploy_info.dtype != forms["start"].deploy_info.dtype:  # like with like: the start
+        forms["start"] = deploy(deepcopy_module(start).cpu().eval(), bf16=bf16, example=images[:8],
+                                bf16_weights=False)  # in the model's bf16 autocast fallback
     best: tuple[dict[int, float], dict[int, float]] = ({}, {})
     for _ in range(spec.latency_rounds):
         timing = time_side_by_side(forms, images, spec.latency_batches, min_repeats=spec.latency_repeats,
@@ -178,6 +201,7 @@ def evaluate_result(result: MethodResult, start: nn.Module, data: DatasetSplits,
     latency_images = class_mixed_images(data.test, max(spec.latency_batches), spec.subset_seed)
     own_lat, start_lat = _latencies(model, start, input_size, spec, latency_images)
     metrics["latency_form"] = latency_form(spec)
+    metrics["machine"] = machine_description(device)
     for b in spec.latency_batches:
         metrics[f"latency_b{b}_ms"] = 1000.0 * own_lat[b]
         metrics[f"start_latency_b{b}_ms"] = 1000.0 * start_lat[b]
