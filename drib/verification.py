@@ -283,14 +283,34 @@ def verified_forward(net: DynamicNetwork, images: Tensor, bits: Tensor, threshol
         use = replaced & better
         forced[use] = codebook[best[use]].to(forced)
         replaced = use
+    net.shapes()  # computed once, before the forced masks are in place
     gated.gate.forced = forced
     try:
         net.eval()
         logits = net(images)
-        macs = net.per_sample_macs(net.masks())
+        used = [m.clone() for m in net.masks()]
     finally:
         gated.gate.forced = None
+    macs = net.per_sample_macs(used)
     return {"logits": logits, "macs": macs, "replaced": replaced, "credibility": own}
+
+
+def verified_predict(net: DynamicNetwork, images: Tensor, stats: dict[str, FeatureStats],
+                     config: BottleneckConfig, seed: int = 0) -> dict[str, Tensor]:
+    """Inference with the paper's verification in the loop: decide, measure each decision's credibility
+    with IBA (target: the deployed prediction), replace the decisions below ``config.verify_threshold``
+    (`verified_forward`). Without a threshold this is the plain deployed forward."""
+    site = credibility_site(net, config.credibility_site)
+    assert site.gated is not None
+    predictions, _, _ = _decide(net, images, site.gated)
+    if config.verify_threshold is None:
+        with torch.no_grad():
+            logits = net.eval()(images)
+        return {"logits": logits, "macs": net.per_sample_macs(net.masks()),
+                "replaced": torch.zeros(len(images), dtype=torch.bool), "credibility": torch.full((len(images),),
+                                                                                               float("nan"))}
+    bits, _ = channel_bits(net, images, predictions, stats, config, seed)
+    return verified_forward(net, images, bits, config.verify_threshold, config)
 
 
 def ib_saliency(net: DynamicNetwork, images: Tensor, targets: Tensor | None, stats: dict[str, FeatureStats],

@@ -70,3 +70,36 @@ def test_credibility_rejects_selections_that_ignore_the_image():
     _, summary = credibility_controls(info, random, static)
     assert summary["credibility_accepted"] is False
     assert abs(summary["credibility_normalised"]) < 0.3
+
+
+def test_in_the_loop_verification_replaces_low_credibility_decisions():
+    from drib.bottleneck import FeatureStats
+    from drib.config import BottleneckConfig
+    from drib.verification import credibility_site, verified_forward, verified_predict
+
+    torch.manual_seed(0)
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=3)).eval()
+    with torch.no_grad():
+        for g in net.gates:
+            g.codebook.copy_((torch.rand_like(g.codebook) < 0.5).float())
+    x = torch.rand(4, 3, 32, 32)
+    site = credibility_site(net, "middle")
+    c = site.gated.site.channels
+    bits = torch.rand(4, c)
+    dense = verified_forward(net, x, bits, 1.01, BottleneckConfig(verify_fallback="dense"))  # all below
+    assert dense["replaced"].all()
+    with torch.no_grad():
+        plain = net(x)
+    site.gated.gate.open = True
+    with torch.no_grad():
+        opened = net(x)
+    site.gated.gate.open = False
+    assert torch.allclose(dense["logits"], opened, atol=1e-5) and not torch.allclose(plain, opened)
+    none = verified_forward(net, x, bits, 0.0, BottleneckConfig())  # nothing below 0: decisions adopted
+    assert not none["replaced"].any() and torch.allclose(none["logits"], plain, atol=1e-5)
+    shape = (c, 16, 16)
+    stats = {k: FeatureStats(torch.zeros(shape if "bn1" in k else (32, 16, 16)),
+                             torch.ones(shape if "bn1" in k else (32, 16, 16)),
+                             torch.ones(shape if "bn1" in k else (32, 16, 16))) for k in site.keys}
+    result = verified_predict(net, x, stats, BottleneckConfig(steps=1, copies=1, verify_threshold=1.0))
+    assert result["replaced"].all() and result["macs"].shape == (4,)
