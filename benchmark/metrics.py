@@ -130,19 +130,19 @@ def _cpuinfo() -> list[str]:
         return []
 
 
-def latency_form(spec: MetricSpec) -> str:
-    """How the latency columns were measured, for metrics.json and the leaderboard."""
-    dtype = "bf16 weights" if latency_bf16(spec) else "fp32"
+def latency_form(dtype: str) -> str:
+    """How the latency columns were measured (``dtype``: ``DeployInfo.dtype``), for metrics.json."""
     return f"deployed (BN folded, channels_last, {dtype}), cpu, {torch.get_num_threads()} thread(s)"
 
 
 def _latencies(model: nn.Module, start: nn.Module, input_size: tuple[int, int, int], spec: MetricSpec,
-               images: Tensor | None = None) -> tuple[dict[int, float], dict[int, float]]:
+               images: Tensor | None = None) -> tuple[dict[int, float], dict[int, float], str]:
     """Seconds per batch of the deployed forms (``common.deploy.deploy``) of CPU copies of ``model`` and
     ``start``, timed side by side (``common.speed.time_side_by_side``: interleaved calls, median) on
     ``images`` (class-mixed test images: per-input execution depends on them; random pixels when None).
     Each figure is the minimum over ``spec.latency_rounds`` rounds, robust to other processes competing
-    for the CPU. A deployed form that does not reproduce its model raises ``common.deploy.DeployError``."""
+    for the CPU. A deployed form that does not reproduce its model raises ``common.deploy.DeployError``.
+    The third value names the form (see :func:`latency_form`)."""
     if images is None:
         images = torch.rand(max(spec.latency_batches), *input_size, generator=torch.Generator().manual_seed(0))
     images = images.cpu()
@@ -159,7 +159,7 @@ def _latencies(model: nn.Module, start: nn.Module, input_size: tuple[int, int, i
         for which, name in enumerate(forms):
             for b in spec.latency_batches:
                 best[which][b] = min(timing["batches"][b][name]["seconds"], best[which].get(b, math.inf))
-    return best
+    return best[0], best[1], latency_form(forms["model"].deploy_info.dtype)
 
 
 def _scalar_extras(values: dict[str, Any]) -> dict[str, Any]:
@@ -199,8 +199,7 @@ def evaluate_result(result: MethodResult, start: nn.Module, data: DatasetSplits,
     next(steps, None)
 
     latency_images = class_mixed_images(data.test, max(spec.latency_batches), spec.subset_seed)
-    own_lat, start_lat = _latencies(model, start, input_size, spec, latency_images)
-    metrics["latency_form"] = latency_form(spec)
+    own_lat, start_lat, metrics["latency_form"] = _latencies(model, start, input_size, spec, latency_images)
     metrics["machine"] = machine_description(device)
     for b in spec.latency_batches:
         metrics[f"latency_b{b}_ms"] = 1000.0 * own_lat[b]

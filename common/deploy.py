@@ -341,14 +341,18 @@ def _failure(form: DeployedModel, example: Tensor) -> str | None:
     return None if bool(torch.isfinite(out).all()) else "non-finite logits"
 
 
-def _bf16_form(folded: nn.Module, channels_last: bool, info: DeployInfo, example: Tensor) -> DeployedModel:
+def _bf16_form(folded: nn.Module, channels_last: bool, info: DeployInfo, example: Tensor,
+               weights: bool = True) -> DeployedModel:
     """bf16 weights where the model's code runs with them; else bf16 autocast over the fp32 weights (a
     method may keep plain fp32 tensors or do arithmetic that bf16 weights break), with a note and a warning."""
-    weights = DeployedModel(deepcopy_module(folded).to(torch.bfloat16), torch.bfloat16, channels_last, info).eval()
-    problem = _failure(weights, example)
+    if not weights:
+        info.dtype = "bf16 autocast"
+        return DeployedModel(folded, torch.float32, channels_last, info, autocast=True).eval()
+    form = DeployedModel(deepcopy_module(folded).to(torch.bfloat16), torch.bfloat16, channels_last, info).eval()
+    problem = _failure(form, example)
     if problem is None:
         info.dtype = "bf16"
-        return weights
+        return form
     info.dtype = "bf16 autocast"
     info.notes.append(f"bf16 weights failed ({problem}); running bf16 autocast over fp32 weights")
     log.warning("deploy %s: bf16 weights failed (%s); using bf16 autocast over fp32 weights",
@@ -357,7 +361,7 @@ def _bf16_form(folded: nn.Module, channels_last: bool, info: DeployInfo, example
 
 
 def deploy(model: nn.Module, *, bf16: bool = False, compile: str | None = None,
-           example: Tensor | None = None, channels_last: bool = True,
+           example: Tensor | None = None, channels_last: bool = True, bf16_weights: bool = True,
            tolerance: float = FOLD_TOLERANCE) -> DeployedModel:
     """The fastest inference form of ``model``: BN folded (:func:`fold_batchnorm`), ``channels_last``,
     optionally bf16 weights and a compiler (``compile``: ``"jit"`` = trace + freeze +
@@ -365,7 +369,10 @@ def deploy(model: nn.Module, *, bf16: bool = False, compile: str | None = None,
     ``torch.compile``). Runs on the device of ``model``'s parameters.
 
     Verified on ``example`` against the eval-mode original; the max logit difference and the share of
-    unchanged top-1 predictions are logged and kept in ``deployed.deploy_info``. The fp32 fold must match
+    unchanged top-1 predictions are logged and kept in ``deployed.deploy_info``. With ``bf16``, weights
+    are cast to bf16 (``bf16_weights``, the fastest) unless the model's code fails or returns non-finite
+    logits with them; then, or with ``bf16_weights=False``, the fp32 weights run under bf16 autocast
+    (``deploy_info.dtype`` says which). The fp32 fold must match
     within ``tolerance``; bf16 forms are reported, not bounded (bf16 keeps ~3 significant digits).
     """
     if compile is not None and compile not in COMPILERS:
@@ -382,7 +389,7 @@ def deploy(model: nn.Module, *, bf16: bool = False, compile: str | None = None,
         folded.to(memory_format=torch.channels_last)
     deployed = DeployedModel(folded, torch.float32, channels_last, info).eval()
     if bf16:
-        deployed = _bf16_form(folded, channels_last, info, example)
+        deployed = _bf16_form(folded, channels_last, info, example, bf16_weights)
     if compile is not None:
         _compile(deployed, compile, example, info)
     candidate = _logits(deployed(example))
