@@ -64,7 +64,8 @@ def explanation_columns(model: nn.Module, start: nn.Module, cam_layer: nn.Module
         "random": random_saliency(spec.subset_seed),
         "centre": centre_saliency(),
     }
-    explainers["own"] = own if own is not None else explainers["gradcam"]
+    if own is not None:
+        explainers["own"] = own
     metrics: dict[str, float] = {}
     maps: dict[str, Tensor] = {}
     for name in ("gradcam", "random", "centre", "own"):
