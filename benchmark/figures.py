@@ -1,4 +1,5 @@
-"""pareto.png (top-1 against mean MACs) and explanations.png (each method's own maps on the same images)."""
+"""pareto.png (top-1 against mean MACs), faithfulness.png (own-map insertion lift against top-1) and
+explanations.png (each method's own maps on the same images)."""
 
 from __future__ import annotations
 
@@ -27,26 +28,71 @@ def _save(fig: plt.Figure, path: Path) -> None:
     tmp.replace(path)
 
 
-def pareto_figure(board: pd.DataFrame, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and bool(np.isfinite(value))
+
+
+def pareto_figure(curves: pd.DataFrame, path: Path, dense: tuple[float, float] | None = None) -> None:
+    """Top-1 against mean MACs: one line per compressing method through its MAC targets (error bars: std
+    over seeds), rows that do not compress as single points, the dense start as a star."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     plotted = 0
-    for i, (_, row) in enumerate(board.iterrows()):
-        if not np.isfinite(row["top1_mean"]) or not np.isfinite(row["mean_macs_mean"]):
+    for i, (method, rows) in enumerate(curves.groupby("method", sort=False)):
+        rows = rows[rows["top1_mean"].map(_finite) & rows["mean_macs_mean"].map(_finite)]
+        if not len(rows):
             continue
-        xerr = row["mean_macs_std"] / 1e6 if np.isfinite(row["mean_macs_std"]) else 0.0
-        yerr = row["top1_std"] if np.isfinite(row["top1_std"]) else 0.0
-        ax.errorbar(row["mean_macs_mean"] / 1e6, row["top1_mean"], xerr=xerr, yerr=yerr,
-                    marker=MARKERS[i % len(MARKERS)], markersize=8, capsize=3, linestyle="none",
-                    label=f"{row['method']} (n={row['seeds_finished']})")
+        rows = rows.sort_values("mean_macs_mean")
+        xerr = rows["mean_macs_std"].where(rows["mean_macs_std"].map(_finite), 0.0) / 1e6
+        yerr = rows["top1_std"].where(rows["top1_std"].map(_finite), 0.0)
+        seeds = ", ".join(sorted({str(int(n)) for n in rows["seeds_finished"]}))
+        ax.errorbar(rows["mean_macs_mean"] / 1e6, rows["top1_mean"], xerr=xerr, yerr=yerr,
+                    marker=MARKERS[i % len(MARKERS)], markersize=7, capsize=3, alpha=0.85,
+                    linestyle="-" if len(rows) > 1 else "none", label=f"{method} (seeds: {seeds})")
         plotted += 1
+    if dense is not None:
+        ax.plot(dense[0] / 1e6, dense[1], marker="*", markersize=14, color="black", linestyle="none",
+                label="dense start (no training)")
     if not plotted:
         ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("mean MACs per image (M)")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("accuracy against cost (error bars: std over seeds)")
+    ax.set_ylabel("top-1 on the reported test split (%)")
+    ax.set_title("accuracy against cost, one line per method through its MAC targets")
+    ax.grid(alpha=0.3)
+    if plotted or dense is not None:
+        ax.legend(fontsize=7, loc="best")
+    _save(fig, path)
+
+
+def faithfulness_figure(curves: pd.DataFrame, path: Path) -> None:
+    """The main interpretability figure against top-1: each row's own-map tiled-insertion lift over a random
+    map on the same model (0 = no better than noise), one marker per (method, target)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    column = "own_insertion_lift_mean"
+    plotted = 0
+    if column in curves:
+        for i, (method, rows) in enumerate(curves.groupby("method", sort=False)):
+            rows = rows[rows["top1_mean"].map(_finite) & rows[column].map(_finite)]
+            if not len(rows):
+                continue
+            yerr = rows["own_insertion_lift_std"].where(rows["own_insertion_lift_std"].map(_finite), 0.0)
+            ax.errorbar(rows["top1_mean"], rows[column], yerr=yerr, marker=MARKERS[i % len(MARKERS)],
+                        markersize=7, capsize=3, linestyle="none", alpha=0.85, label=method)
+            for _, row in rows.iterrows():
+                if _finite(row.get("target")):
+                    ax.annotate(f"{100 * row['target']:.0f}%", (row["top1_mean"], row[column]), fontsize=6,
+                                xytext=(3, 3), textcoords="offset points")
+            plotted += 1
+    ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    ax.text(0.01, 0.02, "dashed: a random map on the same model", transform=ax.transAxes, fontsize=7, color="grey")
+    if not plotted:
+        ax.text(0.5, 0.5, "no finished runs with faithfulness metrics yet", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("top-1 on the reported test split (%)")
+    ax.set_ylabel("own map: tiled insertion AUC − random map's")
+    ax.set_title("faithfulness of each row's own explanation against accuracy (labels: MAC target)")
     ax.grid(alpha=0.3)
     if plotted:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="best")
     _save(fig, path)
 
 

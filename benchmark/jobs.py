@@ -1,6 +1,7 @@
-"""One job = (preset, method, seed): train through the method's ``run_method``, measure, write metrics last.
+"""One job = (preset, method, seed, MAC target of a compressing row): train through the method's
+``run_method``, measure, write metrics last.
 
-Run directory ``<results>/<preset>/runs/<method>-seed<k>/``:
+Run directory ``<results>/<preset>/runs/<method>[-t<target %>]-seed<k>/``:
     config.json, environment.json, log.txt   written at the start of every attempt
     method/                                  the method's own out_dir (its checkpoints: it resumes there)
     explanations.pt                          the method's maps on the figure images
@@ -48,7 +49,7 @@ from .registry import Registry, default_registry
 from .start import prepare_start
 
 SPLIT_SEED = 0  # the validation split never moves with the run's seed: the same hold-out for every job
-RESULTS_FORMAT = 2  # bump when what a job measures changes incompatibly: older runs are then not reused
+RESULTS_FORMAT = 3  # bump when what a job measures changes incompatibly: older runs are then not reused
 NOT_IDENTITY = ("device",)  # config keys that describe a run but do not change what it measures
 
 
@@ -56,10 +57,12 @@ NOT_IDENTITY = ("device",)  # config keys that describe a run but do not change 
 class Job:
     method: str
     seed: int
+    target: float | None = None  # target_mac_reduction of a compressing row, None for the others
 
     @property
     def name(self) -> str:
-        return f"{self.method}-seed{self.seed}"
+        at = "" if self.target is None else f"-t{round(100 * self.target):02d}"
+        return f"{self.method}{at}-seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,8 @@ def job_config(ctx: Context, job: Job) -> dict[str, Any]:
     preset = ctx.preset
     return {"preset": preset.name, "method": job.method, "seed": job.seed, "dataset": preset.dataset,
             "backbone": preset.backbone, "start": asdict(preset.start), "budget": asdict(preset.budget()),
-            "batch_size": preset.batch_size, "settings": preset.method_settings(job.method),
+            "batch_size": preset.batch_size, "target_mac_reduction": job.target,
+            "settings": preset.method_settings(job.method, job.target),
             "metrics": asdict(preset.metrics), "val_fraction": preset.val_fraction, "split_seed": SPLIT_SEED,
             "val_source": ctx.resolved_val_source,
             "versions": {"results_format": RESULTS_FORMAT, "torch": torch.__version__},
@@ -173,7 +177,7 @@ def run_job(job: Job, ctx: Context, registry: Registry | None = None,
         entry = registry[job.method]()
         seed_everything(job.seed)
         result = entry(copy.deepcopy(start).to(device), data, ctx.preset.budget(), run.path / "method",
-                       device=device, seed=job.seed, settings=ctx.preset.method_settings(job.method))
+                       device=device, seed=job.seed, settings=ctx.preset.method_settings(job.method, job.target))
         if not isinstance(result, MethodResult):
             raise TypeError(f"run_method returned {type(result).__name__}, expected common.method.MethodResult")
         log.info("trained in %.1f s of device time; measuring", result.train_seconds)
@@ -182,11 +186,13 @@ def run_job(job: Job, ctx: Context, registry: Registry | None = None,
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}".strip()
         log.error("failed: %s\n%s", message, traceback.format_exc())
-        atomic_write_json({"status": "failed", "method": job.method, "seed": job.seed, "error": message,
+        atomic_write_json({"status": "failed", "method": job.method, "seed": job.seed,
+                           "target_mac_reduction": job.target, "error": message,
                            "traceback": traceback.format_exc()}, run.path / "error.json")
         return "failed"
     atomic_torch_save(evaluation.explanations, run.path / "explanations.pt")
-    metrics = {"status": "finished", "method": job.method, "seed": job.seed, **evaluation.metrics,
+    metrics = {"status": "finished", "method": job.method, "seed": job.seed, "target_mac_reduction": job.target,
+               **evaluation.metrics,
                "wall_seconds": time.perf_counter() - began, "device": str(device),
                "torch_threads": torch.get_num_threads()}
     run.write_metrics(metrics)

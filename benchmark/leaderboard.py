@@ -22,6 +22,7 @@ from .explain_metrics import COLUMNS as EXPLANATION_COLUMNS
 from .explain_metrics import FAITHFULNESS
 from .jobs import Context, Job, read_metrics
 from .metrics import COLUMNS
+from .presets import COMPRESSING, EPOCH_USE
 
 # Reference rows: the baseline model explained by a control map, scored exactly like every method's own map.
 CONTROL_ROWS = {"control: random map": "random", "control: centre map": "centre"}
@@ -63,27 +64,30 @@ DISPLAY: dict[str, tuple[str, float, int]] = {
 
 
 def collect_runs(ctx: Context, jobs: Sequence[Job]) -> pd.DataFrame:
-    """One row per job: its metrics.json, its error.json, or status "pending"."""
+    """One row per job: its metrics.json, its error.json, or status "pending"; ``target`` is the job's MAC
+    target (NaN for rows that do not compress)."""
     rows: list[dict[str, Any]] = []
     for job in jobs:
         path = ctx.run_dir(job)
+        ident = {"method": job.method, "seed": job.seed}
         try:  # a corrupt metrics.json or error.json is that job's failed row, never a blocked leaderboard
             if (path / "metrics.json").is_file():
-                rows.append(read_metrics(ctx, job))
+                rows.append({**read_metrics(ctx, job), "target": job.target})
                 continue
             if (path / "error.json").is_file():
                 failure = read_json(path / "error.json")
-                rows.append({"method": job.method, "seed": job.seed, "status": "failed",
+                rows.append({**ident, "target": job.target, "status": "failed",
                              "error": str(failure.get("error", "failed"))})
                 continue
         except (CheckpointError, AttributeError) as exc:
-            rows.append({"method": job.method, "seed": job.seed, "status": "failed", "error": str(exc)})
+            rows.append({**ident, "target": job.target, "status": "failed", "error": str(exc)})
             continue
-        rows.append({"method": job.method, "seed": job.seed, "status": "pending"})
+        rows.append({**ident, "target": job.target, "status": "pending"})
     runs = pd.DataFrame(rows)
-    for column in (*COLUMNS, "error"):
+    for column in (*COLUMNS, "error", "target"):
         if column not in runs:
             runs[column] = np.nan
+    runs["target"] = pd.to_numeric(runs["target"], errors="coerce")
     return _with_mis_control(_with_delta(runs))
 
 
@@ -163,6 +167,33 @@ def aggregate(runs: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+TARGET_TOLERANCE_PCT = 3.0  # a compressing row whose mean achieved MAC reduction is further off is flagged
+
+
+def target_check(target: float | None, achieved_pct: float) -> str:
+    """"50 ✓" when the achieved mean MAC reduction is within ``TARGET_TOLERANCE_PCT`` points of ``target``,
+    "50 ✗ miss" when not; "–" for rows without a target."""
+    if target is None or not math.isfinite(target):
+        return "–"
+    goal = 100 * target
+    if not math.isfinite(achieved_pct):
+        return f"{goal:.0f}"
+    return f"{goal:.0f} ✓" if abs(achieved_pct - goal) <= TARGET_TOLERANCE_PCT else f"{goal:.0f} ✗ miss"
+
+
+def target_board(runs: pd.DataFrame, methods: Sequence[str], target: float) -> pd.DataFrame:
+    """The leaderboard of one MAC target: the compressing rows run at ``target`` and the rows that do not
+    compress (run once, repeated in every target's table), with the control rows when the baseline ran."""
+    mine = runs[runs["target"].isna() | np.isclose(runs["target"].fillna(-1.0), target)]
+    controls = list(CONTROL_ROWS) if "baseline" in methods else []  # the controls explain the baseline model
+    board = aggregate(with_control_rows(mine), [*methods, *controls])
+    compressing = board["method"].isin(list(COMPRESSING))
+    board["target"] = np.where(compressing, target, np.nan)
+    board["on_target"] = [target_check(t, a) for t, a in zip(board["target"], board["mac_reduction_pct_mean"])]
+    board["table_target"] = target
+    return board
+
+
 def _cell(mean: float, std: float, scale: float, decimals: int) -> str:
     if mean is None or not math.isfinite(mean):
         return "–"
@@ -170,8 +201,9 @@ def _cell(mean: float, std: float, scale: float, decimals: int) -> str:
     return text if std is None or not math.isfinite(std) else f"{text} ± {std * scale:.{decimals}f}"
 
 
-def markdown_table(board: pd.DataFrame, columns: Sequence[str] = COLUMNS) -> str:
-    headers = ["method", "seeds", *(DISPLAY[c][0] for c in columns), "error"]
+def markdown_table(board: pd.DataFrame, columns: Sequence[str] = COLUMNS, with_target: bool = False) -> str:
+    headers = ["method", "seeds", *(["target MAC red. %"] if with_target else []), *(DISPLAY[c][0] for c in columns),
+               "error"]
     body = []
     for _, row in board.iterrows():
         seeds = f"{row['seeds_finished']}/{row['seeds_total']}"
@@ -179,7 +211,8 @@ def markdown_table(board: pd.DataFrame, columns: Sequence[str] = COLUMNS) -> str
             seeds += f" ({row['status']})"
         cells = [_cell(row[f"{c}_mean"], row[f"{c}_std"], *DISPLAY[c][1:]) for c in columns]
         error = str(row["error"])
-        body.append([row["method"], seeds, *cells, error[:160] + ("…" if len(error) > 160 else "")])
+        target = [row.get("on_target", "–")] if with_target else []
+        body.append([row["method"], seeds, *target, *cells, error[:160] + ("…" if len(error) > 160 else "")])
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -194,22 +227,65 @@ def _method_metrics_section(board: pd.DataFrame) -> str:
 
 
 def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str]) -> dict[str, Path]:
-    """Write leaderboard.{md,csv,json}, runs.csv, pareto.png and explanations.png under the preset folder."""
-    from .figures import explanations_figure, pareto_figure
+    """Write leaderboard.{md,csv,json} (one table per MAC target), runs.csv, pareto.png, faithfulness.png and
+    explanations.png under the preset folder."""
+    from .figures import explanations_figure, faithfulness_figure, pareto_figure
 
     out = ctx.results_dir
     out.mkdir(parents=True, exist_ok=True)
     runs = collect_runs(ctx, jobs)
-    controls = list(CONTROL_ROWS) if "baseline" in methods else []  # the controls explain the baseline model
-    board = aggregate(with_control_rows(runs), [*methods, *controls])
-    methods_only = board[~board["method"].isin(list(CONTROL_ROWS))]
+    preset = ctx.preset
+    boards = [target_board(runs, methods, t) for t in preset.targets]
+    board = pd.concat(boards, ignore_index=True)
+    text = _header(ctx, runs)
+    for target, one in zip(preset.targets, boards):
+        methods_only = one[~one["method"].isin(list(CONTROL_ROWS))]
+        text += (f"## Target: {100 * target:.0f}% fewer MACs than the dense start\n\n"
+                 "### Accuracy and cost\n\n"
+                 f"Compressing rows ran with `target_mac_reduction = {target:g}`; ✓: the achieved mean MAC"
+                 f" reduction is within {TARGET_TOLERANCE_PCT:g} points of it, ✗ miss: it is not. Rows without a"
+                 " target do not compress and are the same runs in every table.\n\n"
+                 + markdown_table(methods_only, COST_COLUMNS, with_target=True) + "\n\n"
+                 + "### Interpretability, beside its controls\n\n"
+                 + markdown_table(one, ("top1", *INTERPRETABILITY_COLUMNS)) + "\n\n")
+    text += _INTERPRETABILITY_NOTE
+    extras = _method_metrics_section(board[~board["method"].isin(list(CONTROL_ROWS))].drop_duplicates(
+        subset=["method", "target"]))
+    if extras:
+        text += "\nMethod-specific metrics (means over seeds):\n\n" + extras + "\n"
+    text += "\nWhat each row spends the shared epoch budget on:\n\n" + "\n".join(
+        f"- **{m}**: {EPOCH_USE.get(m, 'see its package README')}" for m in methods) + "\n"
+    paths = {"md": out / "leaderboard.md", "csv": out / "leaderboard.csv", "json": out / "leaderboard.json",
+             "runs": out / "runs.csv", "pareto": out / "pareto.png", "faithfulness": out / "faithfulness.png",
+             "explanations": out / "explanations.png"}
+    _atomic_text(paths["md"], text)
+    _atomic_text(paths["csv"], board.to_csv(index=False))
+    _atomic_text(paths["json"], board.to_json(orient="records", indent=2) + "\n")  # NaN -> null
+    _atomic_text(paths["runs"], runs.to_csv(index=False))
+    curves = aggregate_curves(runs, methods)
+    pareto_figure(curves, paths["pareto"], dense=_dense_point(runs))
+    faithfulness_figure(curves, paths["faithfulness"])
+    explanations_figure(ctx, jobs, methods, paths["explanations"])
+    return paths
+
+
+_INTERPRETABILITY_NOTE = (
+    "Interpretability columns: faithfulness of each row's own explanation (tiled deletion / insertion on a"
+    " blurred canvas, ROAD gap), the same metrics for Grad-CAM and for random and centred maps on the same"
+    " model, the own map's lift over the random map, the randomisation sanity test (ρ after all weights are"
+    " random) and Grad-CAM drift from the start. The two control rows explain the baseline model with a random"
+    " and a centred map: a method's own map that does not beat them is no better than noise or centre bias.\n")
+
+
+def _header(ctx: Context, runs: pd.DataFrame) -> str:
     preset = ctx.preset
     budget = preset.budget()
     header = (f"# Leaderboard: preset `{preset.name}`\n\n"
               f"{preset.dataset}, {preset.backbone}, start: {preset.start.kind}"
               f"{' ' + preset.start.file if preset.start.file else ''}; budget {budget.epochs} epochs"
               f"{f', max {budget.max_batches} batches/epoch' if budget.max_batches else ''}"
-              f"{f', {budget.seconds} s' if budget.seconds else ''}; batch {preset.batch_size}; "
+              f"{f', {budget.seconds} s' if budget.seconds else ''} for every row; batch {preset.batch_size}; "
+              f"MAC targets {', '.join(f'{100 * t:.0f}%' for t in preset.targets)}; "
               f"seeds {', '.join(map(str, preset.seeds))} (mean ± sample std over finished seeds).\n\n")
     splits = sorted(set(runs["split"].dropna().astype(str))) if "split" in runs else []
     for column, label in (("machine", "Ran on"), ("latency_form", "Latency measured on the")):
@@ -220,27 +296,36 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
     header += (f"Every figure is measured on the {' / '.join(splits) or 'test split'}"
                f"{'; validation (any selection) is the other half of the test set' if halves else ''}."
                " Arrows: ↓ lower is better, ↑ higher is better.\n\n")
-    extras = _method_metrics_section(methods_only)
-    text = (header + "## Accuracy and cost\n\n" + markdown_table(methods_only, COST_COLUMNS) + "\n\n"
-            + "## Interpretability, beside its controls\n\n"
-            + "Faithfulness of each row's own explanation (tiled deletion / insertion on a blurred canvas, ROAD"
-            " gap), the same metrics for Grad-CAM and for random and centred maps on the same model, the own"
-            " map's lift over the random map, the randomisation sanity test (ρ after all weights are random) and"
-            " Grad-CAM drift from the start. The two control rows explain the baseline model with a random and"
-            " a centred map: a method's own map that does not beat them is no better than noise or centre"
-            " bias.\n\n"
-            + markdown_table(board, ("top1", *INTERPRETABILITY_COLUMNS)) + "\n")
-    if extras:
-        text += "\nMethod-specific metrics (means over seeds):\n\n" + extras + "\n"
-    paths = {"md": out / "leaderboard.md", "csv": out / "leaderboard.csv", "json": out / "leaderboard.json",
-             "runs": out / "runs.csv", "pareto": out / "pareto.png", "explanations": out / "explanations.png"}
-    _atomic_text(paths["md"], text)
-    _atomic_text(paths["csv"], board.to_csv(index=False))
-    _atomic_text(paths["json"], board.to_json(orient="records", indent=2) + "\n")  # NaN -> null
-    _atomic_text(paths["runs"], runs.to_csv(index=False))
-    pareto_figure(methods_only, paths["pareto"])
-    explanations_figure(ctx, jobs, methods, paths["explanations"])
-    return paths
+    return header
+
+
+def aggregate_curves(runs: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
+    """One row per (method, target) with the mean and std over seeds (target NaN: a row that does not
+    compress): the points of the trade-off curves."""
+    parts = []
+    for target in sorted(runs["target"].dropna().unique()) or [np.nan]:
+        one = runs[np.isclose(runs["target"].fillna(-1.0), target)] if np.isfinite(target) else runs.iloc[0:0]
+        if len(one):
+            part = aggregate(one, [m for m in methods if m in set(one["method"])])
+            part["target"] = target
+            parts.append(part)
+    rest = runs[runs["target"].isna()]
+    if len(rest):
+        part = aggregate(rest, [m for m in methods if m in set(rest["method"])])
+        part["target"] = np.nan
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True) if parts else aggregate(runs, [])
+
+
+def _dense_point(runs: pd.DataFrame) -> tuple[float, float] | None:
+    """(dense MACs, top-1 of the start) for the marker of the dense start, when a finished run reports them."""
+    done = runs[runs["status"] == "finished"]
+    if not len(done) or "dense_macs" not in done or "start_top1" not in done:
+        return None
+    macs, top1 = pd.to_numeric(done["dense_macs"], errors="coerce"), pd.to_numeric(done["start_top1"], errors="coerce")
+    if not (macs.notna().any() and top1.notna().any()):
+        return None
+    return float(macs.dropna().iloc[0]), float(top1.dropna().iloc[0])
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -23,6 +23,24 @@ CONTROL_METHODS: dict[str, tuple[str, dict[str, Any]]] = {"picnn-lambda0": ("pic
 # Reference rows (benchmark/reference_pruning.py): L1-norm and random channel pruning, then CE fine-tuning.
 REFERENCES = ("l1-prune", "random-prune")
 METHODS = ("baseline", "drib", "picnn", "picnn-lambda0", "decoupling", "isp", *REFERENCES)
+# Rows that compress: each runs once per MAC target of the preset and receives ``target_mac_reduction`` (the
+# fraction of the dense start's MACs removed, mean per sample for dynamic models) in its settings. The other
+# rows (the baseline, PICNN and its control) do not remove MACs and run once, shown beside every target.
+COMPRESSING = ("drib", "decoupling", "isp", *REFERENCES)
+# Budget fairness: every row gets the same epochs in total; what each spends them on (shown under the table).
+EPOCH_USE = {
+    "baseline": "all epochs: cross-entropy fine-tuning of the dense start",
+    "drib": "decision heads and backbone trained together (Gumbel-softmax decisions, regulariser towards the"
+            " MAC target); the recipe's last `finetune_fraction` of the steps fine-tunes under argmax decisions",
+    "picnn": "all epochs: cross-entropy + lambda x the class-cluster loss on the added pathway",
+    "picnn-lambda0": "all epochs: the same pathway and images with lambda = 0 (the MIS control)",
+    "decoupling": "controllers and backbone together (CE + L_mi + L_kl + L_s with the sparsity target); a"
+                  " recipe's `finetune_fraction` > 0 adds a CE phase under frozen controllers (see its README)",
+    "isp": "30% predictor, 10% selector, 10% gate search (passes over a 5% subset), 50% fine-tuning of the"
+           " physically slimmed network",
+    "l1-prune": "pruning itself takes no epoch (bisection on filter L1 norms); all epochs: CE fine-tuning",
+    "random-prune": "pruning itself takes no epoch (seeded random channels); all epochs: CE fine-tuning",
+}
 
 
 def package_of(method: str) -> str:
@@ -105,6 +123,7 @@ class Preset:
     max_batches: int | None = None
     seconds: float | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
+    targets: tuple[float, ...] = (0.5,)  # target_mac_reduction of every compressing row (one job per target)
     val_fraction: float = 0.1
     methods: tuple[str, ...] = METHODS
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -117,12 +136,18 @@ class Preset:
         """The one budget every method of this preset gets."""
         return Budget(epochs=self.epochs, seconds=self.seconds, max_batches=self.max_batches)
 
-    def method_settings(self, method: str) -> dict[str, Any]:
+    def __post_init__(self) -> None:
+        bad = [t for t in self.targets if not 0 < float(t) < 1]
+        if bad or not self.targets:
+            raise ValueError(f"targets must be fractions of MACs removed in (0, 1), got {list(self.targets)}")
+
+    def method_settings(self, method: str, target: float | None = None) -> dict[str, Any]:
         """The settings handed to ``run_method``.
 
         Layers, later wins: the preset's fallback ``settings[method]``; the method's own recipe
         ``<method>/configs/<recipe>.json`` (its ``*epochs`` keys dropped unless ``recipe_epochs``: the
-        shared budget decides the length); the preset's batch size at every key of ``BATCH_SIZE_KEYS``.
+        shared budget decides the length); the preset's batch size at every key of ``BATCH_SIZE_KEYS``;
+        ``target_mac_reduction = target`` for a compressing row.
         """
         package = package_of(method)
         settings = copy.deepcopy(self.settings.get(package, {}))
@@ -136,6 +161,10 @@ class Preset:
             for section in sections:
                 node = node.setdefault(section, {})
             node[key] = self.batch_size
+        if target is not None:
+            if method not in COMPRESSING:
+                raise ValueError(f"{method!r} does not compress: it has no MAC target")
+            settings["target_mac_reduction"] = float(target)
         return settings
 
     def to_dict(self) -> dict[str, Any]:

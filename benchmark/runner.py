@@ -23,7 +23,7 @@ from common.run import CheckpointError, ConfigMismatchError, pick_device, progre
 
 from .jobs import Context, Job, config_mismatch, is_finished, load_data, read_metrics, run_job
 from .leaderboard import write_leaderboard
-from .presets import Preset
+from .presets import COMPRESSING, Preset
 from .registry import Registry, default_registry
 from .start import StartError, default_weights_dir, prepare_start, weights_file
 
@@ -39,8 +39,10 @@ class NoRunsError(ValueError):
 
 
 def plan_jobs(preset: Preset) -> list[Job]:
-    """Every (method, seed) of the preset, method-major so that the baseline rows come first."""
-    return [Job(method, seed) for method in preset.methods for seed in preset.seeds]
+    """Every (method, target, seed) of the preset, method-major so that the baseline rows come first; a row
+    that does not compress runs once per seed, a compressing row once per seed and MAC target."""
+    return [Job(method, seed, target) for method in preset.methods
+            for target in (preset.targets if method in COMPRESSING else (None,)) for seed in preset.seeds]
 
 
 def _run_local(jobs: Sequence[Job], ctx: Context, registry: Registry | None,
