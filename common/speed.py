@@ -13,6 +13,7 @@ bf16 weights, and a compiled form, as ratios against fp32 eager. Run it with ``O
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import platform
 import statistics
@@ -23,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import benchmark
 
 from .data import ImageTensors
 
@@ -68,7 +68,12 @@ def class_mixed_images(split: ImageTensors, n: int, seed: int = 0) -> Tensor:
 # timing
 
 
-def _timer(fn: Callable[[Tensor], object], x: Tensor) -> benchmark.Timer:
+def _timer(fn: Callable[[Tensor], object], x: Tensor) -> Any:
+    # torch.utils.benchmark pulls in cpp_extension, which warns "No CUDA runtime" on every CPU-only machine:
+    # irrelevant to timing, so that one logger is quietened before the import
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import benchmark
+
     return benchmark.Timer(stmt="fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
 
 
