@@ -217,11 +217,12 @@ def _static_presets() -> dict[str, Preset]:
     smoke = Preset(
         name="smoke", dataset="digits", backbone="resnet20",
         start=StartSpec("scratch", epochs=4, lr=0.1), epochs=1, batch_size=64, max_batches=3, seeds=(0,),
-        settings={"baseline": {"lr": 0.01}},
+        targets=(0.3, 0.5), settings={"baseline": {"lr": 0.01}},
         metrics=MetricSpec(explain_images=8, mis_images=120, figure_images=4, game_points=9,
                            road_fractions=(0.2, 0.5, 0.8), sanity_images=4, sanity_stages=2,
                            latency_repeats=2, latency_rounds=1),
-        description="embedded digits, ResNet-20 briefly trained from scratch as the start, 3 batches",
+        description="embedded digits, ResNet-20 briefly trained from scratch as the start, 3 batches, MAC targets"
+                    " 30% and 50%",
     )
     cifar_cpu = Preset(
         name="cifar10-cpu", dataset="cifar10", backbone="resnet20",
