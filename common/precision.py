@@ -126,6 +126,12 @@ class Precision:
         return {"precision": self.name, "channels_last": self.channels_last, "device": str(self.device)}
 
 
+def full_precision(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A region that runs in fp32 even inside ``policy.autocast()``: for the few ops a method needs exact
+    (Gumbel noise and straight-through masks, log-variances). Cast its bf16 inputs with ``.float()``."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
 def resolve_precision(name: str = "auto", device: torch.device | str | None = None, *,
                       channels_last: bool | None = None) -> Precision:
     """The policy for ``name`` ("auto", "fp32" or "bf16") on ``device`` (default: CUDA if present, else CPU).

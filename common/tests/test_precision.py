@@ -107,3 +107,41 @@ def test_evaluation_loops_run_under_the_policy_and_return_fp32_logits(native_cpu
     assert logits.dtype == torch.float32 and (logits - plain).abs().max() < 0.05
     assert 0.0 <= evaluate_top1(model, batches, precision=resolve_precision("fp32", "cpu")) <= 100.0
     assert model.training  # the loops restore the mode
+
+
+def test_full_precision_region_runs_fp32_inside_bf16_autocast(native_cpu):
+    policy = resolve_precision("bf16", "cpu")
+    layer = nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with policy.autocast():
+        assert layer(x).dtype == torch.bfloat16
+        with precision_module.full_precision("cpu"):
+            assert layer(x).dtype == torch.float32
+
+
+@pytest.mark.data
+def test_pretrained_resnet20_scores_within_0p2_points_under_the_bf16_policy():
+    """Accuracy parity of the fast path (issue: bf16 changes no accuracy that matters), on the held-out half."""
+    import os
+    from pathlib import Path
+
+    from common.backbones import build_backbone
+    from common.data import BatchLoader, load_dataset
+    from common.training import predict_logits
+
+    root = Path(os.environ.get("DATA_ROOT", "data"))
+    weights = root / "weights" / "resnet20-12fca82f.th"
+    if not weights.is_file() or not (root / "cifar10").is_dir():
+        pytest.skip("needs DATA_ROOT with cifar10 and weights/resnet20-12fca82f.th")
+    if not precision_module.cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16: the policy would not pick it")
+    data = load_dataset("cifar10", root, val_source="test-half")
+    model = build_backbone("resnet20", 10, weights=str(weights)).eval()
+    fp32_logits, labels = predict_logits(model, BatchLoader(data.test, 500, train=False), "fp32")
+    bf16 = resolve_precision("bf16", "cpu")
+    bf16_logits, _ = predict_logits(bf16.prepare_model(model), BatchLoader(data.test, 500, train=False), "bf16", bf16)
+    fp32_top1 = 100.0 * (fp32_logits.argmax(1) == labels).float().mean().item()
+    bf16_top1 = 100.0 * (bf16_logits.argmax(1) == labels).float().mean().item()
+    assert fp32_top1 > 90.0  # the published weights, as published
+    assert abs(bf16_top1 - fp32_top1) <= 0.2
+    assert (bf16_logits.argmax(1) == fp32_logits.argmax(1)).float().mean() > 0.99
