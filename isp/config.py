@@ -48,6 +48,10 @@ class ISPSettings:
     gamma1: float = 0.5
     gamma2: float = 2.0
     target_ratio: float = 0.5  # p: keep p of the prunable MACs T_all
+    # The shared cost knob (benchmark): fraction of the dense start's MACs (whole model) to remove. None: the
+    # paper's own p above. Set: p = 1 - target x MACs(model) / T_all, channel groups coarser than the target
+    # allows are refined, and the hard gates are calibrated by logit order to land on the target (README).
+    target_mac_reduction: float | None = None
     interpretation_units: str = "image"  # C_x compared in units of the image side ("pixels": as predicted)
     # Fine-tuning: SGD momentum 0.9, weight decay 1e-4, start lr 0.1, batch 128 (reference: steps at 50%, 75%).
     finetune_batch: int = 128
@@ -56,6 +60,9 @@ class ISPSettings:
     finetune_weight_decay: float = 1e-4
     finetune_schedule: str = "step"
     val_every_epochs: float = 1.0
+    # common.precision policy of every training and evaluation forward ("auto": bf16 autocast + channels_last
+    # where the device has native bf16, else fp32); losses, MAC counts, RBF maps and metrics stay fp32.
+    precision: str = "auto"
     # Reporting.
     latency_batch: int = 64
     latency_threads: int = 1
@@ -86,6 +93,13 @@ class ISPSettings:
         if self.channel_group != "auto" and (isinstance(self.channel_group, bool)
                                              or not isinstance(self.channel_group, int) or self.channel_group < 1):
             raise ValueError(f"channel_group must be 'auto' or an integer >= 1, got {self.channel_group!r}")
+        if self.target_mac_reduction is not None and (
+                isinstance(self.target_mac_reduction, bool) or not isinstance(self.target_mac_reduction, int | float)
+                or not 0.0 <= self.target_mac_reduction < 1.0):
+            raise ValueError(f"target_mac_reduction must be a fraction in [0, 1) or None, got "
+                             f"{self.target_mac_reduction!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self.gate_tau <= 0:
             raise ValueError("gate_tau must be positive")
         if self.mask_tau < 0:

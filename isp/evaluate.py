@@ -15,7 +15,7 @@ from torch import Tensor
 from common.backbones import Backbone
 from common.macs import count_macs, count_params
 from common.run import load_checkpoint, read_json
-from common.training import evaluate_top1, measure_latency
+from common.training import evaluate_top1
 
 from .losses import area_penalty, kl_to_classifier, smoothness_penalty
 from .rbf import bernoulli_mask, mask_input, rbf_bernoulli, sample_mask
@@ -62,22 +62,31 @@ def selector_fidelity(selector: Selector, predictor: Backbone, images: torch.Ten
     return {"selector_mask_agreement": 100.0 * agree / count, "selector_mask_area": area / count}
 
 
-def cpu_latency(model: Backbone, input_size, batch: int, threads: int) -> float:
+def cpu_speed(original: Backbone, final: Backbone, images: Tensor, batch: int, threads: int, bf16: bool,
+              repeats: int = 15) -> dict[str, float]:
+    """Seconds per batch of the dense start and the slim model, each in its fastest inference form
+    (common.deploy: BN folded, channels_last, bf16 weights when the precision policy is bf16), timed side by
+    side on ``threads`` CPU threads (common.speed)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return measure_latency(copy.deepcopy(model).cpu(), input_size, batch, "cpu", repeats=15)
+        models = {"dense": copy.deepcopy(original).cpu().eval(), "slim": copy.deepcopy(final).cpu().eval()}
+        timing = speed_against_dense(models, images.cpu(), (batch,), repeats, bf16=bf16)["batches"][batch]
     finally:
         torch.set_num_threads(previous)
+    return {"dense": timing["dense"]["seconds"], "slim": timing["slim"]["seconds"]}
 
 
 def evaluate_run(pipeline: Pipeline, max_explained: int = 2000) -> dict[str, Any]:
     """Everything metrics.json reports; selection already happened on the validation split."""
+    from common.speed import class_mixed_images
+
     s = pipeline.settings
     dev = pipeline.device
+    policy = pipeline.policy  # top-1 under the run's precision policy; MACs, maps and distances in fp32
     original = pipeline.classifier
-    final = pipeline.final_model()
-    slim_before_ft = load_backbone(pipeline.path("slim"), dev, pipeline.input_size)
+    final = policy.prepare_model(pipeline.final_model())
+    slim_before_ft = policy.prepare_model(load_backbone(pipeline.path("slim"), dev, pipeline.input_size))
     decoder = pipeline.decoder()
     predictor = load_backbone(pipeline.path("predictor"), dev, pipeline.input_size)
     test = pipeline._loader(256, train=False, split="test")
@@ -88,8 +97,9 @@ def evaluate_run(pipeline: Pipeline, max_explained: int = 2000) -> dict[str, Any
     sites, _, prunable = pipeline._gates()
     keep = keep_from_json(sites, gates_blob["keep"])
     hard = [torch.zeros(site.channels).index_fill_(0, k, 1.0) for site, k in zip(sites, keep)]
-    lat_before = cpu_latency(original, pipeline.input_size, s.latency_batch, s.latency_threads)
-    lat_after = cpu_latency(final, pipeline.input_size, s.latency_batch, s.latency_threads)
+    timed = cpu_speed(original, final, class_mixed_images(pipeline.data.test, s.latency_batch, seed=0),
+                      s.latency_batch, s.latency_threads, bf16=policy.name == "bf16")
+    lat_before, lat_after = timed["dense"], timed["slim"]
     explained = images_as_float(pipeline.data.test, dev)[:max_explained]
     original_selector = Selector(original, decoder)
     metrics: dict[str, Any] = {
@@ -98,24 +108,30 @@ def evaluate_run(pipeline: Pipeline, max_explained: int = 2000) -> dict[str, Any
         "val_source": pipeline.data.val_source,
         "test_split_name": pipeline.data.test_split_name,
         "selector": decoder.kind,
-        "top1_before": evaluate_top1(original, test),
-        "top1_after": evaluate_top1(final, test),
-        "top1_after_pruning_before_finetune": evaluate_top1(slim_before_ft, test),
-        "val_top1_before": evaluate_top1(original, val),
-        "val_top1_after": evaluate_top1(final, val),
+        "precision": policy.describe(),
+        "top1_before": evaluate_top1(original, test, precision=policy),
+        "top1_after": evaluate_top1(final, test, precision=policy),
+        "top1_after_pruning_before_finetune": evaluate_top1(slim_before_ft, test, precision=policy),
+        "val_top1_before": evaluate_top1(original, val, precision=policy),
+        "val_top1_after": evaluate_top1(final, val, precision=policy),
         "macs_before": macs_before,
         "macs": macs_after,
         "params_before": count_params(original),
         "params": count_params(final),
         "pruned_macs_ratio": 1.0 - macs_after / macs_before,
+        "mac_reduction": 1.0 - macs_after / macs_before,
+        "target_mac_reduction": s.target_mac_reduction,
         "prunable_macs_kept_ratio": float(prunable(hard)) / prunable.total,
-        "target_ratio_p": s.target_ratio,
+        "target_ratio_p": gates_blob.get("target_ratio_p", s.target_ratio),
+        "hard_gates_calibrated_to_target": bool(gates_blob.get("calibrated", False)),
         "channels_kept": {site.name: len(k) for site, k in zip(sites, keep)},
         "channel_groups": gates_blob.get("channel_groups"),
         "cpu_latency_ms_before": 1000 * lat_before,
         "cpu_latency_ms_after": 1000 * lat_after,
         "cpu_speedup": lat_before / lat_after,
-        "latency_setting": f"batch {s.latency_batch}, {s.latency_threads} CPU thread(s), median of 15",
+        "latency_setting": f"batch {s.latency_batch}, {s.latency_threads} CPU thread(s), class-mixed test images, "
+                           f"both in their fastest form (common.deploy{', bf16' if policy.name == 'bf16' else ''}), "
+                           "side by side, median of 15",
         "explanation_distance": explanation_distance(original_selector, Selector(final, decoder), explained),
         "explanation_distance_before_finetune": explanation_distance(original_selector,
                                                                      Selector(slim_before_ft, decoder), explained),
@@ -184,14 +200,15 @@ def slim_from_widths(name: str, widths: Sequence[int], num_classes: int = 10,
 
 
 def speed_against_dense(models: dict[str, Backbone], images: Tensor, batch_sizes: Sequence[int] = (1, 128),
-                        repeats: int = 20, compile: str | None = None) -> dict:
-    """Every model in its fastest inference form (``common.deploy``: BN folded, channels_last, optional
-    compiler), timed side by side, interleaved, median of ``repeats`` (``common.speed``); the first model is
-    the reference of the ratios."""
+                        repeats: int = 20, compile: str | None = None, bf16: bool = False) -> dict:
+    """Every model in its fastest inference form (``common.deploy``: BN folded, channels_last, bf16 weights
+    with ``bf16``, optional compiler), timed side by side, interleaved, median of ``repeats``
+    (``common.speed``); the first model is the reference of the ratios."""
     from common.deploy import deploy
     from common.speed import time_side_by_side
 
-    forms = {name: deploy(model.eval(), example=images[:4], compile=compile) for name, model in models.items()}
+    forms = {name: deploy(model.eval(), example=images[:4], compile=compile, bf16=bf16)
+             for name, model in models.items()}
     return time_side_by_side(forms, images, batch_sizes, min_repeats=repeats)
 
 

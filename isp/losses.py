@@ -11,14 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.precision import Precision
+
 from .rbf import mask_input, sample_mask
 from .selector import SelectorDecoder
 
 
 def kl_to_classifier(classifier_logits: Tensor, predictor_logits: Tensor) -> Tensor:
-    """KL(Q_class(y | x) || q_pred(y | m(x))), averaged over the batch (Eq. 7, 9)."""
-    return F.kl_div(F.log_softmax(predictor_logits, 1), F.log_softmax(classifier_logits, 1), log_target=True,
-                    reduction="batchmean")
+    """KL(Q_class(y | x) || q_pred(y | m(x))), averaged over the batch (Eq. 7, 9), always in fp32 (logits
+    from a bf16 forward are cast first: common.precision)."""
+    return F.kl_div(F.log_softmax(predictor_logits.float(), 1), F.log_softmax(classifier_logits.float(), 1),
+                    log_target=True, reduction="batchmean")
 
 
 def area_penalty(mask: Tensor) -> Tensor:
@@ -48,13 +51,20 @@ class SelectorLossParts:
 
 
 def selector_loss(classifier_logits: Tensor, predictor: nn.Module, images: Tensor, probs: Tensor, *,
-                  lambda1: float, lambda2: float, tau: float, generator: torch.Generator | None = None
-                  ) -> SelectorLossParts:
+                  lambda1: float, lambda2: float, tau: float, generator: torch.Generator | None = None,
+                  policy: Precision | None = None) -> SelectorLossParts:
     """Eq. 8-9: KL + lambda1 R(m') + lambda2 S(m') on one relaxed sample m' (Eq. 14) per image, drawn by the
     predictor's own sampler at its own temperature ``tau`` (R: fraction of kept pixels, S: mean over
-    neighbour pairs; both in [0, 1])."""
-    mask = sample_mask(probs, tau, generator)
-    kl = kl_to_classifier(classifier_logits, predictor(mask_input(images, mask)))
+    neighbour pairs; both in [0, 1]). The predictor runs under ``policy`` (a common.precision.Precision;
+    None: as called); mask, penalties and KL are fp32."""
+    mask = sample_mask(probs.float(), tau, generator)
+    masked = mask_input(images, mask)
+    if policy is None:
+        predicted = predictor(masked)
+    else:
+        with policy.autocast():
+            predicted = predictor(policy.prepare_inputs(masked))
+    kl = kl_to_classifier(classifier_logits, predicted)
     area = area_penalty(mask).mean()
     smooth = smoothness_penalty(mask).mean()
     return SelectorLossParts(kl, area, smooth, kl + lambda1 * area + lambda2 * smooth)

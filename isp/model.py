@@ -212,3 +212,83 @@ class PrunableMacs:
         return self.model_macs - self.total
 
 
+
+
+# --- the shared cost knob: target_mac_reduction (fraction of the whole model's MACs removed) ------------------
+
+# Channel groups are refined until one group per site could remove at least this much more than the target
+# (a search needs room below the target; at exactly the bound every site would keep a single group).
+GROUP_HEADROOM = 0.05
+
+
+def prunable_target_ratio(macs: PrunableMacs, target_mac_reduction: float) -> float:
+    """p of Eq. 10 for a whole-model target: removing ``target`` x MACs(model) from T_all keeps
+    p = 1 - target x MACs(model) / T_all of the prunable MACs (the rest of the model cannot shrink)."""
+    p = 1.0 - target_mac_reduction * macs.model_macs / macs.total
+    if p <= 0.0:
+        raise ValueError(f"target_mac_reduction {target_mac_reduction} removes more MACs than the prunable layers "
+                         f"hold ({macs.total / macs.model_macs:.1%} of the model)")
+    return p
+
+
+def one_group_values(channels: Sequence[int], groups: Sequence[int]) -> list[Tensor]:
+    """Hard gate values that keep exactly one group (the first) at every site: the smallest network."""
+    out = []
+    for c, g in zip(channels, groups):
+        v = torch.zeros(c)
+        v[:g] = 1.0
+        out.append(v)
+    return out
+
+
+def max_mac_reduction(macs: PrunableMacs, channels: Sequence[int], groups: Sequence[int]) -> float:
+    """The largest whole-model MAC reduction hard gates in these groups can reach (one group per site)."""
+    kept = float(macs(one_group_values(channels, groups))) + macs.fixed
+    return 1.0 - kept / macs.model_macs
+
+
+def groups_for_target(macs: PrunableMacs, channels: Sequence[int], groups: Sequence[int],
+                      target_mac_reduction: float, headroom: float = GROUP_HEADROOM) -> list[int]:
+    """``groups``, halved where they are coarsest relative to their site (group / channels largest first),
+    until the target is reachable with ``headroom`` to spare or every group is one channel. On ResNet-20 with
+    16-channel blocks and a 50% target this splits only the first stage's 16-channel sites into two groups
+    of 8 (40.6% -> 58% reachable)."""
+    groups = list(groups)
+    while max_mac_reduction(macs, channels, groups) < target_mac_reduction + headroom and max(groups) > 1:
+        worst = max(g / c for g, c in zip(groups, channels) if g > 1)
+        groups = [g // 2 if g > 1 and g / c == worst and c % (g // 2) == 0 else g
+                  for g, c in zip(groups, channels)]
+    return groups
+
+
+@torch.no_grad()
+def calibrated_hard(gates: ChannelGates, macs: PrunableMacs, target_macs: float) -> list[Tensor]:
+    """Hard gates by logit order whose T lands closest to ``target_macs``: every site keeps its best group, then
+    groups open in descending theta (one global threshold on theta, as ``hard`` but placed by MACs instead of
+    at theta + b = 0)."""
+    sizes = [c // g for c, g in zip(gates.channels, gates.groups)]
+    theta = gates.theta.detach().cpu()
+    per_site = list(torch.split(theta, sizes))
+    opened = [torch.zeros(n) for n in sizes]
+    for site, logits in enumerate(per_site):
+        opened[site][logits.argmax()] = 1.0
+    order = sorted(((float(v), site, j) for site, logits in enumerate(per_site) for j, v in enumerate(logits)),
+                   reverse=True)
+
+    def values() -> list[Tensor]:
+        return [o.repeat_interleave(g) if g > 1 else o.clone() for o, g in zip(opened, gates.groups)]
+
+    best = values()
+    best_gap = abs(float(macs(best)) - target_macs)
+    for _, site, j in order:
+        if opened[site][j]:
+            continue
+        opened[site][j] = 1.0
+        current = values()
+        gap = abs(float(macs(current)) - target_macs)
+        if gap < best_gap:
+            best, best_gap = current, gap
+        if float(macs(current)) > target_macs:
+            break
+    device = gates.theta.device
+    return [v.to(device) for v in best]

@@ -101,7 +101,7 @@ class RBFHead(nn.Module):
             self.conv.bias[2] = sigma_bias
 
     def forward(self, x: Tensor) -> Tensor:
-        u = self.conv(x).flatten(1)
+        u = self.conv(x).flatten(1).float()  # centres and sigma in fp32 under a bf16 policy
         height, width = self.image_size
         c_z = centre_nonlinearity(u[:, 0], height, self.centre_margin)
         c_t = centre_nonlinearity(u[:, 1], width, self.centre_margin)
@@ -162,6 +162,7 @@ class SelectorDecoder(nn.Module):
 
     def probabilities(self, code: Tensor) -> Tensor:
         """Per-pixel Bernoulli parameters of the explanatory mask, B x H x W (Eq. 5 or supplementary Eq. 2)."""
+        code = code.float()  # the map is always fp32 (common.precision)
         if self.kind == "rbf":
             return rbf_bernoulli(code, *self.shape.image_size)
         probs = torch.sigmoid(code)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from common.backbones import Backbone, build_backbone, list_backbones
 from common.data import BatchLoader, DatasetSplits, ImageTensors
 from common.method import Budget
+from common.precision import Precision, resolve_precision
 from common.run import (
     RunDir,
     atomic_torch_save,
@@ -39,12 +40,27 @@ from common.training import evaluate_top1
 from .config import STAGE_SHARES, ISPSettings
 from .hardware import resolve_channel_group
 from .losses import GateLossWeights, kl_to_classifier, pruning_loss, selector_loss
-from .model import ChannelGates, GateInjector, PrunableMacs, PrunableSite, group_sizes, prunable_sites
+from .model import (
+    ChannelGates,
+    GateInjector,
+    PrunableMacs,
+    PrunableSite,
+    calibrated_hard,
+    group_sizes,
+    groups_for_target,
+    prunable_sites,
+    prunable_target_ratio,
+)
 from .rbf import mask_input, rbf_bernoulli, sample_mask, sample_random_rbf_params
 from .selector import DecoderShape, SelectorDecoder, decoder_shape, forward_with_stages
 from .slim import keep_from_json, keep_to_json, kept_indices, slim_copy, slim_vs_gated
 
 CHECK_EVERY = 50
+
+
+def fp32_policy(device: torch.device | str = "cpu") -> Precision:
+    """The policy of a loop called without one (tests, direct calls): fp32, contiguous; changes nothing."""
+    return resolve_precision("fp32", device, channels_last=False)
 
 
 @dataclass
@@ -143,9 +159,13 @@ def random_masks(batch: int, size: tuple[int, int], kind: str, device: torch.dev
 
 def train_predictor(run: RunDir, classifier: Backbone, predictor: Backbone, loader: BatchLoader, steps: int, *,
                     lr: float, weight_decay: float, kind: str, tau: float, seconds: float | None, log,
-                    sigma_max: float | None = None, save_every: int = 200) -> LoopState:
-    """Eq. 6: min_theta E_x E_(c, sigma) E_m' KL(Q_class(y | x) || q_pred(y | m'(x))), m' relaxed at ``tau``."""
+                    sigma_max: float | None = None, save_every: int = 200, policy: Precision | None = None
+                    ) -> LoopState:
+    """Eq. 6: min_theta E_x E_(c, sigma) E_m' KL(Q_class(y | x) || q_pred(y | m'(x))), m' relaxed at ``tau``.
+    Forwards under ``policy`` (common.precision; masks and the KL in fp32)."""
+    policy = policy or fp32_policy()
     freeze(classifier)
+    policy.prepare_model(predictor)
     predictor.train()
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     batches = None
@@ -155,10 +175,13 @@ def train_predictor(run: RunDir, classifier: Backbone, predictor: Backbone, load
         if batches is None:
             batches = batch_stream(loader, i)
         x, _ = next(batches)
-        with torch.no_grad():
-            teacher = classifier(x)
+        x = policy.prepare_inputs(x)
         masks = random_masks(len(x), tuple(x.shape[-2:]), kind, x.device, tau, sigma_max)
-        loss = kl_to_classifier(teacher, predictor(mask_input(x, masks)))
+        with policy.autocast():
+            with torch.no_grad():
+                teacher = classifier(x)
+            student = predictor(policy.prepare_inputs(mask_input(x, masks)))
+        loss = kl_to_classifier(teacher, student)  # fp32 inside
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -171,10 +194,13 @@ def train_predictor(run: RunDir, classifier: Backbone, predictor: Backbone, load
 def train_selector(run: RunDir, classifier: Backbone, predictor: Backbone, decoder: SelectorDecoder,
                    loader: BatchLoader, steps: int, *, lr: float, weight_decay: float, lambda1: float,
                    lambda2: float, tau: float, seconds: float | None, log,
-                   save_every: int = 200) -> LoopState:
-    """Only the decoder learns; the encoder (the classifier's backbone) and the predictor stay frozen."""
+                   save_every: int = 200, policy: Precision | None = None) -> LoopState:
+    """Only the decoder learns; the encoder (the classifier's backbone) and the predictor stay frozen.
+    Encoder, decoder and predictor run under ``policy``; the RBF map, the mask and the loss are fp32."""
+    policy = policy or fp32_policy()
     freeze(classifier)
     freeze(predictor)
+    policy.prepare_model(decoder)
     decoder.train()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     batches = None
@@ -184,11 +210,13 @@ def train_selector(run: RunDir, classifier: Backbone, predictor: Backbone, decod
         if batches is None:
             batches = batch_stream(loader, i)
         x, _ = next(batches)
-        with torch.no_grad():
-            logits, stages = forward_with_stages(classifier, x)
-        code = decoder.code(stages, logits.argmax(1))
+        x = policy.prepare_inputs(x)
+        with policy.autocast():
+            with torch.no_grad():
+                logits, stages = forward_with_stages(classifier, x)
+            code = decoder.code(stages, logits.argmax(1))
         parts = selector_loss(logits, predictor, x, decoder.probabilities(code), lambda1=lambda1,
-                              lambda2=lambda2, tau=tau)
+                              lambda2=lambda2, tau=tau, policy=policy)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         optimizer.step()
@@ -199,17 +227,20 @@ def train_selector(run: RunDir, classifier: Backbone, predictor: Backbone, decod
 
 
 @torch.no_grad()
-def explanation_targets(classifier: Backbone, decoder: SelectorDecoder, images: Tensor, batch_size: int = 256
-                        ) -> tuple[Tensor, Tensor]:
-    """C_x of Eq. 10 for every image (the unpruned selector's code) and the class it explains."""
+def explanation_targets(classifier: Backbone, decoder: SelectorDecoder, images: Tensor, batch_size: int = 256,
+                        policy: Precision | None = None) -> tuple[Tensor, Tensor]:
+    """C_x of Eq. 10 for every image (the unpruned selector's code, fp32) and the class it explains, computed
+    under ``policy`` like the gate search's codes they are compared with."""
+    policy = policy or fp32_policy()
     freeze(classifier)
     decoder.eval()
     codes, classes = [], []
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        logits, stages = forward_with_stages(classifier, x)
-        target = logits.argmax(1)
-        codes.append(decoder.code(stages, target))
+        x = policy.prepare_inputs(images[start:start + batch_size])
+        with policy.autocast():
+            logits, stages = forward_with_stages(classifier, x)
+            target = logits.argmax(1)
+            codes.append(decoder.code(stages, target).float())
         classes.append(target)
     return torch.cat(codes), torch.cat(classes)
 
@@ -240,9 +271,11 @@ def subset_batches(subset: PruningSubset, batch_size: int, start_step: int, seed
 def search_gates(run: RunDir, classifier: Backbone, decoder: SelectorDecoder, sites: list[PrunableSite],
                  gates: ChannelGates, macs: PrunableMacs, subset: PruningSubset, steps: int, *, batch_size: int,
                  lr: float, weights: GateLossWeights, seed: int, seconds: float | None, log,
-                 save_every: int = 200) -> LoopState:
+                 save_every: int = 200, policy: Precision | None = None) -> LoopState:
     """Eq. 10: min_theta CE(f(x; W, v), y) + gamma1 ||C_x - f_sel(x; beta, v)||^2 + gamma2 R_res(T(v), p T_all).
-    W (classifier) and beta (decoder) are frozen; only the gate logits theta learn."""
+    W (classifier) and beta (decoder) are frozen; only the gate logits theta learn. The network runs under
+    ``policy``; gate values, T(v) and the loss are fp32."""
+    policy = policy or fp32_policy()
     freeze(classifier)
     freeze(decoder)
     optimizer = torch.optim.Adam(gates.parameters(), lr=lr)
@@ -255,12 +288,13 @@ def search_gates(run: RunDir, classifier: Backbone, decoder: SelectorDecoder, si
         if batches is None:
             batches = subset_batches(subset, batch_size, i, seed)
         x, y, codes, explained = next(batches)
+        x = policy.prepare_inputs(x)
         values = gates.sample()
         injector.values = values
-        with injector:
+        with injector, policy.autocast():
             logits, stages = forward_with_stages(classifier, x)
             code = decoder.code(stages, explained)
-        loss = pruning_loss(logits, y, codes, code, decoder, macs(values), target_macs, weights)
+        loss = pruning_loss(logits.float(), y, codes, code.float(), decoder, macs(values), target_macs, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -272,8 +306,11 @@ def search_gates(run: RunDir, classifier: Backbone, decoder: SelectorDecoder, si
 
 def finetune(run: RunDir, model: Backbone, loader: BatchLoader, val_loader: BatchLoader, steps: int, *, lr: float,
              momentum: float, weight_decay: float, schedule: str, val_every: int, seconds: float | None, log,
-             save_every: int = 200) -> LoopState:
-    """SGD fine-tuning of the slim model; the step with the best validation top-1 is kept (never the test set)."""
+             save_every: int = 200, policy: Precision | None = None) -> LoopState:
+    """SGD fine-tuning of the slim model; the step with the best validation top-1 is kept (never the test set).
+    Forward (and validation) under ``policy``; the loss in fp32."""
+    policy = policy or fp32_policy()
+    policy.prepare_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     batches = None
 
@@ -292,14 +329,16 @@ def finetune(run: RunDir, model: Backbone, loader: BatchLoader, val_loader: Batc
         for group in optimizer.param_groups:
             group["lr"] = lr_at(i)
         x, y = next(batches)
-        loss = F.cross_entropy(model(x), y)
+        with policy.autocast():
+            logits = model(policy.prepare_inputs(x))
+        loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return loss
 
     def validate(done: int, state: LoopState) -> None:
-        top1 = evaluate_top1(model, val_loader, desc="validate")
+        top1 = evaluate_top1(model, val_loader, desc="validate", precision=policy)
         model.train()
         if log:
             log.info("finetune step %d: val top-1 %.2f", done, top1)
@@ -402,8 +441,10 @@ class Pipeline:
         self.classifier_path = self.run_dir.file("classifier.pt")
         if not self.classifier_path.is_file():
             save_backbone(self.classifier_path, self.name, classifier, None)
+        # common.precision: every training and evaluation forward of the pipeline runs under this policy.
+        self.policy = resolve_precision(settings.precision, device)
         # The run's own copy, so freezing it never touches the caller's model.
-        self.classifier = load_backbone(self.classifier_path, device, self.input_size)
+        self.classifier = self.policy.prepare_model(load_backbone(self.classifier_path, device, self.input_size))
         self.seconds_path = self.run_dir.file("stage_seconds.json")
         self.channel_group = resolve_channel_group(settings.channel_group, device)
 
@@ -462,13 +503,14 @@ class Pipeline:
         if s.predictor_from_classifier:
             predictor.load_state_dict(self.classifier.state_dict())
         predictor.to(self.device)
+        self.log.info("precision: %s", self.policy.describe())
         loader = self._loader(s.predictor_batch)
         state = train_predictor(self.run_dir, self.classifier, predictor, loader,
                                        self._steps("predictor", len(loader)), lr=s.predictor_lr,
                                        weight_decay=s.predictor_weight_decay, kind=s.selector,
                                        tau=s.mask_tau, sigma_max=s.predictor_sigma_max,
                                        seconds=self._seconds("predictor"), log=self.log,
-                                       save_every=min(SAVE_EVERY, len(loader)))
+                                       save_every=min(SAVE_EVERY, len(loader)), policy=self.policy)
         save_backbone(self.path("predictor"), self.name, predictor, None)
         self._record_seconds("predictor", state.seconds)
 
@@ -483,7 +525,7 @@ class Pipeline:
                                       weight_decay=s.selector_weight_decay, lambda1=s.lambda1,
                                       lambda2=s.lambda2 if s.selector == "rbf" else 0.0, tau=s.mask_tau,
                                       seconds=self._seconds("selector"), log=self.log,
-                                      save_every=min(SAVE_EVERY, len(loader)))
+                                      save_every=min(SAVE_EVERY, len(loader)), policy=self.policy)
         save_decoder(self.path("selector"), decoder)
         self._record_seconds("selector", state.seconds)
 
@@ -491,7 +533,7 @@ class Pipeline:
         decoder = load_decoder(self._require("selector"), self.device)
         indices = subset_indices(len(self.data.train), self.settings.subset_fraction, self.seed)
         images = images_as_float(self.data.train.subset(indices), self.device)
-        codes, explained = explanation_targets(self.classifier, decoder, images)
+        codes, explained = explanation_targets(self.classifier, decoder, images, policy=self.policy)
         atomic_torch_save({"indices": indices, "codes": codes.cpu(), "explained": explained.cpu()},
                           self.path("targets"))
 
@@ -504,9 +546,18 @@ class Pipeline:
     def _gates(self) -> tuple[list, ChannelGates, PrunableMacs]:
         sites = prunable_sites(self.classifier, self.input_size)
         channels = [s.channels for s in sites]
+        macs = PrunableMacs(self.classifier, sites, self.input_size)
         groups = group_sizes(channels, self.channel_group)
+        if self.settings.target_mac_reduction is not None:
+            groups = groups_for_target(macs, channels, groups, self.settings.target_mac_reduction)
         gates = ChannelGates(channels, self.settings.gate_bias, self.settings.gate_tau, groups)
-        return sites, gates.to(self.device), PrunableMacs(self.classifier, sites, self.input_size)
+        return sites, gates.to(self.device), macs
+
+    def target_ratio(self, macs: PrunableMacs) -> float:
+        """p of Eq. 10: the setting, or the one ``target_mac_reduction`` (whole-model MACs removed) implies."""
+        if self.settings.target_mac_reduction is None:
+            return self.settings.target_ratio
+        return prunable_target_ratio(macs, self.settings.target_mac_reduction)
 
     def _stage_gates(self) -> None:
         s = self.settings
@@ -514,18 +565,24 @@ class Pipeline:
         subset = self._subset()
         sites, gates, macs = self._gates()
         per_epoch = max(1, len(subset.labels) // s.gate_batch)
-        weights = GateLossWeights(s.classification_weight, s.gamma1, s.gamma2, s.target_ratio,
-                                        s.interpretation_units)
+        p = self.target_ratio(macs)
+        weights = GateLossWeights(s.classification_weight, s.gamma1, s.gamma2, p, s.interpretation_units)
         state = search_gates(self.run_dir, self.classifier, decoder, sites, gates, macs, subset,
                                     self._steps("gates", per_epoch), batch_size=s.gate_batch, lr=s.gate_lr,
                                     weights=weights, seed=self.seed, seconds=self._seconds("gates"), log=self.log,
-                                    save_every=min(SAVE_EVERY, per_epoch))
+                                    save_every=min(SAVE_EVERY, per_epoch), policy=self.policy)
         hard = gates.hard()
+        threshold_ratio = float(macs(hard)) / macs.total
+        if s.target_mac_reduction is not None:  # the shared cost knob: land on the target, not near it
+            hard = calibrated_hard(gates, macs, p * macs.total)
         keep = keep_to_json(sites, kept_indices(hard))
         ratio = float(macs(hard)) / macs.total
-        self.log.info("gates: prunable MACs kept %.3f (target p = %.3f)", ratio, s.target_ratio)
+        reduction = 1.0 - (float(macs(hard)) + macs.fixed) / macs.model_macs
+        self.log.info("gates: prunable MACs kept %.3f (target p = %.3f; theta + b > 0 gave %.3f), model MACs "
+                      "removed %.3f", ratio, p, threshold_ratio, reduction)
         atomic_torch_save({"theta": gates.theta.detach().cpu(), "keep": keep, "prunable_kept_ratio": ratio,
-                           "channel_groups": gates.groups,
+                           "threshold_prunable_kept_ratio": threshold_ratio, "target_ratio_p": p,
+                           "calibrated": s.target_mac_reduction is not None, "channel_groups": gates.groups,
                            "prunable_macs_total": macs.total}, self.path("gates"))
         self._record_seconds("gates", state.seconds)
 
@@ -558,7 +615,7 @@ class Pipeline:
                                 momentum=s.finetune_momentum, weight_decay=s.finetune_weight_decay,
                                 schedule=s.finetune_schedule, val_every=min(val_every, steps),
                                 seconds=self._seconds("finetune"), log=self.log,
-                                save_every=min(SAVE_EVERY, len(loader)))
+                                save_every=min(SAVE_EVERY, len(loader)), policy=self.policy)
         save_backbone(self.path("finetune"), self.name, model, load_checkpoint(self.path("slim"))["keep"])
         self._record_seconds("finetune", state.seconds)
 
