@@ -3,77 +3,81 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
-from common.backbones import WeightsError, build_backbone, list_backbones
-from common.data import DatasetNotFoundError, default_val_source, load_dataset
+from common.backbones import build_backbone, list_backbones
+from common.cli import (
+    add_budget_arguments,
+    add_common_arguments,
+    apply_overrides,
+    budget_from_args,
+    main_guard,
+    parse_args,
+    require_weights,
+    resolve_val_source,
+)
+from common.data import load_dataset
 from common.method import Budget
-from common.run import CheckpointError, NonFiniteLossError, RunDir, pick_device, read_json
+from common.precision import add_precision_argument, resolve_precision
+from common.run import RunDir, pick_device, read_json
 
 from .config import ISPSettings
 from .selector import Selector
 from .train import STAGES, Pipeline, StageOrderError
 
+PROG = "python -m isp"
+
+
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the commands that reopen a run directory: the shared device / threads / precision flags."""
+    parser.add_argument("--run", required=True, help="run directory written by train")
+    parser.add_argument("--data-root", default=None, help="override the dataset root stored in the run")
+    add_common_arguments(parser, seed=False)
+    add_precision_argument(parser, default=None)  # None: the run's own precision setting
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m isp", description=__doc__)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run or resume every ISP stage (or one, with --stage)")
     train.add_argument("--backbone", default="resnet20", choices=list_backbones(), help="classifier architecture")
     train.add_argument("--dataset", default="cifar10", help="dataset name (common.data), e.g. cifar10, digits")
     train.add_argument("--data-root", default=None, help="dataset root (default: $DATA_ROOT, else ./data)")
-    train.add_argument("--weights", default=None,
-                       help="pretrained classifier weights, e.g. ../shared/data/weights/resnet20-12fca82f.th")
-    train.add_argument("--epochs", type=float, default=1.0,
-                       help="budget in epochs of the training set, shared over the stages unless the config "
-                            "fixes them")
-    train.add_argument("--seconds", type=float, default=None, help="optional wall-clock budget of all stages")
-    train.add_argument("--max-batches", type=int, default=None, help="cap on batches per epoch (smoke runs)")
-    train.add_argument("--out", required=True, help="run directory (created; an existing one is resumed)")
-    train.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
-    train.add_argument("--seed", type=int, default=0)
+    add_common_arguments(train, weights=True, out=True, overrides=True, val_source=True)
+    add_precision_argument(train, default=None)  # None: the config's precision setting (default auto)
+    add_budget_arguments(train)
+    train.add_argument("--seconds", dest="budget_seconds", type=float, help=argparse.SUPPRESS)  # older spelling
     train.add_argument("--config", default=None,
-                       help="JSON file of ISP settings, e.g. isp/configs/resnet56_cifar10.json")
+                       help="JSON file of ISP settings, e.g. isp/configs/resnet56_cifar10.json (then --set)")
     train.add_argument("--stage", default=None, choices=STAGES, help="run only this stage")
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    train.add_argument("--val-source", default="auto", choices=("auto", "train", "test-half"),
-                       help="validation split: 'test-half' (half of the test set; figures on the other half), "
-                            "'train' (a hold-out of the training set); auto = test-half when --weights is given "
-                            "(published weights saw the whole training set), else train")
 
     evaluate = sub.add_parser("evaluate", help="(re)compute DIR/metrics.json for a finished run")
-    evaluate.add_argument("--run", required=True, help="run directory written by train")
-    evaluate.add_argument("--data-root", default=None, help="override the dataset root stored in the run")
-    evaluate.add_argument("--device", default=None)
+    _run_flags(evaluate)
 
     explain = sub.add_parser("explain", help="saliency figure: original vs pruned selector")
-    explain.add_argument("--run", required=True, help="run directory written by train")
+    _run_flags(explain)
     explain.add_argument("--out", required=True, help="PNG file to write")
     explain.add_argument("--images", type=int, default=None, help="number of test images (rows)")
-    explain.add_argument("--data-root", default=None, help="override the dataset root stored in the run")
-    explain.add_argument("--device", default=None)
 
     sweep = sub.add_parser("sweep", help="the selector loss (Eq. 8) along sigma for a centred kernel, on the "
                                          "validation split, with the run's predictor")
-    sweep.add_argument("--run", required=True, help="run directory holding predictor.pt")
+    _run_flags(sweep)
     sweep.add_argument("--images", type=int, default=256, help="number of validation images")
     sweep.add_argument("--sigmas", type=float, nargs="+", default=[1, 2, 3, 4, 6, 8, 10, 16, 24, 64])
     sweep.add_argument("--tau", type=float, nargs="+", default=None,
                        help="mask temperatures to score with (default: the run's mask_tau)")
     sweep.add_argument("--samples", type=int, default=4, help="masks per image")
-    sweep.add_argument("--data-root", default=None, help="override the dataset root stored in the run")
-    sweep.add_argument("--device", default=None)
-    sweep.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     blocks = sub.add_parser("blocks", help="time a 3x3 conv against its number of output channels (the table "
                                            "that chose the CPU channel block)")
     blocks.add_argument("--batch", type=int, default=128)
     blocks.add_argument("--repeats", type=int, default=20)
-    blocks.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_common_arguments(blocks, device=False, seed=False)
 
     speed = sub.add_parser("speed", help="speedup vs MAC ratio of slim networks against the dense start, each in "
                                          "its fastest form (common.deploy), on class-mixed held-out images")
@@ -87,23 +91,21 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--batch", type=int, nargs="+", default=[1, 128])
     speed.add_argument("--repeats", type=int, default=20)
     speed.add_argument("--compile", default=None, choices=("jit", "inductor"))
-    speed.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_common_arguments(speed, device=False, seed=False)
+    add_precision_argument(speed)  # bf16: every model is timed with bf16 weights (common.deploy)
 
     report = sub.add_parser("report", help="the selector's masks (kept fraction, centre spread) and its insertion "
                                            "/ ROAD beside Grad-CAM and random, on the held-out test split")
-    report.add_argument("--run", required=True, help="run directory holding selector.pt")
+    _run_flags(report)
     report.add_argument("--images", type=int, default=500, help="class-mixed test images")
-    report.add_argument("--data-root", default=None)
-    report.add_argument("--device", default=None)
-    report.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     compare = sub.add_parser("compare", help="two or more gate searches side by side (e.g. gamma1 vs gamma1 = 0): "
                                              "kept channels, top-1 and Grad-CAM drift of the slim networks")
     compare.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="repeatable")
     compare.add_argument("--images", type=int, default=500, help="class-mixed test images for the drift")
     compare.add_argument("--data-root", default=None)
-    compare.add_argument("--device", default=None)
-    compare.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_common_arguments(compare, seed=False)
+    add_precision_argument(compare, default=None)
     return parser
 
 
@@ -119,7 +121,8 @@ def _settings(config: str | None) -> dict:
     return values
 
 
-def _reopen(run_path: str, data_root: str | None, device_name: str | None) -> Pipeline:
+def _reopen(run_path: str, data_root: str | None, device_name: str | None, precision: str | None = None
+            ) -> Pipeline:
     if not (Path(run_path) / "config.json").is_file():
         raise FileNotFoundError(f"{run_path} is not a run directory (no config.json); train into it first")
     run = RunDir(run_path)
@@ -129,24 +132,29 @@ def _reopen(run_path: str, data_root: str | None, device_name: str | None) -> Pi
     data = load_dataset(config["dataset"], root, val_source=config.get("val_source", "train"))
     budget = Budget(**config["budget"])
     classifier = build_backbone(config["backbone"], data.num_classes)
+    settings = ISPSettings.from_dict(config["settings"])
+    if precision is not None:  # --precision on a reopened run: how it is evaluated, not how it was trained
+        settings = dataclasses.replace(settings, precision=precision)
     # The run's classifier.pt is the source of truth; this instance only supplies the architecture.
-    return Pipeline(run.path, classifier, data, budget, ISPSettings.from_dict(config["settings"]), device,
-                    config.get("seed", 0), backbone_name=config["backbone"])
+    return Pipeline(run.path, classifier, data, budget, settings, device, config.get("seed", 0),
+                    backbone_name=config["backbone"])
 
 
 def _train(args: argparse.Namespace) -> None:
-    settings = ISPSettings.from_dict(_settings(args.config))
+    settings = apply_overrides(ISPSettings.from_dict(_settings(args.config)), args.set)
+    if args.precision is not None:
+        settings = dataclasses.replace(settings, precision=args.precision)
+    settings = ISPSettings.from_dict(settings.to_dict())  # validated after the overrides
     device = pick_device(args.device)
-    val_source = default_val_source(args.weights is not None) if args.val_source == "auto" else args.val_source
+    weights = require_weights(args)
+    val_source = resolve_val_source(args.val_source, pretrained=weights is not None)
     data = load_dataset(args.dataset, args.data_root, val_source=val_source)
     run = RunDir(args.out)
     if (run.path / "classifier.pt").is_file():
         classifier = build_backbone(args.backbone, data.num_classes)
     else:
-        if args.weights is None:
-            print("warning: no --weights given; pruning an untrained classifier", file=sys.stderr)
-        classifier = build_backbone(args.backbone, data.num_classes, args.weights)
-    budget = Budget(args.epochs, args.seconds, args.max_batches)
+        classifier = build_backbone(args.backbone, data.num_classes, None if weights is None else str(weights))
+    budget = budget_from_args(args)
     run.write_config({"method": "isp", "backbone": args.backbone, "dataset": args.dataset,
                       "data_root": args.data_root, "weights": args.weights, "val_source": val_source,
                       "budget": {"epochs": budget.epochs, "seconds": budget.seconds,
@@ -162,7 +170,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    pipeline = _reopen(args.run, args.data_root, args.device)
+    pipeline = _reopen(args.run, args.data_root, args.device, args.precision)
     pipeline.run("evaluate")
     print(f"metrics written to {pipeline.run_dir.metrics_path}")
 
@@ -170,7 +178,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _explain(args: argparse.Namespace) -> None:
     from .explain import saliency_figure
 
-    pipeline = _reopen(args.run, args.data_root, args.device)
+    pipeline = _reopen(args.run, args.data_root, args.device, args.precision)
     n = args.images or pipeline.settings.figure_images
     test = pipeline.data.test
     g = torch.Generator().manual_seed(0)
@@ -189,7 +197,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from .evaluate import loss_along_sigma
     from .train import load_backbone
 
-    pipeline = _reopen(args.run, args.data_root, args.device)
+    pipeline = _reopen(args.run, args.data_root, args.device, args.precision)
     s = pipeline.settings
     predictor = load_backbone(pipeline._require("predictor"), pipeline.device, pipeline.input_size)
     images = pipeline.data.val.images[:args.images].float().div(255).to(pipeline.device)
@@ -239,11 +247,13 @@ def _speed(args: argparse.Namespace) -> None:
         name, value = _named(spec)
         models[name] = load_backbone(Path(value) / "model.pt", "cpu").eval()
     images = class_mixed_images(data.test, max(args.batch), seed=0)
-    timing = speed_against_dense(models, images, args.batch, args.repeats, args.compile)
+    bf16 = resolve_precision(args.precision, "cpu").name == "bf16"
+    timing = speed_against_dense(models, images, args.batch, args.repeats, args.compile, bf16=bf16)
     dense_macs = count_macs(models["dense"])
+    form = "BN folded, channels_last" + (", bf16 weights" if bf16 else "")
+    form += f", {args.compile}" if args.compile else ""
     print(f"{torch.get_num_threads()} thread(s), images: {data.test_split_name}, class-mixed; fastest form "
-          f"(BN folded, channels_last{', ' + args.compile if args.compile else ''}); interleaved, median of "
-          f"{args.repeats}")
+          f"({form}); interleaved, median of {args.repeats}")
     print("model | MACs | MAC ratio | " + " | ".join(f"speedup b={b}" for b in args.batch))
     for name, model in models.items():
         macs = count_macs(model)
@@ -258,7 +268,7 @@ def _report(args: argparse.Namespace) -> None:
 
     from .evaluate import selector_report
 
-    pipeline = _reopen(args.run, args.data_root, args.device)
+    pipeline = _reopen(args.run, args.data_root, args.device, args.precision)
     images = class_mixed_images(pipeline.data.test, args.images, seed=0).to(pipeline.device)
     out = selector_report(pipeline.classifier, pipeline.decoder(), images)
     out["split"] = pipeline.data.test_split_name
@@ -278,7 +288,7 @@ def _compare(args: argparse.Namespace) -> None:
     rows, keeps = {}, {}
     for spec in args.run:
         name, path = _named(spec)
-        pipeline = _reopen(path, args.data_root, args.device)
+        pipeline = _reopen(path, args.data_root, args.device, args.precision)
         images = class_mixed_images(pipeline.data.test, args.images, seed=0).to(pipeline.device)
         gates = load_checkpoint(pipeline._require("gates"))
         keeps[name] = gates["keep"]
@@ -295,18 +305,15 @@ def _compare(args: argparse.Namespace) -> None:
     print(json.dumps({"runs": rows, "kept_channel_difference": pairs}, indent=1))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    try:
-        {"train": _train, "evaluate": _evaluate, "explain": _explain, "sweep": _sweep,
-         "blocks": _blocks, "speed": _speed, "report": _report, "compare": _compare}[args.command](args)
-    except (DatasetNotFoundError, WeightsError, CheckpointError, StageOrderError, NonFiniteLossError,
-            FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _run(argv: list[str] | None) -> int:
+    args = parse_args(_parser(), argv)  # seeds, sets --threads, checks budget / device / --out / --set
+    {"train": _train, "evaluate": _evaluate, "explain": _explain, "sweep": _sweep,
+     "blocks": _blocks, "speed": _speed, "report": _report, "compare": _compare}[args.command](args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_guard(_run, argv, prog=PROG, extra_errors=(StageOrderError,))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """A tiny end-to-end ISP run on the embedded digits dataset, resuming, and the CLI's error handling."""
 
+import json
+
 import pytest
 import torch
 
@@ -73,3 +75,33 @@ def test_cli_reports_a_missing_run_clearly(tmp_path, capsys):
 def test_unknown_setting_is_rejected():
     with pytest.raises(ValueError, match="unknown ISP settings"):
         ISPSettings.from_dict({"lamda1": 0.3})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-batches", "0"], "--max-batches must be a positive number"),
+    (["--epochs", "-1"], "--epochs must be a positive number"),
+    (["--set", "lamda1=0.3"], "unknown key 'lamda1'"),
+    (["--set", "target_mac_reduction=half"], "target_mac_reduction"),
+    (["--device", "gpu"], "--device"),
+])
+def test_cli_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, message):
+    base = ["train", "--dataset", "digits", "--from-scratch", "--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_requires_weights_or_from_scratch(tmp_path, capsys):
+    assert main(["train", "--dataset", "digits", "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert "--weights PATH is required" in capsys.readouterr().err
+
+
+def test_cli_set_and_precision_reach_the_stored_settings(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--from-scratch", "--out", str(out), "--device", "cpu",
+                 "--max-batches", "1", "--stage", "predictor", "--precision", "fp32",
+                 "--set", "target_mac_reduction=0.4", "--set", "predictor_batch=8"]) == 0
+    settings = json.loads((out / "config.json").read_text())["settings"]
+    assert settings["target_mac_reduction"] == 0.4 and settings["precision"] == "fp32"
+    assert settings["predictor_batch"] == 8
+    assert (out / "predictor.pt").is_file() and not (out / "selector.pt").exists()
