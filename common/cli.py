@@ -54,8 +54,11 @@ class CLIError(ValueError):
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool = True, threads: bool = True,
                          seed: bool = True, weights: bool = False, out: bool = False, overrides: bool = False,
-                         val_source: bool = False, precision: bool = False, out_help: str | None = None) -> None:
-    """Add the flags every entry point spells the same way (each switchable off where it means nothing)."""
+                         val_source: bool = False, precision: bool = False, out_help: str | None = None,
+                         data: bool = False) -> None:
+    """Add the flags every entry point spells the same way (each switchable off where it means nothing).
+
+    ``data`` adds ``--data-root`` and ``--download`` (fetch a missing torchvision dataset; needs internet)."""
     if device:
         parser.add_argument("--device", default=None,
                             help="cpu, cuda or cuda:N (default: CUDA when available, else CPU)")
@@ -80,6 +83,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool = True
                             help="validation split: train (hold-out of the training set), test-half (half of "
                                  "the test set; the other half is reported), auto (test-half from --weights, "
                                  "else train)")
+    if data:
+        parser.add_argument("--data-root", default=None, help="dataset root (default: $DATA_ROOT, else ./data)")
+        parser.add_argument("--download", action="store_true",
+                            help="fetch a missing dataset from its official source into the data root (needs "
+                                 "internet; cifar10, cifar100, mnist, svhn, stl10)")
     if precision:
         try:
             from .precision import add_precision_argument  # type: ignore[import-not-found]

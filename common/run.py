@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -256,6 +256,25 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def check_config(path: str | os.PathLike, config: Mapping[str, Any], *, what: str = "this run directory",
+                 fix: str = "pass a new --out to keep the old run, or delete it",
+                 ignore: Sequence[str] = ()) -> None:
+    """``ConfigMismatchError`` when run directory ``path`` holds a config.json that differs from ``config``
+    (top-level keys in ``ignore`` aside); nothing when it holds none. Creates nothing, so a CLI can check
+    before it loads data and leave no folder behind when it fails."""
+    stored_path = Path(path) / "config.json"
+    if not stored_path.is_file():
+        return
+    stored = read_json(stored_path)
+    if not isinstance(stored, Mapping):
+        raise ConfigMismatchError(f"{what} ({path}): config.json is not a config; {fix}")
+    differences = config_diff({k: v for k, v in stored.items() if k not in ignore},
+                              {k: v for k, v in config.items() if k not in ignore})
+    if differences:
+        raise ConfigMismatchError(f"{what} ({path}) was written by a different config ({'; '.join(differences)}); "
+                                  f"{fix}")
+
+
 class RunDir:
     """A plain run directory: config.json, metrics.json, model.pt, checkpoint.pt, environment.json, log.txt."""
 
@@ -286,19 +305,17 @@ class RunDir:
         atomic_write_json(config, self.config_path)
 
     def claim(self, config: dict[str, Any], *, what: str = "this run directory",
-              fix: str = "pass a new --out to keep the old run, or delete it") -> None:
+              fix: str = "pass a new --out to keep the old run, or delete it", ignore: Sequence[str] = ()) -> None:
         """Write ``config`` as this run's identity, or check it against the one already there.
 
         A directory that holds a config.json from a different config is never resumed or overwritten
         silently: ``ConfigMismatchError`` names every key that differs (its checkpoints belong to the old
-        config). The same config (a resumed run) leaves the file as it is."""
-        if self.config_path.is_file():
-            differences = config_diff(read_json(self.config_path), config)
-            if differences:
-                raise ConfigMismatchError(
-                    f"{what} ({self.path}) was written by a different config ({'; '.join(differences)}); {fix}")
-            return
-        self.write_config(config)
+        config). The same config (a resumed run) leaves the file as it is. ``ignore``: top-level keys that
+        describe a run without changing what it computes (a device, a data root, a resumable time limit);
+        they may differ, and the file then records the new values."""
+        check_config(self.path, config, what=what, fix=fix, ignore=ignore)
+        if not self.config_path.is_file() or (ignore and read_json(self.config_path) != _as_json(config)):
+            self.write_config(config)
 
     def read_config(self) -> dict[str, Any]:
         if not self.config_path.is_file():

@@ -12,154 +12,156 @@ from typing import Any
 
 import torch
 
-from common.backbones import WeightsError, list_backbones
-from common.data import VAL_SOURCES, BatchLoader, DatasetNotFoundError, default_val_source, load_dataset
+from common.backbones import list_backbones
+from common.cli import (
+    CLIError,
+    add_budget_arguments,
+    add_common_arguments,
+    apply_overrides,
+    check_budget,
+    check_positive,
+    main_guard,
+    parse_args,
+    require_weights,
+    resolve_val_source,
+)
+from common.data import VAL_SOURCES, BatchLoader, load_dataset
 from common.method import Budget
 from common.precision import add_precision_argument
-from common.run import (
-    CheckpointError,
-    NonFiniteLossError,
-    RunDir,
-    atomic_write_json,
-    pick_device,
-    read_json,
-    seed_everything,
-)
+from common.run import RunDir, atomic_write_json, check_config, pick_device, read_json, seed_everything
 
 from .config import PicnnSettings
 from .evaluate import evaluate_picnn
 from .explain import save_explanation_figure
 from .train import build_picnn, load_model, save_model, step_overhead, train_picnn
 
-# Command-line flag -> PicnnSettings field, for the settings that are worth a flag.
+PROG = "python -m picnn"
+# Command-line flag -> PicnnSettings field, for the settings that are worth a flag (--set reaches every field).
 SETTING_FLAGS = {"lam": float, "assignment": str, "cluster_index": str, "lr": float, "p_lr": float,
                  "backbone_lr_scale": float, "batch_size": int, "filters": int, "mis_samples": int,
                  "precision": str}
 RUN_KEYS = ("backbone", "dataset", "epochs", "max_batches", "seconds", "weights", "val_fraction", "val_source")
-# A resumed run must agree with the saved one on these (the budget may grow).
-IDENTITY_KEYS = ("backbone", "dataset", "seed", "val_fraction", "val_source", "settings")
+# config.json keys that describe a run without changing what it computes: a resumed run may change them
+# (a larger time budget continues a run that stopped on time). Everything else is the run's identity: a
+# checkpoint is resumed only into the config that wrote it.
+NOT_IDENTITY = ("seconds", "data_root")
+
+
+def _settings_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lam", type=float, help="lambda of Eq. 3 (default 2; 0 = the plain STD model)")
+    parser.add_argument("--filters", type=int,
+                        help="target-layer filters N; default: the backbone's last stage (no added layer) when it "
+                             "has >= K channels; any other N adds a 3x3 conv of N filters (MACs in metrics.json)")
+    parser.add_argument("--batch-size", type=int, help="batch size (default 128)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m picnn", description="PICNN: class-specific filter clusters.")
+    parser = argparse.ArgumentParser(prog=PROG, description="PICNN: class-specific filter clusters.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train PICNN (resumes from OUT/checkpoint.pt)")
     train.add_argument("--config", help="JSON recipe (see picnn/configs); flags given here override it")
     train.add_argument("--backbone", help=f"one of {', '.join(list_backbones())} (default resnet20)")
     train.add_argument("--dataset", help="dataset name for common.data (default cifar10)")
-    train.add_argument("--data-root", help="dataset root (default: $DATA_ROOT, else ./data)")
-    train.add_argument("--weights",
-                       help="pretrained backbone weights, e.g. ../shared/data/weights/resnet20-12fca82f.th")
-    train.add_argument("--epochs", type=float, help="passes over the training set (default 1)")
-    train.add_argument("--max-batches", type=int, help="cap on batches per epoch (short runs)")
-    train.add_argument("--seconds", type=float, help="stop after this much training time (resumable)")
+    add_common_arguments(train, weights=True, out=True, overrides=True, val_source=True, data=True)
+    add_budget_arguments(train, epochs=None)
+    train.add_argument("--seconds", dest="budget_seconds", type=float, help=argparse.SUPPRESS)  # older spelling
     train.add_argument("--val-fraction", type=float,
                        help="share of the training set held out when --val-source is train (default 0.1)")
-    train.add_argument("--val-source", choices=("auto", *VAL_SOURCES),
-                       help="validation split: train (a hold-out of the training set) or test-half (half of the "
-                            "test set; the other half is reported); auto (default) = test-half with --weights")
-    train.add_argument("--out", required=True, help="run directory")
-    train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    train.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    train.add_argument("--lam", type=float, help="lambda of Eq. 3 (default 2; 0 = the plain STD model)")
+    _settings_arguments(train)
     train.add_argument("--assignment", choices=("bernoulli", "gumbel"), help="filter-cluster sampler")
     train.add_argument("--cluster-index", choices=("pseudo", "label"),
                        help="index P with the pseudo-label (Eq. 8-10) or the true label (trivial solution)")
     train.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     train.add_argument("--p-lr", type=float, help="learning rate of P (default: --lr)")
     train.add_argument("--backbone-lr-scale", type=float, help="backbone lr = lr * this (default 1)")
-    train.add_argument("--batch-size", type=int, help="batch size (default 128)")
-    train.add_argument("--filters", type=int,
-                       help="target-layer filters N; default: the backbone's last stage (no added layer) when it "
-                            "has >= K channels; any other N adds a 3x3 conv of N filters (MACs in metrics.json)")
     train.add_argument("--mis-samples", type=int, help="test images used for MIS (default all)")
     add_precision_argument(train, default=None)  # None: the config's settings.precision (default auto)
+    # None: the --config file's seed and split, else 0 and auto (test-half with --weights)
+    train.set_defaults(seed=None, val_source=None)
 
     evaluate = sub.add_parser("evaluate", help="ACC1/ACC2/ACC3, MIS, MACs and params on the test set")
     evaluate.add_argument("--run", required=True, help="run directory written by train")
     evaluate.add_argument("--data-root", help="dataset root (default: the one used for training)")
-    evaluate.add_argument("--device", help="cpu, cuda or cuda:N")
+    add_common_arguments(evaluate, seed=False)
     evaluate.add_argument("--draws", type=int, help="Bernoulli draws averaged for ACC2/ACC3 (default 5)")
     evaluate.add_argument("--mis-samples", type=int, help="test images used for MIS (default: the run's setting)")
     add_precision_argument(evaluate, default=None)  # None: the run's settings.precision
 
     explain = sub.add_parser("explain", help="class-cluster Grad-CAM (Fig. 7) and the heatmap of P (Fig. 1)")
     explain.add_argument("--run", required=True, help="run directory written by train")
-    explain.add_argument("--out", required=True, help="output .png")
+    explain.add_argument("--out", dest="figure", required=True, help="output .png")
     explain.add_argument("--data-root", help="dataset root (default: the one used for training)")
-    explain.add_argument("--device", help="cpu, cuda or cuda:N")
+    add_common_arguments(explain, seed=False)
     explain.add_argument("--images", type=int, default=5, help="test images shown, one per class (default 5)")
+
     overhead = sub.add_parser("overhead", help="seconds per training step, PICNN vs the plain backbone, "
                                                "timed side by side in one process")
     overhead.add_argument("--config", help="JSON recipe (see picnn/configs); flags given here override it")
     overhead.add_argument("--backbone", help="backbone name (default resnet20)")
     overhead.add_argument("--dataset", help="dataset name (default cifar10)")
-    overhead.add_argument("--data-root", help="dataset root (default: $DATA_ROOT, else ./data)")
-    overhead.add_argument("--weights", help="pretrained backbone weights")
-    overhead.add_argument("--lam", type=float, help="lambda of Eq. 3 (default 2)")
-    overhead.add_argument("--filters", type=int, help="target-layer filters N (default: the backbone's last stage)")
-    overhead.add_argument("--batch-size", type=int, help="batch size (default 128)")
+    add_common_arguments(overhead, weights=True, overrides=True, data=True)
+    _settings_arguments(overhead)
     overhead.add_argument("--steps", type=int, default=30, help="timed steps of each model (default 30)")
     overhead.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps of each (default 3)")
-    overhead.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    overhead.add_argument("--device", help="cpu, cuda or cuda:N")
-    overhead.add_argument("--out", help="write the result to this .json file too")
+    overhead.add_argument("--out", dest="result", help="write the result to this .json file too")
     add_precision_argument(overhead, default=None)
-    for command in (train, evaluate, explain, overhead):
-        command.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    overhead.set_defaults(seed=None)
     return parser
 
 
 def _run_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults < --config file < explicit flags."""
+    """Defaults < --config file < explicit flags < --set; then the shared checks of common.cli (budget,
+    the --weights policy, --val-source)."""
     config: dict[str, Any] = {"backbone": "resnet20", "dataset": "cifar10", "epochs": 1.0, "max_batches": None,
                               "seconds": None, "weights": None, "val_fraction": 0.1, "val_source": "auto",
                               "seed": 0, "settings": {}}
     if args.config:
         path = Path(args.config)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise FileNotFoundError(f"--config {path} does not exist")
         recipe = read_json(path)
         unknown = sorted(set(recipe) - set(config) - {"description"})
         if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(config)}")
+            raise ValueError(f"--config {path}: unknown key(s) {unknown}; known: {sorted(config)}")
         config.update({k: v for k, v in recipe.items() if k != "settings"})
         config["settings"] = dict(recipe.get("settings", {}))
-    for key in (*RUN_KEYS, "seed"):
-        value = getattr(args, key, None)
-        if value is not None:
-            config[key] = value
+    flags = {key: getattr(args, key, None) for key in (*RUN_KEYS, "seed")}
+    flags["seconds"] = getattr(args, "budget_seconds", None)
+    config.update({key: value for key, value in flags.items() if value is not None})
     for key in SETTING_FLAGS:
         value = getattr(args, key, None)
         if value is not None:
             config["settings"][key] = value
-    config["settings"] = PicnnSettings.from_dict(config["settings"]).to_dict()
-    if config["val_source"] == "auto":
-        config["val_source"] = default_val_source(config["weights"] is not None)
-    if config["val_source"] not in VAL_SOURCES:
-        raise ValueError(f"val_source must be auto or one of {', '.join(VAL_SOURCES)}, got {config['val_source']!r}")
+    settings = apply_overrides(PicnnSettings.from_dict(config["settings"]), getattr(args, "set", []))
+    settings.validate()
+    config["settings"] = settings.to_dict()
+    check_budget(config["epochs"], config["max_batches"], config["seconds"])
+    # One policy for a missing --weights (common.cli.require_weights); a recipe's "weights" counts as given.
+    require_weights(argparse.Namespace(weights=config["weights"], from_scratch=getattr(args, "from_scratch", False)))
+    if config["val_source"] not in ("auto", *VAL_SOURCES):
+        raise CLIError(f"--val-source must be auto or one of {', '.join(VAL_SOURCES)}, got {config['val_source']!r}")
+    config["val_source"] = resolve_val_source(config["val_source"], pretrained=config["weights"] is not None)
     if config["backbone"] not in list_backbones():
-        raise ValueError(f"unknown backbone {config['backbone']!r}; choose one of {', '.join(list_backbones())}")
+        raise CLIError(f"--backbone: unknown backbone {config['backbone']!r}; choose one of "
+                       f"{', '.join(list_backbones())}")
     return config
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     config = _run_config(args)
     config["data_root"] = args.data_root
-    run = RunDir(args.out)
-    if run.config_path.is_file():
-        previous = run.read_config()
-        clash = [k for k in IDENTITY_KEYS if previous.get(k) != config.get(k)]
-        if clash:
-            raise ValueError(f"{run.path} holds a run with different {clash}; choose a new --out")
+    # Checked before anything is loaded or created: a refused or failed run leaves no folder behind.
+    fix = "pass a new --out to keep the old run, or delete it to train this config there"
+    check_config(args.out, config, what="--out", fix=fix, ignore=NOT_IDENTITY)
     settings = PicnnSettings.from_dict(config["settings"])
     device = pick_device(args.device)
     seed_everything(config["seed"])
     data = load_dataset(config["dataset"], args.data_root, val_fraction=config["val_fraction"], seed=0,
-                        val_source=config["val_source"])
+                        val_source=config["val_source"], download=args.download)
     model = build_picnn(config["backbone"], data.num_classes, settings.filters, config["weights"])
-    run.write_config(config)
+    run = RunDir(args.out)
+    run.claim(config, what="--out", fix=fix, ignore=NOT_IDENTITY)
     run.write_environment(device)
     budget = Budget(epochs=config["epochs"], seconds=config["seconds"], max_batches=config["max_batches"])
     report = train_picnn(model, data, budget, run, settings, device, config["seed"])
@@ -175,9 +177,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _load_run(args: argparse.Namespace):
-    run = RunDir(args.run) if Path(args.run).is_dir() else None
-    if run is None:
-        raise FileNotFoundError(f"run directory {args.run} does not exist; train into it first")
+    if not Path(args.run).is_dir():
+        raise FileNotFoundError(f"--run {args.run} does not exist; train into it first")
+    run = RunDir(args.run)
     config = run.read_config()
     device = pick_device(args.device)
     model, _meta = load_model(run, device)
@@ -188,6 +190,8 @@ def _load_run(args: argparse.Namespace):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    check_positive(args.draws, "--draws")
+    check_positive(args.mis_samples, "--mis-samples")
     run, config, model, data, device = _load_run(args)
     settings = PicnnSettings.from_dict(config["settings"])
     mis_samples = args.mis_samples if args.mis_samples is not None else settings.mis_samples
@@ -201,9 +205,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
+    check_positive(args.images, "--images")
     _run, _config, model, data, _device = _load_run(args)
-    if args.images < 1:
-        raise ValueError("--images must be >= 1")
     labels = data.test.labels
     picks = []
     for k in range(data.num_classes):  # the first test image of each class, in class order
@@ -214,18 +217,20 @@ def cmd_explain(args: argparse.Namespace) -> None:
             break
     index = torch.tensor(picks)
     images = data.test.images[index].float() / 255.0
-    path = save_explanation_figure(model, images, labels[index], data.classes, args.out)
+    path = save_explanation_figure(model, images, labels[index], data.classes, args.figure)
     print(f"wrote {path}")
 
 
 def cmd_overhead(args: argparse.Namespace) -> None:
+    check_positive(args.steps, "--steps")
+    if args.warmup < 0:
+        raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
     config = _run_config(args)
-    if args.steps < 1 or args.warmup < 0:
-        raise ValueError("--steps must be >= 1 and --warmup >= 0")
     settings = PicnnSettings.from_dict(config["settings"])
     device = pick_device(args.device)
     seed_everything(config["seed"])
-    data = load_dataset(config["dataset"], args.data_root, val_source=config["val_source"])
+    data = load_dataset(config["dataset"], args.data_root, val_source=config["val_source"],
+                        download=args.download)
     model = build_picnn(config["backbone"], data.num_classes, settings.filters, config["weights"])
     plain = build_picnn(config["backbone"], data.num_classes, None, config["weights"]).backbone
     loader = BatchLoader(data.train, settings.batch_size, train=True, device=device, augment=settings.augment,
@@ -236,27 +241,24 @@ def cmd_overhead(args: argparse.Namespace) -> None:
     result = step_overhead(model, plain, batches, settings, device, warmup=args.warmup)
     result.update(backbone=config["backbone"], dataset=config["dataset"], lam=settings.lam,
                   filters=model.filters, added_target_conv=model.added_target_conv)
-    if args.out:
-        atomic_write_json(result, args.out)
+    if args.result:
+        atomic_write_json(result, args.result)
     print(json.dumps(result, indent=2))
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain, "overhead": cmd_overhead}
-USER_ERRORS = (ValueError, FileNotFoundError, DatasetNotFoundError, WeightsError, CheckpointError,
-               NonFiniteLossError, KeyError)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    args = parse_args(_parser(), argv)  # seeds, sets --threads, checks budget / device / --out / --set first
+    COMMANDS[args.command](args)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
-    try:
-        COMMANDS[args.command](args)
-    except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"picnn {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    """Known errors (bad flags, missing data or weights, a changed config) are one line on stderr, exit 2;
+    Ctrl-C is one line, exit 130 (common.cli.main_guard)."""
+    return main_guard(_run, argv, prog=PROG, extra_errors=(KeyError,))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,17 @@ from common.cli import (
     resolve_val_source,
 )
 from common.method import Budget
-from common.run import ConfigMismatchError, DeviceError, RunDir, atomic_write_json, config_diff, pick_device, progress
+from common.run import (
+    ConfigMismatchError,
+    DeviceError,
+    RunDir,
+    atomic_write_json,
+    check_config,
+    config_diff,
+    pick_device,
+    progress,
+    read_json,
+)
 
 
 def _parser(**flags: bool) -> argparse.ArgumentParser:
@@ -185,6 +195,23 @@ def test_config_diff_and_claim(tmp_path: Path) -> None:
     run.claim(old)  # a resumed run with the same config
     with pytest.raises(ConfigMismatchError, match=r"budget.epochs: 1 -> 3.*new --out"):
         run.claim(new)
+
+
+def test_check_config_creates_nothing_and_ignored_keys_may_change(tmp_path: Path) -> None:
+    check_config(tmp_path / "new", {"a": 1})
+    assert not (tmp_path / "new").exists()  # a CLI can check before it loads anything
+    run = RunDir(tmp_path / "run")
+    run.claim({"epochs": 1, "seconds": 10, "data_root": None}, ignore=("seconds", "data_root"))
+    run.claim({"epochs": 1, "seconds": 60, "data_root": "d"}, ignore=("seconds", "data_root"))
+    assert read_json(run.config_path) == {"epochs": 1, "seconds": 60, "data_root": "d"}  # records the new values
+    with pytest.raises(ConfigMismatchError, match=r"epochs: 1 -> 2"):
+        check_config(run.path, {"epochs": 2, "seconds": 60, "data_root": "d"}, ignore=("seconds", "data_root"))
+
+
+def test_data_flags() -> None:
+    args = parse_args(_parser(data=True), ["--data-root", "somewhere", "--download"])
+    assert args.data_root == "somewhere" and args.download is True
+    assert parse_args(_parser(data=True), []).download is False
 
 
 def test_run_files_are_readable_like_any_other_file(tmp_path: Path) -> None:

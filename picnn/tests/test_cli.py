@@ -15,6 +15,7 @@ from picnn.__main__ import main
 
 TINY = ["--backbone", "resnet20", "--dataset", "digits", "--batch-size", "16", "--max-batches", "2",
         "--device", "cpu", "--mis-samples", "100"]
+SCRATCH = [*TINY, "--from-scratch"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def digits():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    assert main(["train", *SCRATCH, "--epochs", "1", "--out", str(out)]) == 0
     return out
 
 
@@ -38,10 +39,23 @@ def test_train_writes_the_run_files(trained_run):
     assert load_checkpoint(trained_run / "checkpoint.pt")["step"] == 2
 
 
-def test_train_resumes_from_the_checkpoint(trained_run):
-    assert main(["train", *TINY, "--epochs", "2", "--out", str(trained_run)]) == 0
-    assert load_checkpoint(trained_run / "checkpoint.pt")["step"] == 4
-    assert "resumed from step 2 of 4" in (trained_run / "log.txt").read_text()
+def test_a_run_stopped_on_time_resumes_with_a_larger_time_budget(tmp_path):
+    out = tmp_path / "timed"
+    assert main(["train", *SCRATCH, "--epochs", "2", "--budget-seconds", "1e-9", "--out", str(out)]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 1  # stopped on time after the first step
+    assert main(["train", *SCRATCH, "--epochs", "2", "--out", str(out)]) == 0  # the time limit is not identity
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 4
+    assert "resumed from step 1 of 4" in (out / "log.txt").read_text()
+
+
+def test_a_checkpoint_is_never_resumed_under_another_budget(trained_run, capsys):
+    before = (trained_run / "checkpoint.pt").read_bytes()
+    assert main(["train", *SCRATCH, "--epochs", "3", "--out", str(trained_run)]) == 2
+    err = capsys.readouterr().err
+    assert "different config (epochs: 1.0 -> 3.0)" in err and "new --out" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (trained_run / "checkpoint.pt").read_bytes() == before  # refused: nothing touched
+    assert main(["train", *SCRATCH, "--epochs", "1", "--out", str(trained_run)]) == 0  # same config: resumes
 
 
 def test_evaluate_and_explain(trained_run, tmp_path):
@@ -75,7 +89,7 @@ def test_a_published_start_validates_on_the_test_half_and_reports_the_other(tmp_
 
 def test_an_asked_for_layer_states_its_macs(tmp_path):
     out = tmp_path / "wide"
-    assert main(["train", *TINY, "--filters", "32", "--out", str(out)]) == 0
+    assert main(["train", *SCRATCH, "--filters", "32", "--out", str(out)]) == 0
     assert main(["evaluate", "--run", str(out), "--draws", "1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["added_target_conv"] and metrics["filters"] == 32
@@ -85,21 +99,67 @@ def test_an_asked_for_layer_states_its_macs(tmp_path):
 def test_overhead_times_both_models_on_the_same_batches(tmp_path, capsys):
     out = tmp_path / "overhead.json"
     assert main(["overhead", "--dataset", "digits", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-                 "--device", "cpu", "--out", str(out)]) == 0
+                 "--device", "cpu", "--from-scratch", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["timed_steps"] == 2 and result["batch_size"] == 8 and not result["added_target_conv"]
     assert result["picnn_step_seconds"] > 0 and result["plain_step_seconds"] > 0
 
 
 def test_bad_input_gives_a_clear_error(trained_run, tmp_path, capsys):
-    assert main(["train", "--backbone", "resnet99", "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--backbone", "resnet99", "--from-scratch", "--out", str(tmp_path / "x")]) == 2
     assert "unknown backbone 'resnet99'" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["train", *TINY, "--lam", "0", "--out", str(trained_run)]) == 2
-    assert "different" in capsys.readouterr().err
+    assert main(["train", *SCRATCH, "--lam", "0", "--out", str(trained_run)]) == 2
+    assert "settings.lam: 2.0 -> 0.0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown PICNN setting"):
         PicnnSettings.from_dict({"lambda": 2})
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--max-batches", "0"], "--max-batches must be a positive number, got 0"),
+    (["--epochs", "-1"], "--epochs must be a positive number"),
+    (["--budget-seconds", "-5"], "--budget-seconds must be a positive number"),
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--threads", "0"], "--threads must be a positive number"),
+    (["--set", "lr=fast"], "--set lr=fast: expected a number, got 'fast'"),
+    (["--set", "lambda=2"], "--set lambda=2: unknown key 'lambda'"),
+    (["--dataset", "nonsense"], "unknown dataset 'nonsense'"),
+])
+def test_bad_flags_are_one_line_errors_and_leave_no_folder(tmp_path, capsys, argv, needle):
+    out = tmp_path / "run"
+    assert main(["train", *SCRATCH, *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m picnn: error: ") and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_set_reaches_every_setting_with_its_type(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *SCRATCH, "--set", "lam=0.5", "--set", "augment=false", "--set", "p_lr=none",
+                 "--out", str(out)]) == 0
+    settings = json.loads((out / "config.json").read_text())["settings"]
+    assert settings["lam"] == 0.5 and settings["augment"] is False and settings["p_lr"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    assert main(["train", *TINY, "--from-scratch", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    assert "--device 'cuda': CUDA is not available" in capsys.readouterr().err
+
+
+def test_the_weights_policy_is_common_clis(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 2  # neither --weights nor --from-scratch
+    assert "--weights PATH is required" in capsys.readouterr().err
+    missing = tmp_path / "w" / "resnet20-12fca82f.th"
+    assert main(["train", *TINY, "--weights", str(missing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--weights {missing} does not exist" in err and "akamaster/pytorch_resnet_cifar10" in err
+    assert main(["overhead", "--dataset", "digits", "--steps", "1"]) == 2
+    assert "--weights PATH is required" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_nan_loss_raises(digits, tmp_path):
