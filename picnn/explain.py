@@ -66,36 +66,64 @@ def plot_correspondence(ax: plt.Axes, p: Tensor, class_names: Sequence[str]) -> 
     plt.colorbar(image, ax=ax, fraction=0.02)
 
 
+def _blank_reason(key: str, cams: dict[str, Tensor], r: int, cluster_size: int, top: float) -> str | None:
+    """Why panel ``key`` of row ``r`` shows nothing (None when it shows a map)."""
+    if key == "cluster" and cluster_size == 0:
+        return "empty cluster:\nno filter has this\nclass as its argmax"
+    peak = float(cams[key][r].max())
+    if not peak > 0:
+        return "zero map: every\nfilter's Grad-CAM\nweight is <= 0"
+    if peak < 0.02 * top:
+        return f"weak: peak {peak / top:.0%}\nof the row's scale"
+    return None
+
+
 def save_explanation_figure(model: PicnnNet, images: Tensor, labels: Tensor, class_names: Sequence[str],
                             out_path: str | Path) -> Path:
-    """Images with Grad-CAM from all filters / the class cluster / the other clusters, above P's heatmap."""
+    """Images with Grad-CAM from all filters / the class cluster / the other clusters, above P's heatmap.
+
+    Rows: one test image each, labelled with its class, the model's prediction and the label's cluster
+    size N_f; maps are Grad-CAM of the label class on one colour scale per row (a colour bar per row), and a
+    panel that shows nothing says why (an empty cluster, a map that is zero everywhere, or one too weak for
+    the row's scale)."""
     out_path = Path(out_path)
     if out_path.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out_path}")
     cams = cluster_grad_cams(model, images, labels)
+    preds = _targets(model, images.to(next(model.parameters()).device), None).cpu()
     rows = len(images)
-    fig = plt.figure(figsize=(8, 1.8 * rows + 2.5))
+    fig = plt.figure(figsize=(8.8, 1.8 * rows + 2.5), layout="constrained")
     grid = fig.add_gridspec(rows + 1, 4, height_ratios=[1.0] * rows + [1.3])
-    titles = ("image", "(a) all filters", "(b) class cluster", "(c) other clusters")
+    titles = ("image", "(a) all filters", "(b) label's cluster", "(c) other clusters")
     clusters = model.correspondence.argmax_clusters().sum(dim=1).cpu()
     for r in range(rows):
         picture = images[r].detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
+        label, pred = int(labels[r]), int(preds[r])
         # One colour scale per row, so a weak map (e.g. from the other clusters) looks weak.
-        top = max(float(cams[key][r].max()) for key in cams) or 1.0
+        top = max(float(cams[key][r].max()) for key in cams)
+        top = top if top > 0 else 1.0
+        row_axes, shown = [], None
         for c, key in enumerate((None, "all", "cluster", "complement")):
             ax = fig.add_subplot(grid[r, c])
+            row_axes.append(ax)
             ax.imshow(picture)
             if key is not None:
-                ax.imshow(cams[key][r].cpu().numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=top)
+                shown = ax.imshow(cams[key][r].cpu().numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=top)
+                reason = _blank_reason(key, cams, r, int(clusters[label]), top)
+                if reason:
+                    ax.text(0.5, 0.5, reason, ha="center", va="center", fontsize=6, transform=ax.transAxes,
+                            color="white", bbox={"facecolor": "black", "alpha": 0.6, "pad": 2})
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(titles[c], fontsize=9)
             if c == 0:
-                label = int(labels[r])
-                ax.set_ylabel(f"{class_names[label]}\nN_f={int(clusters[label])}", fontsize=8)
+                ax.set_ylabel(f"label {class_names[label]}\npred {class_names[pred]}\nN_f={int(clusters[label])}",
+                              fontsize=8, color="black" if pred == label else "red")
+        bar = fig.colorbar(shown, ax=row_axes[1:], fraction=0.03, pad=0.01)
+        bar.set_label("Grad-CAM (row scale)", fontsize=6)
+        bar.ax.tick_params(labelsize=6)
     plot_correspondence(fig.add_subplot(grid[rows, :]), model.correspondence(), class_names)
-    fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.tmp.png")
     fig.savefig(partial, dpi=120)

@@ -187,3 +187,14 @@ def test_run_method_returns_the_benchmark_contract(digits, tmp_path):
     maps = result.saliency(images, targets)
     assert maps.shape == (3, 32, 32) and (maps >= 0).all()
     assert start.linear.weight.grad is None  # the caller's backbone was copied, not trained
+
+
+def test_a_blank_explanation_panel_says_why():
+    from picnn.explain import _blank_reason
+
+    cams = {"all": torch.rand(1, 4, 4) + 0.1, "cluster": torch.zeros(1, 4, 4),
+            "complement": torch.full((1, 4, 4), 1e-4)}
+    assert _blank_reason("cluster", cams, 0, cluster_size=0, top=1.1).startswith("empty cluster")
+    assert _blank_reason("cluster", cams, 0, cluster_size=3, top=1.1).startswith("zero map")
+    assert _blank_reason("complement", cams, 0, cluster_size=3, top=1.1).startswith("weak")
+    assert _blank_reason("all", cams, 0, cluster_size=3, top=1.1) is None
