@@ -49,6 +49,14 @@ class CLIError(ValueError):
     """A bad command-line value; the message names the flag and is printed as one line."""
 
 
+class MissingWeightsError(CLIError, FileNotFoundError):
+    """A ``--weights`` file that does not exist; the message says where it comes from and how to fetch it."""
+
+
+class MissingInputsError(FileNotFoundError):
+    """Several inputs (data, weights) are missing: one message lists every one with its fetch command."""
+
+
 # --- the shared flags ---------------------------------------------------------------------------------------
 
 
@@ -182,9 +190,10 @@ def resolve_val_source(choice: str | None, pretrained: bool) -> str:
     return choice
 
 
-def require_weights(args: argparse.Namespace, flag: str = "--weights") -> Path | None:
+def require_weights(args: argparse.Namespace, flag: str = "--weights", *, must_exist: bool = True) -> Path | None:
     """The one policy for ``--weights``: required unless ``--from-scratch``; the two exclude each other; a
-    given file must exist. Returns the path, or None for a start from random weights."""
+    given file must exist (``MissingWeightsError`` with its source and fetch command; ``must_exist=False``
+    leaves that check to a later ``gather_inputs``). Returns the path, or None for random weights."""
     weights, scratch = getattr(args, "weights", None), getattr(args, "from_scratch", False)
     if weights is None:
         if scratch:
@@ -194,11 +203,32 @@ def require_weights(args: argparse.Namespace, flag: str = "--weights") -> Path |
     if scratch:
         raise CLIError(f"{flag} and --from-scratch exclude each other; give one")
     path = Path(weights).expanduser()
-    if not path.is_file():
+    if must_exist and not path.is_file():
         from .data.paths import weights_hint
 
-        raise CLIError(f"{flag} {path} does not exist; {weights_hint(path.name, path.parent)}")
+        raise MissingWeightsError(f"{flag} {path} does not exist; {weights_hint(path.name, path.parent)}")
     return path
+
+
+def gather_inputs(*loaders: Callable[[], Any], what: str = "this command") -> list[Any]:
+    """Call every loader (e.g. ``require_weights``, ``load_dataset``) even when an earlier one finds its input
+    missing; then either return their results in order or raise one ``MissingInputsError`` that lists every
+    missing input with where it comes from and the command that fetches it."""
+    from .data import DatasetNotFoundError
+
+    results, problems = [], []
+    for load in loaders:
+        try:
+            results.append(load())
+        except (DatasetNotFoundError, MissingWeightsError) as exc:
+            results.append(None)
+            problems.append(str(exc).strip())
+    if len(problems) == 1:
+        raise MissingInputsError(problems[0])
+    if problems:
+        raise MissingInputsError("\n\n".join([f"{what} cannot start; {len(problems)} inputs are missing:",
+                                               *problems]))
+    return results
 
 
 # --- --set key=value -------------------------------------------------------------------------------------------
@@ -355,7 +385,8 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from .data import DatasetNotFoundError
     from .run import CheckpointError, NonFiniteLossError
 
-    return (CLIError, DatasetNotFoundError, WeightsError, CheckpointError, NonFiniteLossError, ValueError,
+    return (CLIError, MissingInputsError, DatasetNotFoundError, WeightsError, CheckpointError, NonFiniteLossError,
+            ValueError,
             FileNotFoundError, NotADirectoryError, PermissionError, OSError, RuntimeError)
 
 

@@ -20,6 +20,7 @@ from common.cli import (
     apply_overrides,
     check_budget,
     check_positive,
+    gather_inputs,
     main_guard,
     parse_args,
     require_weights,
@@ -138,7 +139,8 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
     config["settings"] = settings.to_dict()
     check_budget(config["epochs"], config["max_batches"], config["seconds"])
     # One policy for a missing --weights (common.cli.require_weights); a recipe's "weights" counts as given.
-    require_weights(argparse.Namespace(weights=config["weights"], from_scratch=getattr(args, "from_scratch", False)))
+    # The file itself is checked with the data (gather_inputs): one message lists everything missing.
+    require_weights(_weights_args(args, config), must_exist=False)
     if config["val_source"] not in ("auto", *VAL_SOURCES):
         raise CLIError(f"--val-source must be auto or one of {', '.join(VAL_SOURCES)}, got {config['val_source']!r}")
     config["val_source"] = resolve_val_source(config["val_source"], pretrained=config["weights"] is not None)
@@ -146,6 +148,20 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
         raise CLIError(f"--backbone: unknown backbone {config['backbone']!r}; choose one of "
                        f"{', '.join(list_backbones())}")
     return config
+
+
+def _weights_args(args: argparse.Namespace, config: dict[str, Any]) -> argparse.Namespace:
+    return argparse.Namespace(weights=config["weights"], from_scratch=getattr(args, "from_scratch", False))
+
+
+def _inputs(args: argparse.Namespace, config: dict[str, Any], **split: Any):
+    """The dataset, after checking the weights file and the data together (one message for all missing)."""
+    _weights, data = gather_inputs(
+        lambda: require_weights(_weights_args(args, config)),
+        lambda: load_dataset(config["dataset"], args.data_root, seed=0, val_source=config["val_source"],
+                             download=args.download, **split),
+        what=f"{PROG} {args.command}")
+    return data
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -157,8 +173,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     settings = PicnnSettings.from_dict(config["settings"])
     device = pick_device(args.device)
     seed_everything(config["seed"])
-    data = load_dataset(config["dataset"], args.data_root, val_fraction=config["val_fraction"], seed=0,
-                        val_source=config["val_source"], download=args.download)
+    data = _inputs(args, config, val_fraction=config["val_fraction"])
     model = build_picnn(config["backbone"], data.num_classes, settings.filters, config["weights"])
     run = RunDir(args.out)
     run.claim(config, what="--out", fix=fix, ignore=NOT_IDENTITY)
@@ -229,8 +244,7 @@ def cmd_overhead(args: argparse.Namespace) -> None:
     settings = PicnnSettings.from_dict(config["settings"])
     device = pick_device(args.device)
     seed_everything(config["seed"])
-    data = load_dataset(config["dataset"], args.data_root, val_source=config["val_source"],
-                        download=args.download)
+    data = _inputs(args, config)
     model = build_picnn(config["backbone"], data.num_classes, settings.filters, config["weights"])
     plain = build_picnn(config["backbone"], data.num_classes, None, config["weights"]).backbone
     loader = BatchLoader(data.train, settings.batch_size, train=True, device=device, augment=settings.augment,

@@ -14,11 +14,14 @@ import torch
 
 from common.cli import (
     CLIError,
+    MissingInputsError,
+    MissingWeightsError,
     add_budget_arguments,
     add_common_arguments,
     apply_overrides,
     budget_from_args,
     check_out_dir,
+    gather_inputs,
     main_guard,
     parse_args,
     require_weights,
@@ -102,6 +105,28 @@ def test_weights_policy(tmp_path: Path) -> None:
         require_weights(parse_args(parser, ["--weights", str(tmp_path / "resnet20-12fca82f.th")]))
     (tmp_path / "w.th").write_bytes(b"x")
     assert require_weights(parse_args(parser, ["--weights", str(tmp_path / "w.th")])) == tmp_path / "w.th"
+
+
+def test_gather_inputs_reports_every_missing_input_at_once(tmp_path: Path) -> None:
+    from common.data import DatasetNotFoundError, load_dataset
+
+    def weights() -> Path | None:
+        return require_weights(parse_args(_parser(weights=True), ["--weights", str(tmp_path / "w.th")]))
+
+    def data() -> object:
+        return load_dataset("cifar10", tmp_path / "data")
+
+    with pytest.raises(MissingWeightsError):
+        weights()
+    with pytest.raises(MissingInputsError) as info:
+        gather_inputs(weights, data, what="tool train")
+    text = str(info.value)
+    assert text.startswith("tool train cannot start; 2 inputs are missing:")
+    assert "w.th does not exist" in text and "cifar-10-python.tar.gz" in text
+    with pytest.raises(MissingInputsError, match=r"^Dataset 'cifar10' not found"):
+        gather_inputs(lambda: 1, data)
+    assert gather_inputs(lambda: 1, lambda: 2) == [1, 2]
+    assert issubclass(MissingInputsError, FileNotFoundError) and not issubclass(DatasetNotFoundError, CLIError)
 
 
 def test_val_source_auto_follows_the_start() -> None:

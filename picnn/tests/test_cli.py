@@ -198,3 +198,17 @@ def test_a_blank_explanation_panel_says_why():
     assert _blank_reason("cluster", cams, 0, cluster_size=3, top=1.1).startswith("zero map")
     assert _blank_reason("complement", cams, 0, cluster_size=3, top=1.1).startswith("weak")
     assert _blank_reason("all", cams, 0, cluster_size=3, top=1.1) is None
+
+
+def test_missing_weights_and_data_are_one_message_with_both_fetch_commands(tmp_path, capsys):
+    weights = tmp_path / "weights" / "resnet20-12fca82f.th"
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--weights", str(weights),
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "2 inputs are missing" in err and "Traceback" not in err
+    for needle in (f"curl -L -o {weights}", "akamaster/pytorch_resnet_cifar10", "cifar-10-python.tar.gz",
+                   f"tar -xz -C {tmp_path / 'data'}", "--download"):
+        assert needle in err, needle
+    assert not out.exists()
