@@ -46,24 +46,22 @@ def evaluate_top1(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], de
 @torch.no_grad()
 def measure_latency(model: nn.Module, input_size: tuple[int, int, int], batch_size: int,
                     device: torch.device | str = "cpu", repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds per forward pass of one batch (eval mode)."""
-    import time
+    """Median seconds per forward pass of one batch (eval mode), timed with ``torch.utils.benchmark.Timer``
+    (which synchronises CUDA and fixes the thread count): ``warmup`` untimed passes, then ``repeats``
+    single-pass measurements. For side-by-side comparisons of several models use ``common.speed``."""
+    from torch.utils import benchmark
 
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     device = torch.device(device)
     was_training = model.training
     model.eval()
     x = torch.rand(batch_size, *input_size, device=device)
-    times = []
+    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
     try:
-        for i in range(warmup + repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
+        for _ in range(warmup):
             model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+        times = [timer.timeit(1).median for _ in range(repeats)]
     finally:
         model.train(was_training)
     return float(torch.tensor(times).median())

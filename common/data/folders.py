@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..run import progress
+from ..run import _file_mode, progress
 from .containers import ImageTensors
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -232,7 +232,7 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should be readable like any other file
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; like run files: what the umask gives any new file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -82,3 +84,19 @@ def test_a_folder_of_good_files_warns_nothing(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         images, _ = load_image_folder(tmp_path / "train", cache_dir=tmp_path / "cache")
     assert len(images) == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_cache_files_get_the_same_mode_as_run_files(tmp_path: Path, umask: int) -> None:
+    from common.run import atomic_write_json
+
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "a" / "x.png").write_bytes(_png_bytes(6))
+    old = os.umask(umask)
+    try:
+        load_image_folder(tmp_path / "train", cache_dir=tmp_path / "cache")
+        atomic_write_json({"a": 1}, tmp_path / "run" / "metrics.json")
+    finally:
+        os.umask(old)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "cache").iterdir()}
+    assert modes == {stat.S_IMODE((tmp_path / "run" / "metrics.json").stat().st_mode)} == {0o666 & ~umask}

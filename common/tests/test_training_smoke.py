@@ -24,3 +24,18 @@ def test_resnet20_learns_embedded_digits_in_one_epoch():
     after = evaluate_top1(model, BatchLoader(data.val, 256, train=False))
     # Ten balanced classes: chance is 10%. One epoch of real digits gets far above it (57% measured).
     assert after > 40.0 and after > before + 20.0, (before, after)
+
+
+def test_measure_latency_times_a_bigger_batch_as_slower():
+    import pytest
+
+    from common.training import measure_latency
+
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3))
+    model.train()
+    small = measure_latency(model, (3, 32, 32), 1, repeats=5, warmup=1)
+    large = measure_latency(model, (3, 32, 32), 32, repeats=5, warmup=1)
+    assert 0 < small < large and model.training  # mode restored
+    with pytest.raises(ValueError, match="repeats"):
+        measure_latency(model, (3, 32, 32), 1, repeats=0)
