@@ -212,3 +212,19 @@ def test_missing_weights_and_data_are_one_message_with_both_fetch_commands(tmp_p
                    f"tar -xz -C {tmp_path / 'data'}", "--download"):
         assert needle in err, needle
     assert not out.exists()
+
+
+def test_progress_is_plain_lines_in_a_log(tmp_path):
+    """Under nox or CI stderr is a pipe: progress comes as plain lines, no carriage returns or escape codes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ICNN_PROGRESS"}
+    env.update(ICNN_PROGRESS_INTERVAL="0", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "picnn", "train", *SCRATCH, "--threads", "1", "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2], env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.startswith("picnn train: 1/2 (50%), ")
+    assert "\r" not in done.stderr and "\x1b" not in done.stderr
