@@ -181,14 +181,18 @@ def target_check(target: float | None, achieved_pct: float) -> str:
     return f"{goal:.0f} ✓" if abs(achieved_pct - goal) <= TARGET_TOLERANCE_PCT else f"{goal:.0f} ✗ miss"
 
 
-def target_board(runs: pd.DataFrame, methods: Sequence[str], target: float) -> pd.DataFrame:
+def target_board(runs: pd.DataFrame, methods: Sequence[str], target: float | None) -> pd.DataFrame:
     """The leaderboard of one MAC target: the compressing rows run at ``target`` and the rows that do not
-    compress (run once, repeated in every target's table), with the control rows when the baseline ran."""
-    mine = runs[runs["target"].isna() | np.isclose(runs["target"].fillna(-1.0), target)]
+    compress (run once, repeated in every target's table), with the control rows when the baseline ran.
+    ``target`` None: a preset without targets (each method at its own setting), every run."""
+    if target is None:
+        mine = runs
+    else:
+        mine = runs[runs["target"].isna() | np.isclose(runs["target"].fillna(-1.0), target)]
     controls = list(CONTROL_ROWS) if "baseline" in methods else []  # the controls explain the baseline model
     board = aggregate(with_control_rows(mine), [*methods, *controls])
     compressing = board["method"].isin(list(COMPRESSING))
-    board["target"] = np.where(compressing, target, np.nan)
+    board["target"] = np.where(compressing, np.nan if target is None else target, np.nan)
     board["on_target"] = [target_check(t, a) for t, a in zip(board["target"], board["mac_reduction_pct_mean"])]
     board["table_target"] = target
     return board
@@ -221,8 +225,10 @@ def _method_metrics_section(board: pd.DataFrame) -> str:
     for _, row in board.iterrows():
         items = [f"{c[len('method.'):-len('_mean')]} = {row[c]:.4g}" for c in board.columns
                  if c.startswith("method.") and c.endswith("_mean") and pd.notna(row[c])]
+        target = row.get("target")
+        at = f" (target {100 * target:.0f}%)" if isinstance(target, float) and math.isfinite(target) else ""
         if items:
-            lines.append(f"- **{row['method']}**: " + ", ".join(items))
+            lines.append(f"- **{row['method']}**{at}: " + ", ".join(items))
     return "\n".join(lines)
 
 
@@ -235,22 +241,27 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
     out.mkdir(parents=True, exist_ok=True)
     runs = collect_runs(ctx, jobs)
     preset = ctx.preset
-    boards = [target_board(runs, methods, t) for t in preset.targets]
-    board = pd.concat(boards, ignore_index=True)
+    targets: list[float | None] = list(preset.targets) or [None]
+    boards = [target_board(runs, methods, t) for t in targets]
+    # csv / json: one row per (row, target); the rows that do not compress appear once
+    board = pd.concat(boards, ignore_index=True).drop_duplicates(subset=["method", "target"])
+    board = board.drop(columns="table_target").reset_index(drop=True)
     text = _header(ctx, runs)
-    for target, one in zip(preset.targets, boards):
+    for target, one in zip(targets, boards):
         methods_only = one[~one["method"].isin(list(CONTROL_ROWS))]
-        text += (f"## Target: {100 * target:.0f}% fewer MACs than the dense start\n\n"
-                 "### Accuracy and cost\n\n"
-                 f"Compressing rows ran with `target_mac_reduction = {target:g}`; ✓: the achieved mean MAC"
-                 f" reduction is within {TARGET_TOLERANCE_PCT:g} points of it, ✗ miss: it is not. Rows without a"
-                 " target do not compress and are the same runs in every table.\n\n"
+        if target is None:
+            title, note = "Each method at its own setting", "No MAC target: each row at its recipe's own sparsity.\n\n"
+        else:
+            title = f"Target: {100 * target:.0f}% fewer MACs than the dense start"
+            note = (f"Compressing rows ran with `target_mac_reduction = {target:g}`; ✓: the achieved mean MAC"
+                    f" reduction is within {TARGET_TOLERANCE_PCT:g} points of it, ✗ miss: it is not. Rows without"
+                    " a target do not compress and are the same runs in every table.\n\n")
+        text += (f"## {title}\n\n### Accuracy and cost\n\n" + note
                  + markdown_table(methods_only, COST_COLUMNS, with_target=True) + "\n\n"
                  + "### Interpretability, beside its controls\n\n"
                  + markdown_table(one, ("top1", *INTERPRETABILITY_COLUMNS)) + "\n\n")
     text += _INTERPRETABILITY_NOTE
-    extras = _method_metrics_section(board[~board["method"].isin(list(CONTROL_ROWS))].drop_duplicates(
-        subset=["method", "target"]))
+    extras = _method_metrics_section(board[~board["method"].isin(list(CONTROL_ROWS))])
     if extras:
         text += "\nMethod-specific metrics (means over seeds):\n\n" + extras + "\n"
     text += "\nWhat each row spends the shared epoch budget on:\n\n" + "\n".join(
@@ -285,7 +296,7 @@ def _header(ctx: Context, runs: pd.DataFrame) -> str:
               f"{' ' + preset.start.file if preset.start.file else ''}; budget {budget.epochs} epochs"
               f"{f', max {budget.max_batches} batches/epoch' if budget.max_batches else ''}"
               f"{f', {budget.seconds} s' if budget.seconds else ''} for every row; batch {preset.batch_size}; "
-              f"MAC targets {', '.join(f'{100 * t:.0f}%' for t in preset.targets)}; "
+              f"MAC targets {', '.join(f'{100 * t:.0f}%' for t in preset.targets) or 'none (own settings)'}; "
               f"seeds {', '.join(map(str, preset.seeds))} (mean ± sample std over finished seeds).\n\n")
     splits = sorted(set(runs["split"].dropna().astype(str))) if "split" in runs else []
     for column, label in (("machine", "Ran on"), ("latency_form", "Latency measured on the")):

@@ -42,7 +42,8 @@ def plan_jobs(preset: Preset) -> list[Job]:
     """Every (method, target, seed) of the preset, method-major so that the baseline rows come first; a row
     that does not compress runs once per seed, a compressing row once per seed and MAC target."""
     return [Job(method, seed, target) for method in preset.methods
-            for target in (preset.targets if method in COMPRESSING else (None,)) for seed in preset.seeds]
+            for target in (preset.targets if method in COMPRESSING and preset.targets else (None,))
+            for seed in preset.seeds]
 
 
 def _run_local(jobs: Sequence[Job], ctx: Context, registry: Registry | None,

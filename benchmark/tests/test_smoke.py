@@ -1,4 +1,5 @@
-"""Done-when: ``python -m benchmark --preset smoke`` writes every output, one filled row per method."""
+"""Done-when: ``python -m benchmark --preset smoke`` writes every output, one filled row per method and MAC
+target (every compressing row at 30% and 50%)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pandas as pd
 from benchmark.__main__ import main
 from benchmark.leaderboard import CONTROL_ROWS
 from benchmark.metrics import COLUMNS
-from benchmark.presets import METHODS
+from benchmark.presets import COMPRESSING, METHODS
 
 
 def test_smoke_preset_fills_every_column_for_all_five_methods(results_with_start: Path) -> None:
@@ -18,15 +19,18 @@ def test_smoke_preset_fills_every_column_for_all_five_methods(results_with_start
     out = results_with_start / "smoke"
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "pareto.png", "explanations.png"):
         assert (out / name).stat().st_size > 0, name
-    board = pd.DataFrame(json.loads((out / "leaderboard.json").read_text())).set_index("method")
+    records = pd.DataFrame(json.loads((out / "leaderboard.json").read_text()))
     rows = [*METHODS, *CONTROL_ROWS]
-    assert list(board.index) == rows
-    errors = {m: board.loc[m, "error"] for m in METHODS if board.loc[m, "status"] != "ok"}
+    assert list(records["method"]) == [*rows, *COMPRESSING]  # the second target adds the compressing rows
+    assert sorted(records[records["method"] == "l1-prune"]["target"]) == [0.3, 0.5]
+    errors = {(r.method, r.target): r.error for r in records.itertuples() if r.status != "ok"}
     assert not errors, errors
-    empty = {m: [c for c in COLUMNS if pd.isna(board.loc[m, f"{c}_mean"])] for m in rows}
+    empty = {(r["method"], r["target"]): [c for c in COLUMNS if pd.isna(r[f"{c}_mean"])]
+             for _, r in records.iterrows()}
     assert not any(empty.values()), empty
     csv = pd.read_csv(out / "leaderboard.csv")
-    assert list(csv["method"]) == rows
+    assert list(csv["method"]) == list(records["method"])
+    board = records.drop_duplicates("method").set_index("method")  # target 30% and the uncompressed rows
     # The control rows carry the control maps' scores in the place of an own explanation.
     random_row = board.loc["control: random map"]
     assert random_row["own_insertion_auc_mean"] == random_row["random_insertion_auc_mean"]
@@ -37,3 +41,4 @@ def test_smoke_preset_fills_every_column_for_all_five_methods(results_with_start
     assert board.loc["drib", "mis_control_mean"] == board.loc["baseline", "mis_mean"]
     table = (out / "leaderboard.md").read_text()
     assert all(f"| {m}" in table for m in METHODS)
+    assert "## Target: 30% fewer MACs" in table and "## Target: 50% fewer MACs" in table
