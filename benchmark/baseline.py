@@ -46,6 +46,7 @@ class CrossEntropyRecipe:
     weight_decay: float = 5e-4
     batch_size: int = 128
     precision: str = "auto"  # common.precision policy: bf16 autocast + channels_last where native
+    select_best: bool = True  # return the best-validation weights (epoch ends, or the start); False: the last
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any] | None) -> CrossEntropyRecipe:
@@ -141,6 +142,8 @@ def train_cross_entropy(model: nn.Module, data: DatasetSplits, budget: Budget, w
             save()
         elif state["step"] % CHECKPOINT_EVERY == 0:
             save()
+    if not recipe.select_best:
+        return TrainOutcome(_val_top1(model, data, recipe.batch_size, device), "last", state["step"], state["elapsed"])
     model.load_state_dict(state["best_state"])
     return TrainOutcome(state["best_val"], state["selected"], state["step"], state["elapsed"])
 
