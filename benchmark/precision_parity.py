@@ -3,7 +3,8 @@
 Fine-tunes the pretrained start for one epoch with the baseline's cross-entropy recipe twice, same seed
 and batches, once under ``--precision fp32`` and once under ``bf16`` (``common.precision``), and prints
 the top-1 of both on the held-out half of the test set (the last weights: a validation selection could hand
-back the untouched start for both) and their difference beside the binomial standard error of one figure. A figure for the README, not a test: it takes minutes.
+back the untouched start for both) and their difference beside the binomial standard error of one figure.
+A figure for the README, not a test: it takes minutes.
 """
 
 from __future__ import annotations
