@@ -4,8 +4,9 @@ Decoding 50,000 PNGs costs tens of seconds; the cache turns every later load int
 The cache key covers the resolved folder path, the class names, the file count and their total bytes, so a
 folder whose contents changed gets a fresh cache instead of a stale one.
 
-A file that does not decode (corrupt or truncated, or text named ``.jpg``) never kills the decode: it is
-skipped with one warning that names every skipped file and counts them, or, with ``strict=True`` (or
+A file that does not decode (corrupt or truncated, or text named ``.jpg``), or one whose size differs from
+the size most files share, never kills the decode: it is skipped with one warning that names every skipped
+file and counts them, or, with ``strict=True`` (or
 ``ICNN_STRICT_IMAGES=1``), the load fails with one ``BadImageError`` naming every bad file.
 
 torchvision's ``ImageFolder(is_valid_file=...)`` was considered: its check sees only a path, so telling a
@@ -91,53 +92,83 @@ def scan_folder(folder: str | os.PathLike) -> FolderListing:
     return FolderListing(folder, classes, files, np.asarray(labels, dtype=np.int64), total)
 
 
+def _sizes(files: list[str]) -> list[tuple[int, int] | None]:
+    """Every file's (width, height) from its header (cheap: nothing is decoded); None when unreadable."""
+    sizes: list[tuple[int, int] | None] = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                sizes.append(im.size)
+        except Exception:  # reported by the decode pass, with its reason
+            sizes.append(None)
+    return sizes
+
+
+def _common_size(files: list[str], sizes: list[tuple[int, int] | None]) -> tuple[int, int] | None:
+    """The size most files share; a ``ValueError`` when no size holds more than half of the readable files
+    (a folder of mixed sizes, not a few odd files)."""
+    counts: dict[tuple[int, int], int] = {}
+    for size in sizes:
+        if size is not None:
+            counts[size] = counts.get(size, 0) + 1
+    if not counts:
+        return None
+    size, count = max(counts.items(), key=lambda item: item[1])
+    if len(counts) > 1 and 2 * count <= sum(counts.values()):
+        examples = {s: files[sizes.index(s)] for s in counts}
+        shown = "; ".join(f"{n} at {w}x{h} (e.g. {examples[(w, h)]})" for (w, h), n in
+                          sorted(counts.items(), key=lambda item: -item[1])[:4])
+        raise ValueError(f"the images are of {len(counts)} sizes and none is the majority ({shown}); every "
+                         "image of an image folder must have the same size (resize them first)")
+    return size
+
+
 def decode_images(files: list[str], desc: str = "decoding", *, strict: bool | None = None,
                   skipped: list[int] | None = None) -> np.ndarray:
     """Decode same-sized images into one uint8 ``N x 3 x H x W`` array (grey and RGBA become RGB).
 
-    A file that does not decode is left out of the array; its index goes into ``skipped`` (when given) and
-    one warning names the skipped files. ``strict`` (default: ``$ICNN_STRICT_IMAGES``) raises one
-    ``BadImageError`` naming every bad file instead, after trying them all."""
+    A file that does not decode, or whose size differs from the one most files share, is left out of the
+    array; its index goes into ``skipped`` (when given) and one warning names the skipped files. ``strict``
+    (default: ``$ICNN_STRICT_IMAGES``) raises one ``BadImageError`` naming every bad file instead, after
+    trying them all. A folder with no majority size is a ``ValueError`` (resize the images first)."""
     strict = strict_default() if strict is None else strict
-    out: np.ndarray | None = None
-    first: str | None = None
+    sizes = _sizes(files)
+    size = _common_size(files, sizes)
     bad: list[tuple[int, str]] = []
+    out = np.empty((len(files), 3, size[1], size[0]), dtype=np.uint8) if size is not None else None
     kept = 0
     for i, path in enumerate(progress(files, desc, total=len(files))):
+        if sizes[i] is not None and sizes[i] != size:
+            w, h = sizes[i]  # type: ignore[misc]
+            bad.append((i, f"{path} (is {w}x{h} pixels; the folder's images are {size[0]}x{size[1]})"))
+            continue
         try:
             with Image.open(path) as im:
                 rgb = np.asarray(im.convert("RGB"))
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
             bad.append((i, f"{path} ({type(err).__name__}: {err})"))
             continue
-        if out is None:
-            out = np.empty((len(files), 3, *rgb.shape[:2]), dtype=np.uint8)
-            first = path
-        elif rgb.shape[:2] != out.shape[2:]:
-            raise ValueError(
-                f"{path} is {rgb.shape[1]}x{rgb.shape[0]} pixels but {first} is "
-                f"{out.shape[3]}x{out.shape[2]}; "
-                "every image of an image folder must have the same size (resize them first)"
-            )
+        assert out is not None and rgb.shape[:2] == out.shape[2:]
         out[kept] = rgb.transpose(2, 0, 1)
         kept += 1
     if bad:
         _report_bad(bad, len(files), strict)
         if skipped is not None:
             skipped.extend(i for i, _ in bad)
-    if out is None:
+    if out is None or kept == 0:
         raise BadImageError(f"none of the {len(files)} images decodes ({bad[0][1]}, ...)")
     return out[:kept]
 
 
 def _report_bad(bad: list[tuple[int, str]], total: int, strict: bool) -> None:
     if strict:
-        raise BadImageError(f"{len(bad)} of {total} image files cannot be decoded: "
+        raise BadImageError(f"{len(bad)} of {total} image files cannot be decoded or are not the folder's size: "
                             + "; ".join(reason for _, reason in bad)
                             + f" (unset {STRICT_ENV} to skip them with a warning)")
     names = "; ".join(reason for _, reason in bad[:_WARN_NAMES])
     more = f"; and {len(bad) - _WARN_NAMES} more" if len(bad) > _WARN_NAMES else ""
-    warnings.warn(f"skipped {len(bad)} of {total} image files that cannot be decoded: {names}{more} "
+    warnings.warn(f"skipped {len(bad)} of {total} image files that cannot be decoded or are not the folder's "
+                  f"size: {names}{more} "
                   f"(set {STRICT_ENV}=1 to make this an error)", stacklevel=3)
 
 

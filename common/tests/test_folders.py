@@ -100,3 +100,19 @@ def test_cache_files_get_the_same_mode_as_run_files(tmp_path: Path, umask: int) 
         os.umask(old)
     modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "cache").iterdir()}
     assert modes == {stat.S_IMODE((tmp_path / "run" / "metrics.json").stat().st_mode)} == {0o666 & ~umask}
+
+
+def test_an_odd_sized_file_is_skipped_like_a_bad_one_and_mixed_sizes_are_an_error(tmp_path: Path) -> None:
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "train" / "a" / f"{i}.png").write_bytes(_png_bytes(i))  # 5x6 pixels
+    Image.new("RGB", (9, 7)).save(tmp_path / "train" / "a" / "0-odd.png")  # sorts first
+    with pytest.warns(UserWarning, match=r"skipped 1 of 4 .*0-odd.png \(is 9x7 pixels; the folder's images are 5x6"):
+        images, _ = load_image_folder(tmp_path / "train", cache_dir=None)
+    assert len(images) == 3 and tuple(images.images.shape[2:]) == (6, 5)
+    with pytest.raises(BadImageError, match=r"0-odd\.png"):
+        load_image_folder(tmp_path / "train", cache_dir=None, strict=True)
+    for i in range(3, 5):  # now 3 files of each size
+        Image.new("RGB", (9, 7)).save(tmp_path / "train" / "a" / f"{i}-odd.png")
+    with pytest.raises(ValueError, match="of 2 sizes and none is the majority"):
+        load_image_folder(tmp_path / "train", cache_dir=None)
