@@ -116,3 +116,15 @@ def test_an_odd_sized_file_is_skipped_like_a_bad_one_and_mixed_sizes_are_an_erro
         Image.new("RGB", (9, 7)).save(tmp_path / "train" / "a" / f"{i}-odd.png")
     with pytest.raises(ValueError, match="of 2 sizes and none is the majority"):
         load_image_folder(tmp_path / "train", cache_dir=None)
+
+
+def test_cache_dir_none_means_the_default_cache_in_load_dataset_and_no_cache_in_load_image_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for split in ("train", "test"):
+        (tmp_path / "user" / split / "a").mkdir(parents=True)
+        (tmp_path / "user" / split / "a" / "x.png").write_bytes(_png_bytes(7))
+    monkeypatch.setenv("ICNN_CACHE", str(tmp_path / "default-cache"))
+    load_image_folder(tmp_path / "user" / "train", cache_dir=None)
+    assert not (tmp_path / "default-cache").exists()  # None here: decode without caching
+    load_dataset(f"imagefolder:{tmp_path / 'user'}", val_fraction=0, cache_dir=None)
+    assert len(list((tmp_path / "default-cache").glob("*.images.npy"))) == 2  # None there: $ICNN_CACHE
