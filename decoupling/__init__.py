@@ -22,10 +22,11 @@ from common.backbones import Backbone
 from common.data import BatchLoader, DatasetSplits
 from common.macs import count_macs
 from common.method import Budget, MethodResult
+from common.precision import resolve_precision
 from common.run import RunDir, seed_everything
 from common.training import evaluate_top1
 
-from .config import resolve_settings
+from .config import DecouplingSettings, resolve_settings
 from .evaluate import calibration_codes, mean_dynamic_macs
 from .losses import DecouplingObjective, kl_divergence_loss, mutual_information_loss, sparsity_loss
 from .model import ArchitectureController, DecoupledNet, GatedConvBN, load_decoupled, save_decoupled
@@ -37,6 +38,7 @@ __all__ = [
     "ArchitectureController",
     "DecoupledNet",
     "DecouplingObjective",
+    "DecouplingSettings",
     "GatedConvBN",
     "collect_paths",
     "decision_tree",
@@ -81,25 +83,28 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     seed_everything(seed)
     run = RunDir(out_dir)
     run.write_config({"backbone": name, "dataset": data.name, "budget": vars(budget), "seed": seed,
-                      "settings": config, "entry": "run_method"})
+                      "settings": config.to_dict(), "entry": "run_method"})
     run.write_environment(device)
-    model = DecoupledNet(copy.deepcopy(start).cpu(), config["reduction"], config["init_bias"],
-                         config["controller_init"])
-    objective = build_objective(model, data.num_classes, config)
+    model = DecoupledNet(copy.deepcopy(start).cpu(), config.reduction, config.init_bias, config.controller_init)
+    size = (3, *data.image_size)
+    objective = build_objective(model, data.num_classes, config, size)
     outcome = train_decoupled(model, objective, data, budget, run, config, device, seed)
-    save_decoupled(model, run.model_path, name, data.num_classes, config["reduction"], config["init_bias"],
-                         config["controller_init"])
+    save_decoupled(model, run.model_path, name, data.num_classes, config.reduction, config.init_bias,
+                   config.controller_init)
+    policy = resolve_precision(config.precision, device)
+    model.set_precision(policy)
     val = BatchLoader(data.val, 256, train=False, device=device)
     states = filter_states(collect_paths(model, val))  # raw gates (Eq. 5), as the paper counts them
     # The deployed network: filter states frozen on training images (silent removed, energetic always on).
-    model.freeze_states(calibration_codes(model, data.train, config["calibration_images"], device, seed))
-    size = (3, *data.image_size)
+    model.freeze_states(calibration_codes(model, data.train, config.calibration_images, device, seed))
     dense_macs = float(count_macs(start, size))
     macs = mean_dynamic_macs(model, val)
-    metrics = {"val_top1": evaluate_top1(model, val), "val_macs_mean": macs, "macs_dense": dense_macs,
-               "val_mac_reduction": 1.0 - macs / dense_macs, **{f"{k}_filters": v for k, v in states.fractions.items()},
-               "train_steps": outcome.steps, "stopped_by_time": outcome.stopped_by_time}
+    metrics = {"val_top1": evaluate_top1(model, val, precision=policy), "val_macs_mean": macs,
+               "macs_dense": dense_macs, "val_mac_reduction": 1.0 - macs / dense_macs,
+               "target_mac_reduction": config.target_mac_reduction, "gate_offset": outcome.gate_offset,
+               **{f"{k}_filters": v for k, v in states.fractions.items()},
+               "train_steps": outcome.steps, "stopped_by_time": outcome.stopped_by_time,
+               "precision": policy.describe()}
     return MethodResult(model=model, saliency=None, dynamic_forward=model.dynamic_forward,
                         mis_layer=model.backbone.cam_layer(), dynamic_filter_share=states.fractions["dynamic"],
                         metrics=metrics, train_seconds=outcome.train_seconds)
-

@@ -1,17 +1,35 @@
-"""Command line: ``python -m decoupling {train,evaluate,explain} ...`` (see decoupling/README.md)."""
+"""Command line: ``python -m decoupling {train,evaluate,explain} ...`` (see decoupling/README.md).
+
+Built on ``common.cli``'s shared flags (``--device``, ``--threads``, ``--seed``, ``--weights`` /
+``--from-scratch``, ``--out``, ``--set KEY=VALUE`` over ``config.DecouplingSettings``, ``--val-source``,
+the budget flags and ``--precision``); every known error is one line and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
-from common.backbones import WeightsError
-from common.run import CheckpointError, NonFiniteLossError
+from common.cli import (
+    add_budget_arguments,
+    add_common_arguments,
+    apply_overrides,
+    check_budget,
+    main_guard,
+    parse_args,
+    require_weights,
+    resolve_val_source,
+)
+from common.precision import add_precision_argument
+
+PROG = "python -m decoupling"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m decoupling", description=(
+    parser = argparse.ArgumentParser(prog=PROG, description=(
         "Interpretable Neural Network Decoupling (Li et al., ECCV 2020): architecture controlling modules "
         "with Improved SemHash select a calculation path of filters for every input."))
     sub = parser.add_subparsers(dest="command", required=True)
@@ -19,27 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a pretrained backbone into a decoupled network")
     train.add_argument("--backbone", help="resnet20/32/44/56/110, resnet18 or vgg16 (default: from --config)")
     train.add_argument("--dataset", help="digits, cifar10, cifar100, ... (default: from --config)")
-    train.add_argument("--data-root", help="data directory (default: $DATA_ROOT, else ./data)")
-    train.add_argument("--weights", help="pretrained backbone weights to start from (.th/.pt)")
-    train.add_argument("--epochs", type=float, help="training epochs, may be fractional (default: config)")
-    train.add_argument("--seconds", type=float, help="stop training after this much measured time")
-    train.add_argument("--max-batches", type=int, help="cap every epoch at this many batches")
-    train.add_argument("--val-source", choices=("auto", "train", "test-half"), default="auto",
-                       help="validation split: auto = test-half for a published start (--weights), else a "
-                            "hold-out of the training set (evaluation-protocol.md)")
-    train.add_argument("--out", required=True, help="run directory (resumes from its checkpoint.pt)")
-    train.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
-    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    train.add_argument("--threads", type=int, help="torch CPU threads")
+    add_common_arguments(train, weights=True, out=True, overrides=True, val_source=True, data=True)
+    add_precision_argument(train, default=None)  # None: the config's precision setting (default auto)
+    add_budget_arguments(train, epochs=None)
+    train.add_argument("--seconds", dest="budget_seconds", type=float, help=argparse.SUPPRESS)  # older spelling
     train.add_argument("--config", help="JSON recipe: backbone, dataset, epochs, settings {lr, lambda_s, ...}")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one setting, e.g. --set lambda_s=0.01 (repeatable)")
 
     evaluate = sub.add_parser("evaluate", help="measure a trained run; writes RUN/metrics.json")
-    evaluate.add_argument("--run", required=True, help="run directory written by train")
-    evaluate.add_argument("--data-root", help="data directory (default: the one used for training)")
-    evaluate.add_argument("--device", help="cpu, cuda or cuda:N")
-    evaluate.add_argument("--threads", type=int, help="torch CPU threads")
+    _run_flags(evaluate)
     evaluate.add_argument("--split", choices=("test", "val"), default="test",
                           help="report on the test split (default; the held-out half for a published start) "
                                "or on the validation split only (recipe selection)")
@@ -60,27 +65,85 @@ def build_parser() -> argparse.ArgumentParser:
                           help="detectors, comma-separated")
 
     explain = sub.add_parser("explain", help="figures of filter states, calculation paths and an occlusion")
-    explain.add_argument("--run", required=True, help="run directory written by train")
+    _run_flags(explain)
     explain.add_argument("--out", required=True, help="PNG to write (paths.npz and decision_tree.txt go next to it)")
-    explain.add_argument("--data-root", help="data directory (default: the one used for training)")
-    explain.add_argument("--device", help="cpu, cuda or cuda:N")
     explain.add_argument("--per-class", type=int, default=50, help="test images per class for the paths (default 50)")
     explain.add_argument("--seed", type=int, default=0, help="random seed for t-SNE and the image choice")
     return parser
 
 
-def _load_run(args: argparse.Namespace):
-    import torch
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run directory written by train")
+    parser.add_argument("--data-root", help="data directory (default: the one used for training)")
+    add_common_arguments(parser, seed=False)
+    add_precision_argument(parser, default=None)  # None: the run's own precision setting
 
+
+def _train(args: argparse.Namespace) -> int:
+    import torch  # noqa: F401  (imported late: --help stays fast)
+
+    from common.backbones import build_backbone
+    from common.data import load_dataset
+    from common.method import Budget
+    from common.run import RunDir, check_config, pick_device
+
+    from .config import DecouplingSettings, load_recipe
+    from .model import DecoupledNet, save_decoupled
+    from .train import build_objective, train_decoupled
+
+    recipe = load_recipe(args.config)
+    backbone = args.backbone or recipe.get("backbone")
+    dataset = args.dataset or recipe.get("dataset")
+    epochs = args.epochs if args.epochs is not None else recipe.get("epochs")
+    if not backbone or not dataset or epochs is None:
+        raise ValueError("train needs --backbone, --dataset and --epochs (or a --config that sets them)")
+    seconds = args.budget_seconds if args.budget_seconds is not None else recipe.get("seconds")
+    max_batches = args.max_batches if args.max_batches is not None else recipe.get("max_batches")
+    check_budget(epochs=epochs, max_batches=max_batches, seconds=seconds)
+    settings = apply_overrides(DecouplingSettings.from_dict(recipe.get("settings", {})), args.set)
+    if args.precision is not None:
+        settings = dataclasses.replace(settings, precision=args.precision)
+    settings = DecouplingSettings.from_dict(settings.to_dict()).resolved(backbone)  # validated after --set
+    device = pick_device(args.device)
+    weights = require_weights(args)
+    val_source = resolve_val_source(args.val_source, pretrained=weights is not None)
+    data = load_dataset(dataset, args.data_root, val_source=val_source, download=args.download)
+    run = RunDir(args.out)
+    config = {"backbone": backbone, "dataset": dataset, "data_root": args.data_root,
+              "weights": None if weights is None else str(weights), "val_source": val_source,
+              "epochs": epochs, "seconds": seconds, "max_batches": max_batches, "seed": args.seed,
+              "settings": settings.to_dict()}
+    if run.checkpoint_path.is_file():  # a checkpoint resumes only into the config that wrote it
+        check_config(run.path, config, what="--out " + str(run.path), ignore=("data_root", "seconds"))
+    run.write_config(config)
+    run.write_environment(device)
+    logger = run.logger("decoupling")
+    start = build_backbone(backbone, data.num_classes, None if weights is None else str(weights))
+    model = DecoupledNet(start, settings.reduction, settings.init_bias, settings.controller_init)
+    objective = build_objective(model, data.num_classes, settings, (3, *data.image_size))
+    logger.info("decoupling %s on %s: %d gated layers, %d filters", backbone, dataset, len(model.gated_layers),
+                sum(model.layer_channels))
+    outcome = train_decoupled(model, objective, data, Budget(epochs, seconds, max_batches), run, settings, device,
+                              args.seed, logger)
+    save_decoupled(model, run.model_path, backbone, data.num_classes, settings.reduction, settings.init_bias,
+                   settings.controller_init)
+    logger.info("trained %d/%d steps in %.1f s%s", outcome.steps, outcome.total_steps, outcome.train_seconds,
+                " (time budget reached)" if outcome.stopped_by_time else "")
+    print(f"trained {outcome.steps}/{outcome.total_steps} steps in {outcome.train_seconds:.1f} s; "
+          f"model in {run.model_path}")
+    return 0
+
+
+def _load_run(args: argparse.Namespace) -> tuple[Any, ...]:
     from common.backbones import build_backbone
     from common.data import load_dataset
     from common.run import RunDir, pick_device
 
     from .model import load_decoupled
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     run = RunDir(args.run)
+    if not run.config_path.is_file():
+        raise FileNotFoundError(f"{run.path} is not a run directory (no config.json); train into it first")
     config = run.read_config()
     if not run.model_path.is_file():
         raise FileNotFoundError(f"{run.model_path} does not exist; train into {run.path} first")
@@ -89,56 +152,56 @@ def _load_run(args: argparse.Namespace):
     data = load_dataset(config["dataset"], args.data_root or config.get("data_root"),
                         val_source=config.get("val_source", "train"))
     dense = build_backbone(meta["backbone"], meta["num_classes"], config.get("weights"))  # the start (control)
-    return run, model.to(device), dense, data, device
+    precision = args.precision or config.get("settings", {}).get("precision", "auto")
+    return run, model.to(device), dense, data, device, precision
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace) -> int:
+    from common.run import atomic_write_json
+
     from .evaluate import evaluate_run
 
-    run, model, dense, data, device = _load_run(args)
     try:
         shots = tuple(int(k) for k in args.adv_shots.split(","))
     except ValueError:
         raise ValueError(f"--adv-shots expects comma-separated integers, got {args.adv_shots!r}") from None
+    run, model, dense, data, device, precision = _load_run(args)
     metrics = evaluate_run(model, dense, data, device, calibration_images=args.calibration_images,
                            report_split=args.split, probe_fit_images=args.probe_fit_images, seeds=args.seeds,
                            adv_runs=args.adv_runs, adv_shots=shots, adv_test_per_class=args.adv_test_per_class,
                            adv_classifiers=args.adv_classifiers.split(","), latency_images=args.latency_images,
-                           speed_repeats=args.speed_repeats)
-    from common.run import atomic_write_json
-
+                           speed_repeats=args.speed_repeats, precision=precision)
+    target = run.read_config().get("settings", {}).get("target_mac_reduction")
+    metrics["target_mac_reduction"] = target
     name = "metrics.json" if args.split == "test" else "metrics_val.json"  # selection never overwrites
     atomic_write_json(metrics, run.path / name)
     keys = ("top1", "val_top1", "mac_reduction", "val_mac_reduction", "dynamic_filters")
-    print(" ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics))
+    print(" ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+          + ("" if target is None else f" target_mac_reduction={target:g}"))
     print(f"metrics in {run.path / name}")
     return 0
 
 
-def explain(args: argparse.Namespace) -> int:
+def _explain(args: argparse.Namespace) -> int:
+    from common.precision import resolve_precision
+
     from .explain import explain_run
 
-    _run, model, _dense, data, device = _load_run(args)
+    _run, model, _dense, data, device, precision = _load_run(args)
+    model.set_precision(resolve_precision(precision, device))
     out = Path(args.out)
     print(explain_run(model, data, device, out, args.per_class, args.seed))
     print(f"figure in {out}; paths and decision tree next to it")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .config import load_recipe, parse_overrides
-    from .train import train_command
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
+    return {"train": _train, "evaluate": _evaluate, "explain": _explain}[args.command](args)
 
-    try:
-        if args.command == "train":
-            return train_command(args, load_recipe(args.config), parse_overrides(args.set))
-        if args.command == "evaluate":
-            return evaluate(args)
-        return explain(args)
-    except (FileNotFoundError, CheckpointError, NonFiniteLossError, WeightsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def main(argv: list[str] | None = None) -> int:
+    return main_guard(run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

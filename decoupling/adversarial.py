@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common.data import ImageTensors
+from common.precision import Precision, resolve_precision
 
 from .model import DecoupledNet
 
@@ -104,13 +105,20 @@ def _paths_of(model: DecoupledNet, images: Tensor, batch: int = 256) -> np.ndarr
     return np.concatenate([model.paths(images[i:i + batch])[1].cpu().numpy() for i in range(0, len(images), batch)])
 
 
-def pooled_features_of(backbone: torch.nn.Module) -> Features:
-    """The control's features: the plain backbone's globally pooled last feature map."""
+def pooled_features_of(backbone: torch.nn.Module, precision: Precision | None = None) -> Features:
+    """The control's features: the plain backbone's globally pooled last feature map, under ``precision``
+    (common.precision; None: fp32) like the decoupled network's paths."""
+    precision = precision or resolve_precision("fp32", "cpu", channels_last=False)
+
     @torch.no_grad()
     def features(images: Tensor, batch: int = 256) -> np.ndarray:
         backbone.eval()
-        return np.concatenate([backbone.forward_features(images[i:i + batch]).mean(dim=(2, 3)).cpu().numpy()
-                               for i in range(0, len(images), batch)])
+        out = []
+        for i in range(0, len(images), batch):
+            with precision.autocast():
+                pooled = backbone.forward_features(precision.prepare_inputs(images[i:i + batch]))
+            out.append(pooled.float().mean(dim=(2, 3)).cpu().numpy())
+        return np.concatenate(out)
     return features
 
 

@@ -1,8 +1,10 @@
-"""Hyper-parameters: paper defaults (Section 4.1 and Table 5), overridable by a JSON config or a dict."""
+"""Hyper-parameters: one dataclass of the paper's defaults (Section 4.1 and Table 5); recipes are
+``configs/*.json`` (``backbone``, ``dataset``, budget and a ``settings`` dict over this dataclass)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,29 +20,7 @@ TABLE5: dict[str, dict[str, float]] = {
     "vgg16": {"lambda_m": 0.04, "lambda_k": 1.0, "lambda_s": 0.0002, "target_ratio": 0.0},
     "resnet18": {"lambda_m": 0.005, "lambda_k": 1.0, "lambda_s": 0.01, "target_ratio": 0.6},
 }
-
-# Section 4.1 (CIFAR): SGD, momentum 0.9, batch 128, lr 0.1 divided by 10 at 50% and 75% of training.
-# Weight decay is not given in the paper; 1e-4 is the CIFAR ResNet standard.
-TRAINING_DEFAULTS: dict[str, Any] = {
-    "lr": 0.1,
-    "controller_lr": None,  # lr of the controllers; None = lr (the paper uses one lr)
-    "mi_head_lr": None,  # lr of the L_mi heads W_cla; None = controller_lr
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "batch_size": 128,
-    "lr_milestones": [0.5, 0.75],  # fractions of the total number of steps
-    "lr_gamma": 0.1,
-    "reduction": 4,  # gamma in Eq. 2
-    "mi_heads_unscaled": False,  # True: the L_mi heads learn from L_mi itself, not lambda_m L_mi (README)
-    "controller_init": "authors",  # "authors" (their code: W1 = 0, b1 = 1, W2 Kaiming, b2 = 1) or "open"
-    "init_bias": 1.0,  # "open" init only: G(s) at initialisation, every gate starts open
-    "finetune_fraction": 0.0,  # >0: this last share of the steps trains the backbone on CE under hard,
-    # frozen gates (not in the paper, which trains 200 epochs; a short budget needs it, see README)
-    "bn_recalibration_batches": 0,  # >0: re-estimate BN statistics under inference-mode gates after training
-    "calibration_images": 2000,  # training images whose paths freeze the filter states for deployment
-    "checkpoint_every": 200,  # steps between checkpoints (and at every epoch end)
-    "log_every": 50,  # steps between finite-loss checks and log lines
-}
+TABLE5_KEYS = ("lambda_m", "lambda_k", "lambda_s", "target_ratio")
 
 
 def table5_key(backbone: str) -> str:
@@ -52,28 +32,110 @@ def table5_key(backbone: str) -> str:
                      "use resnet20/32/44/56/110, resnet18 or vgg16")
 
 
-def resolve_settings(backbone: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+@dataclass
+class DecouplingSettings:
+    """Every setting of training, deployment and the cost knob. None in a Table 5 field means "the paper's
+    row for the backbone" (``resolved``)."""
+
+    # Table 5: Eq. 12 weights and the sparsity target R of Eq. 11 (None: the backbone's row).
+    lambda_m: float | None = None
+    lambda_k: float | None = None
+    lambda_s: float | None = None
+    target_ratio: float | None = None
+    # Section 4.1 (CIFAR): SGD, momentum 0.9, batch 128, lr 0.1 divided by 10 at 50% and 75% of training.
+    # Weight decay is not given in the paper; 1e-4 is the CIFAR ResNet standard (and the authors' code).
+    lr: float = 0.1
+    controller_lr: float | None = None  # lr of the controllers; None = lr (the paper uses one lr)
+    mi_head_lr: float | None = None  # lr of the L_mi heads W_cla; None = controller_lr
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of all steps
+    lr_gamma: float = 0.1
+    reduction: int = 4  # gamma in Eq. 2
+    mi_heads_unscaled: bool = False  # True: the L_mi heads learn from L_mi itself, not lambda_m L_mi (README)
+    controller_init: str = "authors"  # "authors" (W1 = 0, b1 = 1, W2 Kaiming, b2 = 1) or "open"
+    init_bias: float = 1.0  # "open" init only: G(s) at initialisation, every gate starts open
+    # >0: this last share of the steps trains the backbone on CE under hard, frozen gates (not in the paper;
+    # an explicit extension, measured with and without in the README)
+    finetune_fraction: float = 0.0
+    bn_recalibration_batches: int = 0  # >0: re-estimate BN statistics under inference-mode gates after training
+    calibration_images: int = 2000  # training images whose paths freeze the filter states for deployment
+    # The shared cost knob (benchmark): fraction of the dense start's MACs removed, mean per sample,
+    # controllers included. None: the paper's own sparsity setting (L_s with lambda_s and R above). Set: L_s
+    # becomes a MAC-weighted hinge at this target during training, and after training one logit offset for
+    # every controller is bisected on training images so that the mean MACs land on the target (README).
+    target_mac_reduction: float | None = None
+    mac_calibration_images: int = 1000  # training images the post-training offset is bisected on
+    # common.precision policy of every training and evaluation forward ("auto": bf16 autocast +
+    # channels_last where the device has native bf16, else fp32); losses, gates, MACs and metrics stay fp32.
+    precision: str = "auto"
+    checkpoint_every: int = 200  # steps between checkpoints (and at every epoch end)
+    log_every: int = 50  # steps between finite-loss checks and log lines
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> DecouplingSettings:
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in values if k not in known and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"unknown decoupling settings {unknown}; known: {sorted(known)}")
+        settings = cls(**{k: v for k, v in values.items() if k in known})
+        settings.validate()
+        return settings
+
+    def resolved(self, backbone: str) -> DecouplingSettings:
+        """A copy with every Table 5 field that is None filled from ``backbone``'s row."""
+        row = TABLE5[table5_key(backbone)]
+        filled = dataclasses.replace(self, **{k: row[k] for k in TABLE5_KEYS if getattr(self, k) is None})
+        filled.validate()
+        return filled
+
+    def validate(self) -> None:
+        def fraction(name: str, value: Any, low_open: bool = False, high: float = 1.0, high_open: bool = False):
+            if value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if value < 0 or (low_open and value == 0) or value > high or (high_open and value == high):
+                raise ValueError(f"{name} out of range: {value}")
+
+        fraction("target_ratio", self.target_ratio)
+        fraction("finetune_fraction", self.finetune_fraction, high_open=True)
+        fraction("target_mac_reduction", self.target_mac_reduction, high_open=True)
+        for name in ("lambda_m", "lambda_k", "lambda_s", "weight_decay", "momentum"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        for name in ("lr", "controller_lr", "mi_head_lr"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("batch_size", "reduction", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("bn_recalibration_batches", "calibration_images", "mac_calibration_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.controller_init not in ("authors", "open"):
+            raise ValueError(f"controller_init must be 'authors' or 'open', got {self.controller_init!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if not all(isinstance(m, int | float) and 0 <= m <= 1 for m in self.lr_milestones):
+            raise ValueError(f"lr_milestones must be fractions of the steps in [0, 1], got {self.lr_milestones!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_settings(backbone: str, overrides: dict[str, Any] | DecouplingSettings | None = None
+                     ) -> DecouplingSettings:
     """Paper defaults for ``backbone`` updated with ``overrides``; unknown keys are an error."""
-    settings = {**TRAINING_DEFAULTS, **TABLE5[table5_key(backbone)]}
-    unknown = sorted(set(overrides or {}) - set(settings))
-    if unknown:
-        raise ValueError(f"unknown decoupling settings {unknown}; known: {sorted(settings)}")
-    settings.update(overrides or {})
-    return settings
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs (VALUE parsed as JSON when it can be) -> a settings dict."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
+    if isinstance(overrides, DecouplingSettings):
+        return overrides.resolved(backbone)
+    return DecouplingSettings.from_dict(overrides).resolved(backbone)
 
 
 def load_recipe(path: str | None) -> dict[str, Any]:
@@ -88,6 +150,8 @@ def load_recipe(path: str | None) -> dict[str, Any]:
                              f"{', '.join(p.name for p in (Path(__file__).parent / 'configs').glob('*.json'))})")
         file = packaged
     recipe = read_json(file)
+    if not isinstance(recipe, dict):
+        raise ValueError(f"config {path} must hold a JSON object")
     unknown = set(recipe) - CONFIG_KEYS - {"description"}
     if unknown:
         raise ValueError(f"config {path}: unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")

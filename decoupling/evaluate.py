@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from common import speed
 from common.data import BatchLoader, ImageTensors
 from common.macs import count_macs, count_params
+from common.precision import resolve_precision
 from common.run import progress
 
 from .model import DecoupledNet
@@ -159,20 +160,28 @@ def frozen_disagreement(model: DecoupledNet, raw_codes: np.ndarray) -> float:
 def evaluate_run(model: DecoupledNet, dense: nn.Module, data, device: torch.device, *, calibration_images: int = 2000,
                  report_split: str = "test", probe_fit_images: int = 5000, seeds: int = 3, adv_runs: int = 3,
                  adv_shots: Sequence[int] = (1, 5, 10), adv_test_per_class: int = 10, adv_classifiers=None,
-                 latency_images: int = 256, speed_repeats: int = 21, seed: int = 0) -> dict[str, Any]:
+                 latency_images: int = 256, speed_repeats: int = 21, seed: int = 0,
+                 precision: str = "auto") -> dict[str, Any]:
     """Every figure of the README for one trained run. ``dense`` is the pretrained start (the control).
     ``report_split`` "test" reports on ``data.test`` (the held-out half for a published start); "val"
-    reports the path, adversarial and speed figures on ``data.val`` (for recipe selection)."""
+    reports the path, adversarial and speed figures on ``data.val`` (for recipe selection).
+
+    Every forward of the decoupled network and of the control (top-1, MACs, paths, pooled features)
+    runs under the ``precision`` policy (common.precision); gates, MAC counts, probes and AUCs are fp32.
+    The attacks' gradients and the speed figures run in fp32 (the timed forms are common.deploy's)."""
     from .adversarial import CLASSIFIERS, adversarial_detection, pooled_features_of
     from .explain import path_report
 
     if report_split not in ("test", "val"):
         raise ValueError(f"report_split must be 'test' or 'val', got {report_split!r}")
     split = data.test if report_split == "test" else data.val
+    policy = resolve_precision(precision, device)
+    model.set_precision(policy)
     codes = calibration_codes(model, data.train, calibration_images, device, seed)
     model.freeze_states(codes)
     metrics: dict[str, Any] = {"test_split": data.test_split_name, "val_source": data.val_source,
-                               "report_split": report_split, "calibration_images": len(codes)}
+                               "report_split": report_split, "calibration_images": len(codes),
+                               "precision": policy.describe()}
     if report_split == "test":
         metrics.update(evaluate_model(model, dense, data.test, data.val, device))
     else:  # selection: nothing is measured on the test split
@@ -183,17 +192,21 @@ def evaluate_run(model: DecoupledNet, dense: nn.Module, data, device: torch.devi
     model.freeze_states(codes)
     metrics["frozen_state_disagreement"] = frozen_disagreement(model, raw)
     fit = data.train.subset(class_mixed_indices(data.train.labels, min(probe_fit_images, len(data.train)), seed + 1))
-    metrics["paths"] = path_report(model, dense, fit, split, device, seeds)
+    metrics["paths"] = path_report(model, dense, fit, split, device, seeds, precision=policy)
     if adv_runs > 0:
+        fp32 = resolve_precision("fp32", device, channels_last=False)
+        model.set_precision(fp32)  # attack gradients and the paths they are read from in fp32
         classifiers = tuple(adv_classifiers or CLASSIFIERS)
         kwargs = {"shots": tuple(adv_shots), "runs": adv_runs, "test_per_class": adv_test_per_class,
                   "classifiers": classifiers, "seed": seed}
         metrics["adv_auc_paths"] = adversarial_detection(model, data.train, split, device, **kwargs)
         dense_dev = dense.to(device).eval()
         metrics["adv_auc_plain_features"] = adversarial_detection(dense_dev, data.train, split, device,
-                                                                  features=pooled_features_of(dense_dev), **kwargs)
+                                                                  features=pooled_features_of(dense_dev, fp32),
+                                                                  **kwargs)
         metrics["adv_protocol"] = {**{k: v for k, v in kwargs.items() if k != "seed"}, "eps": "8/255",
                                    "pgd_steps": 10, "pgd_step": "2/255"}
+    model.set_precision(resolve_precision("fp32", device, channels_last=False))
     if latency_images > 0 and type(model.backbone).__name__ == "CifarResNet":
         n = min(latency_images, len(split))
         batches = tuple(b for b in (1, 128) if b <= n)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from common.data import BatchLoader, DatasetSplits, ImageTensors
 from common.explain.controls import linear_probe
+from common.precision import Precision, resolve_precision
 
 from .paths import (
     STATES,
@@ -51,13 +52,17 @@ from .paths import (
 
 @torch.no_grad()
 def pooled_features(backbone: nn.Module, images: ImageTensors, device: torch.device,
-                    batch_size: int = 256) -> np.ndarray:
-    """The plain backbone's globally pooled last feature map (the classifier's input), N x C."""
+                    batch_size: int = 256, precision: Precision | None = None) -> np.ndarray:
+    """The plain backbone's globally pooled last feature map (the classifier's input), N x C, under
+    ``precision`` (common.precision; None: fp32), returned in fp32."""
     backbone = backbone.to(device).eval()
+    precision = precision or resolve_precision("fp32", device, channels_last=False)
+    precision.prepare_model(backbone)
     out = []
     for x, _ in BatchLoader(images, batch_size, train=False, device=device):
-        features = backbone.forward_features(x)
-        out.append(features.mean(dim=(2, 3)).cpu().numpy())
+        with precision.autocast():
+            features = backbone.forward_features(precision.prepare_inputs(x))
+        out.append(features.float().mean(dim=(2, 3)).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -111,13 +116,13 @@ def hopkins_with_control(paths: Paths, points: int = 1000, seeds: int = 3) -> di
 
 
 def path_report(model: nn.Module, dense: nn.Module, fit: ImageTensors, test: ImageTensors, device: torch.device,
-                seeds: int = 3) -> dict[str, Any]:
+                seeds: int = 3, precision: Precision | None = None) -> dict[str, Any]:
     """Class information and Hopkins of ``model``'s paths on ``test`` (probe fitted on ``fit``), with the
-    plain backbone ``dense`` as control."""
+    plain backbone ``dense`` as control (its features under the same ``precision``)."""
     fit_paths = collect_paths(model, BatchLoader(fit, 256, train=False, device=device), "paths (probe fit)")
     test_paths = collect_paths(model, BatchLoader(test, 256, train=False, device=device), "paths (probe test)")
-    report = class_information(fit_paths, test_paths, pooled_features(dense, fit, device),
-                               pooled_features(dense, test, device), seeds)
+    report = class_information(fit_paths, test_paths, pooled_features(dense, fit, device, precision=precision),
+                               pooled_features(dense, test, device, precision=precision), seeds)
     report.update(hopkins_with_control(test_paths, seeds=seeds))
     report["distinct_paths"] = len(np.unique(test_paths.codes, axis=0))
     return report

@@ -5,6 +5,7 @@ L_mi = sum_l CE(W_cla^l z^l, label)       variational lower bound on I(a; z^l), 
 L_kl = sum_l KL(z^l || y^l) / N^l         y^l = GAP(Y^l); both normalised by a softmax over filters, Eq. 10
                                           (averaged over the B x N^l entries, as the authors' kl_div does)
 L_s  = sum_l max(0, ||z^l||_1 - R N^l)    sparsity with target ratio R, Eq. 11
+       (with a MAC target: N x max(0, mean MACs / dense - (1 - target)), ``mac_sparsity_loss``)
 Every term is a mean over the samples of the batch.
 """
 
@@ -47,6 +48,17 @@ def sparsity_loss(masks: Sequence[Tensor], target_ratio: float = 0.0) -> Tensor:
     return total
 
 
+def mac_sparsity_loss(macs: Tensor, dense_macs: float, target_reduction: float, filters: int) -> Tensor:
+    """Eq. 11 in MAC units (the shared cost knob; not in the paper): ``filters`` x max(0, mean_b MACs_b /
+    dense - (1 - target)). Filter counts are the wrong unit for a MAC target (a filter of the 8x8 stage
+    costs a quarter of one at 32x32 per input channel; a conv2's cost also shrinks with conv1's mask), so
+    the hinge is on the batch's mean expected MACs (``DecoupledNet.expected_macs``). Scaled by the number
+    of gated filters so that lambda_s keeps the per-filter size of Eq. 11's gradient."""
+    if not 0.0 <= target_reduction < 1.0:
+        raise ValueError(f"target_mac_reduction must lie in [0, 1), got {target_reduction}")
+    return filters * F.relu(macs.float().mean() / dense_macs - (1.0 - target_reduction))
+
+
 @dataclass
 class LossTerms:
     total: Tensor
@@ -64,8 +76,14 @@ class DecouplingObjective(nn.Module):
     They serve training only and never run at inference."""
 
     def __init__(self, layer_channels: Sequence[int], num_classes: int, lambda_m: float, lambda_k: float,
-                 lambda_s: float, target_ratio: float = 0.0, heads_unscaled: bool = False):
+                 lambda_s: float, target_ratio: float = 0.0, heads_unscaled: bool = False,
+                 target_mac_reduction: float | None = None, dense_macs: float | None = None):
         super().__init__()
+        if target_mac_reduction is not None and not dense_macs:
+            raise ValueError("a MAC target needs the dense start's MACs")
+        # Set: L_s is the MAC-weighted hinge (mac_sparsity_loss) and forward needs the per-sample MACs.
+        self.target_mac_reduction, self.dense_macs = target_mac_reduction, dense_macs
+        self.filters = sum(layer_channels)
         self.mi_heads = nn.ModuleList(nn.Linear(n, num_classes, bias=False) for n in layer_channels)
         self.lambda_m, self.lambda_k, self.lambda_s = lambda_m, lambda_k, lambda_s
         self.target_ratio = target_ratio
@@ -74,12 +92,19 @@ class DecouplingObjective(nn.Module):
         # tight when Q~ fits, and a head learning at lambda_m times the lr cannot keep up in a short run.
         self.heads_unscaled = heads_unscaled
 
-    def forward(self, logits: Tensor, targets: Tensor, masks: Sequence[Tensor], pooled: Sequence[Tensor]
-                ) -> LossTerms:
+    def forward(self, logits: Tensor, targets: Tensor, masks: Sequence[Tensor], pooled: Sequence[Tensor],
+                macs: Tensor | None = None) -> LossTerms:
+        # Every loss in fp32 whatever the forward ran in (common.precision).
+        logits, masks, pooled = logits.float(), [z.float() for z in masks], [y.float() for y in pooled]
         ce = F.cross_entropy(logits, targets)
         mi = mutual_information_loss(masks, self.mi_heads, targets)
         kl = kl_divergence_loss(masks, pooled)
-        sparsity = sparsity_loss(masks, self.target_ratio)
+        if self.target_mac_reduction is None:
+            sparsity = sparsity_loss(masks, self.target_ratio)
+        else:
+            if macs is None:
+                raise ValueError("the MAC-weighted L_s needs the per-sample MACs (DecoupledNet.expected_macs)")
+            sparsity = mac_sparsity_loss(macs, self.dense_macs, self.target_mac_reduction, self.filters)
         total = ce + self.lambda_m * mi + self.lambda_k * kl + self.lambda_s * sparsity
         if self.heads_unscaled and self.lambda_m < 1.0:
             # Adds (1 - lambda_m) L_mi's gradient to the heads only; the value reported stays Eq. 12's.

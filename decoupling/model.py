@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from common.backbones import Backbone
 from common.macs import ChannelActivity, LayerShape, count_macs, dynamic_macs, layer_shapes
+from common.precision import Precision, full_precision, resolve_precision
 from common.sparse import bn_affine, conv_bn_subset, group_rows
 
 from .semhash import improved_semhash
@@ -140,9 +141,10 @@ class GatedConvBN(nn.Module):
         self._producer = (producer,)
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = self.controller(x)
         noisy = self.training and not self.hard_gates
-        z = improved_semhash(logits, noisy)
+        with full_precision(x.device):  # the gates are fp32 under any precision policy (common.precision)
+            logits = self.controller(x.float())
+            z = improved_semhash(logits, noisy)
         if not noisy and self.always_on.numel():
             z = torch.where(self.always_on, torch.ones_like(z), torch.where(self.always_off, torch.zeros_like(z), z))
         self.last_logits, self.last_mask = logits, z
@@ -152,7 +154,7 @@ class GatedConvBN(nn.Module):
         else:
             out = self.bn(self.conv(x))
             self.last_pooled = F.relu(out).mean(dim=(2, 3))
-            out = out * z[:, :, None, None]
+            out = out * z[:, :, None, None].to(out.dtype)
         self.last_map = out.detach() if self.keep_maps else None
         return out
 
@@ -224,6 +226,19 @@ class DecoupledNet(nn.Module):
                 gated[id(site.consumer)].set_producer(gated[id(site.conv)])
         self.gated_layers: list[GatedConvBN] = [gated[id(s.conv)] for s in sites]
         self._shapes: dict[tuple[int, ...], list[LayerShape]] = {}
+        # The evaluation policy of ``paths`` and ``dynamic_forward`` (common.precision); fp32 until set.
+        self.precision: Precision = resolve_precision("fp32", "cpu", channels_last=False)
+
+    def set_precision(self, precision: Precision) -> DecoupledNet:
+        """Run the inference entry points (``paths``, ``dynamic_forward``) under ``precision`` (bf16
+        autocast and/or channels_last); gates, MAC counts and returned logits stay fp32."""
+        self.precision = precision
+        precision.prepare_model(self)
+        return self
+
+    def _inference_forward(self, x: Tensor) -> Tensor:
+        with self.precision.autocast():
+            return self(self.precision.prepare_inputs(x)).float()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -247,8 +262,8 @@ class DecoupledNet(nn.Module):
     def paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, calculation paths B x sum N^l as 0/1 floats) in inference mode (Eq. 5)."""
         with self.inference():
-            logits, record = self.forward_with_paths(x)
-        return logits, torch.cat(record.masks, dim=1)
+            logits = self._inference_forward(x)
+        return logits, torch.cat([g.last_mask for g in self.gated_layers], dim=1)
 
     def set_hard_gates(self, hard: bool) -> None:
         """Hard gates: SemHash in its inference form (Eq. 5) even in training mode, so that the backbone
@@ -309,9 +324,37 @@ class DecoupledNet(nn.Module):
         masked dense convolutions (faster in batches; equal up to float rounding)."""
         shapes = self.layer_shapes(tuple(x.shape[1:]))  # before the forward: it runs one of its own
         with self.inference(gathered=gathered):
-            logits = self(x)
+            logits = self._inference_forward(x)
             macs = dynamic_macs(shapes, self.channel_activity(), x.shape[0])
         return logits, macs
+
+    def expected_macs(self, masks: list[Tensor], input_size: tuple[int, int, int]) -> Tensor:
+        """Per-sample MACs (B, differentiable in the masks) of the channel-skipping execution for training
+        masks ``masks`` (soft or hard z^l in layer order): a gated conv costs (active inputs) x (active
+        filters) x k x H x W, its inputs counted from its producer's mask; every other conv and linear
+        layer (stem, classifier, the controllers themselves) is counted dense, as ``dynamic_forward`` does."""
+        shapes = {s.name: s for s in self.layer_shapes(tuple(input_size))}
+        names = [f"backbone.{layer.name}.conv" for layer in self.gated_layers]
+        index = {id(layer): i for i, layer in enumerate(self.gated_layers)}
+        total = masks[0].new_full((masks[0].shape[0],), float(sum(s.macs for n, s in shapes.items()
+                                                                   if n not in set(names))))
+        for layer, name, z in zip(self.gated_layers, names, masks, strict=True):
+            shape = shapes[name]
+            producer = layer.producer
+            a_in = masks[index[id(producer)]].sum(1) if producer is not None else float(shape.in_channels)
+            total = total + a_in * z.sum(1) * float(shape.kernel_elems * shape.out_positions * shape.calls)
+        return total
+
+    @torch.no_grad()
+    def shift_gates(self, offset: float) -> None:
+        """Add ``offset`` to every controller's output bias, i.e. to every G(s): one knob that opens
+        (offset > 0) or closes (< 0) gates everywhere; used to land the mean MACs on a target."""
+        for layer in self.gated_layers:
+            layer.controller.fc2.bias.add_(offset)
+
+    def start_macs(self, input_size: tuple[int, int, int]) -> int:
+        """MACs of the dense start (the backbone alone, no controller): the reference of a MAC target."""
+        return sum(s.macs for s in self.layer_shapes(tuple(input_size)) if ".controller." not in s.name)
 
     def dense_macs(self, input_size: tuple[int, int, int]) -> int:
         """MACs with every gate open (controllers included)."""

@@ -16,7 +16,8 @@ from decoupling.__main__ import main
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     args = ["train", "--backbone", "resnet20", "--dataset", "digits", "--epochs", "1", "--max-batches", "2",
-            "--out", str(out), "--device", "cpu", "--set", "batch_size=32", "--set", "controller_lr=0.05"]
+            "--out", str(out), "--device", "cpu", "--set", "batch_size=32", "--set", "controller_lr=0.05",
+            "--from-scratch", "--precision", "fp32"]
     assert main(args) == 0
     return out, args
 
@@ -28,13 +29,20 @@ def test_train_writes_the_run_and_resumes(trained_run):
     assert json.loads((out / "config.json").read_text())["settings"]["controller_lr"] == 0.05
     before = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
     assert before == 2
-    args = [a if a != "2" else "3" for a in args]  # a larger budget continues from the checkpoint
-    assert main(args) == 0
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
-    assert "resumed at step 2 of 3" in (out / "log.txt").read_text()
+    assert main(args) == 0  # the same command again resumes from the checkpoint (nothing left to do)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert "resumed at step 2 of 2" in (out / "log.txt").read_text()
 
 
-SMALL_EVAL = ["--device", "cpu", "--calibration-images", "64", "--probe-fit-images", "200", "--seeds", "2",
+def test_a_checkpoint_resumes_only_into_its_own_config(trained_run, capsys):
+    out, args = trained_run
+    changed = [a if a != "2" else "3" for a in args]  # another budget: refused, the old run is kept
+    assert main(changed) == 2
+    assert "different config" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+SMALL_EVAL = ["--device", "cpu", "--precision", "fp32", "--calibration-images", "64", "--probe-fit-images", "200", "--seeds", "2",
               "--latency-images", "4", "--speed-repeats", "3", "--adv-runs", "1", "--adv-shots", "1",
               "--adv-test-per-class", "2", "--adv-classifiers", "random_forest"]
 
@@ -64,11 +72,21 @@ def test_clear_errors(tmp_path, capsys):
     assert main(["evaluate", "--run", str(tmp_path / "missing")]) == 2
     assert "train into it first" in capsys.readouterr().err
     assert main(["train", "--backbone", "mobilenetv2", "--dataset", "digits", "--epochs", "1",
-                 "--out", str(tmp_path / "r")]) == 2
+                 "--out", str(tmp_path / "r"), "--from-scratch"]) == 2
     assert "no defaults for backbone" in capsys.readouterr().err
     assert main(["train", "--backbone", "resnet20", "--dataset", "digits", "--epochs", "1", "--out",
-                 str(tmp_path / "r2"), "--set", "lamda_s=0.1"]) == 2
-    assert "unknown decoupling settings" in capsys.readouterr().err
+                 str(tmp_path / "r2"), "--set", "lamda_s=0.1", "--from-scratch"]) == 2
+    assert "lamda_s" in capsys.readouterr().err
+    assert main(["train", "--backbone", "resnet20", "--dataset", "digits", "--epochs", "1", "--out",
+                 str(tmp_path / "r3"), "--set", "lr=fast", "--from-scratch"]) == 2
+    assert "lr" in capsys.readouterr().err
+    assert main(["train", "--backbone", "resnet20", "--dataset", "digits", "--epochs", "1", "--out",
+                 str(tmp_path / "r4")]) == 2  # no --weights and no --from-scratch
+    assert "--weights" in capsys.readouterr().err
+    assert main(["train", "--backbone", "resnet20", "--dataset", "digits", "--max-batches", "0", "--epochs", "1",
+                 "--out", str(tmp_path / "r5"), "--from-scratch"]) == 2
+    assert "--max-batches" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("r", "r2", "r3", "r4", "r5"))  # no folder left
 
 
 def test_run_method_contract(tmp_path):
@@ -76,7 +94,7 @@ def test_run_method_contract(tmp_path):
     start = build_backbone("resnet20", data.num_classes)
     before = {k: v.clone() for k, v in start.state_dict().items()}
     result = run_method(start, data, Budget(epochs=1, max_batches=1), tmp_path, device=torch.device("cpu"),
-                        settings={"batch_size": 32})
+                        settings={"batch_size": 32, "precision": "fp32"})
     assert all(torch.equal(before[k], v) for k, v in start.state_dict().items())  # start is not modified
     x = data.test.images[:5].float() / 255
     logits, macs = result.dynamic_forward(x)

@@ -7,16 +7,16 @@ from common.backbones import build_backbone
 from common.data import load_dataset
 from common.method import Budget
 from common.run import RunDir
-from decoupling.config import resolve_settings
+from decoupling.config import DecouplingSettings, resolve_settings
 from decoupling.model import DecoupledNet
 from decoupling.train import build_objective, finetune_start, train_decoupled
 
 
 def test_finetune_start_counts_the_last_share_of_steps():
-    assert finetune_start(100, {"finetune_fraction": 0.0}) == 100
-    assert finetune_start(100, {"finetune_fraction": 0.25}) == 75
+    assert finetune_start(100, DecouplingSettings(finetune_fraction=0.0)) == 100
+    assert finetune_start(100, DecouplingSettings(finetune_fraction=0.25)) == 75
     with pytest.raises(ValueError, match="finetune_fraction"):
-        finetune_start(100, {"finetune_fraction": 1.0})
+        DecouplingSettings.from_dict({"finetune_fraction": 1.0})
 
 
 def test_hard_gates_are_deterministic_in_training_mode():
@@ -37,7 +37,8 @@ def test_finetuning_phase_trains_the_backbone_and_freezes_the_controllers(tmp_pa
     data = load_dataset("digits")
     torch.manual_seed(0)
     model = DecoupledNet(build_backbone("resnet20", data.num_classes))
-    settings = resolve_settings("resnet20", {"batch_size": 32, "finetune_fraction": 0.5, "log_every": 1})
+    settings = resolve_settings("resnet20", {"batch_size": 32, "finetune_fraction": 0.5, "log_every": 1,
+                                              "precision": "fp32"})
     objective = build_objective(model, data.num_classes, settings)
     budget = Budget(epochs=1, max_batches=2)  # step 0: both phases' parameters move; step 1: fine-tuning
     after_first = {}
