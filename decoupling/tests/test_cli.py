@@ -42,7 +42,8 @@ def test_a_checkpoint_resumes_only_into_its_own_config(trained_run, capsys):
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
-SMALL_EVAL = ["--device", "cpu", "--precision", "fp32", "--calibration-images", "64", "--probe-fit-images", "200", "--seeds", "2",
+SMALL_EVAL = ["--device", "cpu", "--precision", "fp32", "--calibration-images", "64", "--probe-fit-images", "200",
+              "--seeds", "2",
               "--latency-images", "4", "--speed-repeats", "3", "--adv-runs", "1", "--adv-shots", "1",
               "--adv-test-per-class", "2", "--adv-classifiers", "random_forest"]
 
