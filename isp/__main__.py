@@ -101,7 +101,10 @@ def _parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="two or more gate searches side by side (e.g. gamma1 vs gamma1 = 0): "
                                              "kept channels, top-1 and Grad-CAM drift of the slim networks")
-    compare.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="repeatable")
+    compare.add_argument("--run", action="append", required=True, metavar="[NAME=]DIR", help="repeatable")
+    compare.add_argument("--paired", action="append", default=[], metavar="[NAME=]DIR",
+                         help="the other arm, one run per --run in the same seed order: per-pair kept-channel "
+                              "differences and a paired t-test of every metric (e.g. gamma1 = 0 vs the default)")
     compare.add_argument("--images", type=int, default=500, help="class-mixed test images for the drift")
     compare.add_argument("--data-root", default=None)
     add_common_arguments(compare, seed=False)
@@ -278,31 +281,37 @@ def _report(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     import json
 
-    from common.run import load_checkpoint
     from common.speed import class_mixed_images
-    from common.training import evaluate_top1
 
-    from .evaluate import gradcam_drift, kept_channel_difference
-    from .train import load_backbone
+    from .evaluate import kept_channel_difference, paired_differences, run_summary
 
-    rows, keeps = {}, {}
-    for spec in args.run:
-        name, path = _named(spec)
-        pipeline = _reopen(path, args.data_root, args.device, args.precision)
-        images = class_mixed_images(pipeline.data.test, args.images, seed=0).to(pipeline.device)
-        gates = load_checkpoint(pipeline._require("gates"))
-        keeps[name] = gates["keep"]
-        slim = load_backbone(pipeline._require("slim"), pipeline.device, pipeline.input_size)
-        test = pipeline._loader(256, train=False, split="test")
-        rows[name] = {"gamma1": pipeline.settings.gamma1, "prunable_kept_ratio": gates["prunable_kept_ratio"],
-                      "channels_kept": {k: len(v) for k, v in gates["keep"].items()},
-                      "top1_slim_before_finetune": evaluate_top1(slim, test),
-                      "gradcam_drift_before_finetune": gradcam_drift(pipeline.classifier, slim, images),
-                      "split": pipeline.data.test_split_name}
-    names = list(rows)
-    pairs = {f"{a} vs {b}": kept_channel_difference(keeps[a], keeps[b])
-             for i, a in enumerate(names) for b in names[i + 1:]}
-    print(json.dumps({"runs": rows, "kept_channel_difference": pairs}, indent=1))
+    def summaries(specs: list[str]) -> dict[str, dict]:
+        rows = {}
+        for spec in specs:
+            name, path = _named(spec) if "=" in spec else (Path(spec).name, spec)
+            pipeline = _reopen(path, args.data_root, args.device, args.precision)
+            images = class_mixed_images(pipeline.data.test, args.images, seed=0).to(pipeline.device)
+            rows[name] = run_summary(pipeline, images)
+        return rows
+
+    if args.paired:  # --run A (one per seed) --paired B (the same seeds, same order)
+        rows_a, rows_b = summaries(args.run), summaries(args.paired)
+        if len(rows_a) != len(rows_b):
+            raise ValueError(f"--run and --paired need the same number of runs (one per seed), got "
+                             f"{len(rows_a)} and {len(rows_b)}")
+        kept = [kept_channel_difference(a["keep"], b["keep"]) for a, b in zip(rows_a.values(), rows_b.values())]
+        result = {"a": list(rows_a), "b": list(rows_b), "kept_channel_difference_per_pair": kept,
+                  "paired": paired_differences(list(rows_a.values()), list(rows_b.values())),
+                  "runs": {**rows_a, **rows_b}}
+    else:
+        rows = summaries(args.run)
+        names = list(rows)
+        result = {"runs": rows, "kept_channel_difference": {
+            f"{a} vs {b}": kept_channel_difference(rows[a]["keep"], rows[b]["keep"])
+            for i, a in enumerate(names) for b in names[i + 1:]}}
+    for row in result["runs"].values():
+        row.pop("keep")
+    print(json.dumps(result, indent=1))
 
 
 def _run(argv: list[str] | None) -> int:

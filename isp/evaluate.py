@@ -290,3 +290,70 @@ def kept_channel_difference(keep_a: dict[str, list[int]], keep_b: dict[str, list
         jaccards.append(len(a & b) / max(1, len(a | b)))
     return {"kept_by_one_only": float(only_one), "share_kept_by_one_only": only_one / max(1, either),
             "mean_site_jaccard": sum(jaccards) / len(jaccards)}
+
+
+def selector_map_drift(original: Backbone, pruned: Backbone, decoder, images: Tensor, batch: int = 256
+                       ) -> dict[str, float]:
+    """ISP's own explanation drift: the selector's RBF Bernoulli maps with the original vs the pruned encoder
+    (both explaining the original's predicted class), as common.explain.controls.explanation_drift plus the
+    mean L2 distance of the codes (c_z, c_t, sigma) in pixels."""
+    from common.explain.controls import explanation_drift
+
+    distance = explanation_distance(Selector(original, decoder), Selector(pruned, decoder), images, batch)
+    maps_a, maps_b = [], []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            x = images[start:start + batch]
+            target = original(x).argmax(1)
+            maps_a.append(Selector(original, decoder).saliency(x, target))
+            maps_b.append(Selector(pruned, decoder).saliency(x, target))
+    return {**explanation_drift(torch.cat(maps_a), torch.cat(maps_b)), "code_l2_px": distance["mean_l2"]}
+
+
+def run_summary(pipeline: Pipeline, images: Tensor) -> dict[str, Any]:
+    """One gate search's result for the steering comparison: kept channels, top-1 on the held-out split (under
+    the run's precision policy) and explanation drift (Grad-CAM and the selector's maps, fp32) of the slim
+    network before and, when it exists, after fine-tuning."""
+    gates = load_checkpoint(pipeline._require("gates"))
+    test = pipeline._loader(256, train=False, split="test")
+    decoder = pipeline.decoder()
+    out: dict[str, Any] = {"gamma1": pipeline.settings.gamma1, "seed": pipeline.seed,
+                           "prunable_kept_ratio": gates["prunable_kept_ratio"],
+                           "channels_kept": {k: len(v) for k, v in gates["keep"].items()},
+                           "split": pipeline.data.test_split_name, "keep": gates["keep"]}
+    models = {"before_finetune": load_backbone(pipeline._require("slim"), pipeline.device, pipeline.input_size)}
+    if pipeline.path("finetune").is_file():
+        models["after_finetune"] = pipeline.final_model()
+    for when, model in models.items():
+        out[f"top1_{when}"] = evaluate_top1(pipeline.policy.prepare_model(model), test, precision=pipeline.policy)
+        out[f"gradcam_drift_{when}"] = gradcam_drift(pipeline.classifier, model, images)
+        out[f"selector_drift_{when}"] = selector_map_drift(pipeline.classifier, model, decoder, images)
+        out[f"mac_reduction_{when}"] = 1.0 - count_macs(model) / count_macs(pipeline.classifier)
+    return out
+
+
+def paired_differences(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per metric: the mean of a - b over paired runs (same seed) and a two-sided paired t-test (scipy)."""
+    from scipy import stats
+
+    def flat(row: dict[str, Any]) -> dict[str, float]:
+        values = {}
+        for key, value in row.items():
+            if isinstance(value, dict) and key.endswith(("_before_finetune", "_after_finetune")):
+                values.update({f"{key}.{k}": float(v) for k, v in value.items()})
+            elif isinstance(value, float) and key.startswith(("top1_", "mac_reduction_")):
+                values[key] = float(value)
+        return values
+
+    rows_a, rows_b = [flat(r) for r in a], [flat(r) for r in b]
+    out = {}
+    for key in rows_a[0]:
+        if not all(key in r for r in rows_a + rows_b):
+            continue
+        diffs = [ra[key] - rb[key] for ra, rb in zip(rows_a, rows_b)]
+        test = stats.ttest_rel([r[key] for r in rows_a], [r[key] for r in rows_b]) if len(diffs) > 1 else None
+        out[key] = {"mean_a": sum(r[key] for r in rows_a) / len(rows_a),
+                    "mean_b": sum(r[key] for r in rows_b) / len(rows_b),
+                    "mean_difference": sum(diffs) / len(diffs), "differences": diffs,
+                    "paired_t_p": float(test.pvalue) if test is not None and test.pvalue == test.pvalue else None}
+    return out

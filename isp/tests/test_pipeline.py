@@ -105,3 +105,16 @@ def test_cli_set_and_precision_reach_the_stored_settings(tmp_path):
     assert settings["target_mac_reduction"] == 0.4 and settings["precision"] == "fp32"
     assert settings["predictor_batch"] == 8
     assert (out / "predictor.pt").is_file() and not (out / "selector.pt").exists()
+
+
+def test_cli_compare_paired_reports_differences_and_kept_channels(tiny_run, capsys):
+    out, *_ = tiny_run
+    assert main(["compare", "--run", f"a={out}", "--paired", f"b={out}", "--images", "8", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    pair = result["kept_channel_difference_per_pair"][0]
+    assert pair["kept_by_one_only"] == 0 and pair["mean_site_jaccard"] == 1.0  # a run against itself
+    paired = result["paired"]
+    assert paired["top1_after_finetune"]["mean_difference"] == 0.0
+    assert paired["gradcam_drift_after_finetune.spearman"]["mean_difference"] == 0.0
+    drift = result["runs"]["a"]["selector_drift_before_finetune"]
+    assert -1.0 <= drift["spearman"] <= 1.0 and drift["code_l2_px"] >= 0.0
