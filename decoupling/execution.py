@@ -195,6 +195,66 @@ class FastDecoupledResNet(nn.Module):
         return [len(layer.cache) for block in self.blocks for layer in block[:2]]
 
 
+class MaskedDecoupledResNet(nn.Module):
+    """The batched ("masked") form of ``FastDecoupledResNet`` as a plain module of tensors, so that
+    TorchScript can trace, freeze and optimise it (``traced_masked``): silent filters removed, BN folded,
+    energetic filters dense, dynamic filters computed and zeroed by their gate (no data-dependent shape)."""
+
+    def __init__(self, fast: FastDecoupledResNet):
+        super().__init__()
+        self.normalize = fast.normalize
+        self.register_buffer("stem_w", fast.stem_w)
+        self.register_buffer("stem_b", fast.stem_b)
+        self.register_buffer("fc_w_t", fast.fc_w.t().contiguous())
+        self.register_buffer("fc_b", fast.fc_b)
+        self.layers: list[list[Tensor]] = []
+        self.meta: list[tuple[int, bool, bool, bool]] = []  # stride, conv1 empty, conv2 empty, conv2 full
+        self.shortcuts = nn.ModuleList()
+        for first, second, shortcut, stride in fast.blocks:
+            self.layers.append([first.weight, first.bias, first.fc1_w_t, first.fc1_b, first.fc2_keep_w_t,
+                                first.fc2_keep_b, second.weight, second.bias, second.fc1_w_t, second.fc1_b,
+                                second.fc2_keep_w_t, second.fc2_keep_b, second.keep])
+            self.meta.append((stride, len(first.keep) == 0, len(second.keep) == 0,
+                              len(second.keep) == second.channels))
+            self.shortcuts.append(shortcut)
+
+    @staticmethod
+    def _mask(s: Tensor, fc1_w_t: Tensor, fc1_b: Tensor, fc2_w_t: Tensor, fc2_b: Tensor) -> Tensor:
+        hidden = torch.relu(torch.addmm(fc1_b, s, fc1_w_t))
+        return (torch.addmm(fc2_b, hidden, fc2_w_t) > 0).to(s.dtype)[:, :, None, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(F.conv2d(self.normalize(x), self.stem_w, self.stem_b, 1, 1))
+        for tensors, (stride, empty1, empty2, full2), shortcut in zip(self.layers, self.meta, self.shortcuts):
+            w1, b1, f1w, f1b, f2w, f2b, w2, b2, g1w, g1b, g2w, g2b, keep = tensors
+            residual = shortcut(x)
+            if empty2:  # conv2 fully silent: only the shortcut remains
+                x = F.relu(residual)
+                continue
+            if empty1:  # conv1 fully silent: conv2 sees zeros, its folded output is its bias
+                batch, _, height, width = residual.shape
+                s = x.new_zeros(batch, 0)
+                out = b2.view(1, -1, 1, 1).expand(batch, -1, height, width) * self._mask(s, g1w, g1b, g2w, g2b)
+            else:
+                h = F.relu(F.conv2d(x, w1, b1, stride, 1) * self._mask(x.mean(dim=(2, 3)), f1w, f1b, f2w, f2b))
+                out = F.conv2d(h, w2, b2, 1, 1) * self._mask(h.mean(dim=(2, 3)), g1w, g1b, g2w, g2b)
+            x = F.relu(residual + out) if full2 else F.relu(residual.index_add(1, keep, out))
+        return torch.addmm(self.fc_b, x.mean(dim=(2, 3)), self.fc_w_t)
+
+
+def traced_masked(fast: FastDecoupledResNet, example: Tensor, channels_last: bool = True) -> torch.jit.ScriptModule:
+    """``MaskedDecoupledResNet`` traced by TorchScript at ``example``'s shape, frozen and optimised for
+    inference (the compiler of the dense start's fastest form); channels_last weights and inputs."""
+    module = MaskedDecoupledResNet(fast).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for tensors in module.layers:
+        for i in (0, 6):
+            tensors[i] = tensors[i].contiguous(memory_format=fmt)
+    with torch.inference_mode(False), torch.no_grad():
+        traced = torch.jit.trace(module, example.contiguous(memory_format=fmt), check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+
+
 class FoldedDenseResNet(nn.Module):
     """The dense CIFAR ResNet with BN folded into its convs: the dense start in its fastest eager form."""
 

@@ -95,3 +95,18 @@ def test_latency_sampler_draws_across_classes_of_a_class_sorted_split():
     assert sorted((timed[:, 0, 0, 0] * 255).round().long().tolist()) == list(range(10))  # one image per class
     with pytest.raises(ValueError, match="asked for"):
         class_mixed_indices(labels, 501)
+
+
+def test_traced_masked_form_equals_masked_dense(frozen):
+    from decoupling.execution import traced_masked
+
+    fast = deploy_decoupled(frozen)
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = frozen(x)
+    for batch in (1, 6):
+        traced = traced_masked(fast, x[:batch])
+        with torch.inference_mode():
+            out = torch.cat([traced(x[i:i + batch].contiguous(memory_format=torch.channels_last))
+                             for i in range(0, len(x), batch)])
+        assert torch.allclose(out, reference, atol=1e-4)
