@@ -21,6 +21,7 @@ from common.run import RunDir
 
 from .config import BottleneckConfig, DecisionConfig, DRIBConfig, TrainConfig
 from .decision import DecisionGate, gumbel_softmax_select
+from .mac_target import achieved_reduction
 from .model import DynamicNetwork, default_gate_sites
 from .sparse_inference import channel_skipping, deploy, sparse_forward
 from .train import ensure_statistics, load_model, train_run, validate
@@ -74,8 +75,9 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     """The benchmark's entry: gate ``start`` (pretrained), train within ``budget`` (resumable in out_dir),
     and return the dynamic model, its IBA saliency and its channel-skipping forward with per-sample MACs.
 
-    settings: a nested DRIB config ({"decision": {...}, "bottleneck": {...}, "train": {...}}) plus an
-    optional "backbone" name (otherwise recognised from the architecture).
+    settings: a nested DRIB config ({"decision": {...}, "bottleneck": {...}, "train": {...}}, optionally the
+    shared top-level "target_mac_reduction") plus an optional "backbone" name (otherwise recognised from
+    the architecture).
     """
     settings = dict(settings or {})
     device = torch.device(device)
@@ -95,7 +97,11 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     net = trained.net
     val_loader = BatchLoader(data.val, 256, train=False, device=device)
     val_top1, val_mac_fraction, val_density = validate(net, val_loader)
+    # mac_reduction: against the dense backbone (heads included), as the shared knob defines it
+    val_images = data.val.images[:2048].to(device).float() / 255
     metrics = {"val_top1": val_top1, "val_mac_reduction": 1.0 - val_mac_fraction, "val_gate_density": val_density,
+               "mac_reduction": achieved_reduction(net, val_images),
+               "target_mac_reduction": config.target_mac_reduction,
                "bottleneck_layer": attribution_site(net, config.bottleneck.site).name,
                "val_source": data.val_source}
 

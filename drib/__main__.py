@@ -6,13 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from common.backbones import WeightsError, build_backbone, list_backbones
-from common.data import VAL_SOURCES, DatasetNotFoundError, default_val_source, load_dataset
-from common.method import Budget
+from common.backbones import build_backbone, list_backbones
+from common.cli import (
+    add_budget_arguments,
+    add_common_arguments,
+    apply_overrides,
+    budget_from_args,
+    gather_inputs,
+    main_guard,
+    parse_args,
+    require_weights,
+)
+from common.data import default_val_source, load_dataset
 from common.precision import add_precision_argument
-from common.run import CheckpointError, NonFiniteLossError, RunDir, pick_device, read_json
+from common.run import RunDir, pick_device, read_json
 
 from .config import DRIBConfig
 
@@ -25,33 +32,20 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="gate a pretrained backbone and train the decision modules")
     train.add_argument("--backbone", default="resnet20", choices=list_backbones(), help="backbone architecture")
     train.add_argument("--dataset", default="cifar10", help="dataset name (see common.data.list_datasets)")
-    train.add_argument("--data-root", default=None, help="data folder (default: $DATA_ROOT, else ./data)")
-    train.add_argument("--weights", default=None, help="pretrained backbone weights (.th/.pt); required "
-                       "unless --from-scratch")
-    train.add_argument("--from-scratch", action="store_true", help="allow starting without pretrained weights")
-    train.add_argument("--epochs", type=float, default=1.0, help="passes over the training set")
-    train.add_argument("--max-batches", type=int, default=None, help="cap on batches per epoch")
-    train.add_argument("--max-seconds", type=float, default=None, help="stop (resumably) after this much training")
-    train.add_argument("--out", required=True, help="run directory (resumes if it holds checkpoint.pt)")
     train.add_argument("--config", default=None, help="JSON config, e.g. drib/configs/resnet56_cifar10.json")
-    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if available)")
-    train.add_argument("--seed", type=int, default=0, help="random seed")
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_common_arguments(train, weights=True, out=True, overrides=True, val_source=True, data=True,
+                         out_help="run directory (resumes if it holds checkpoint.pt)")
+    add_budget_arguments(train)
     add_precision_argument(train, default=None)  # None: the config's train.precision (default auto)
-    _add_val_source(train)
 
     evaluate = sub.add_parser("evaluate", help="write RUN/metrics.json (accuracy, MACs, credibility, AUCs)")
     evaluate.add_argument("--run", required=True, help="run directory written by train")
-    evaluate.add_argument("--data-root", default=None, help="data folder (default: $DATA_ROOT, else ./data)")
     evaluate.add_argument("--subset", type=int, default=200,
                           help="test images for the per-sample IBA metrics (0 skips them)")
     evaluate.add_argument("--no-compare", action="store_true",
                           help="skip the controls (Grad-CAM, random and centre maps)")
     evaluate.add_argument("--degradation-points", type=int, default=20,
                           help="points on each MoRF/LeRF curve of the degradation test (0 skips it)")
-    evaluate.add_argument("--device", default=None, help="cpu, cuda, ...")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the subset and of the IBA noise")
-    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     evaluate.add_argument("--betas", default=None,
                           help="comma-separated beta sweep for credibility and its controls (default: config beta)")
     evaluate.add_argument("--thresholds", default=None,
@@ -61,23 +55,15 @@ def _parser() -> argparse.ArgumentParser:
                           help="skip the saliency metrics (credibility and its controls only)")
     evaluate.add_argument("--speed", action="store_true",
                           help="also time channel skipping against the dense start (batch 1 and 128)")
-    _add_val_source(evaluate)
+    evaluate.add_argument("--speed-repeats", type=int, default=20, help="timed rounds per form (median)")
+    add_common_arguments(evaluate, val_source=True, data=True)
 
     explain = sub.add_parser("explain", help="save input | IB heatmap | selected channels as a PNG")
     explain.add_argument("--run", required=True, help="run directory written by train")
     explain.add_argument("--index", type=int, default=0, help="test image index")
     explain.add_argument("--out", required=True, help="output PNG")
-    explain.add_argument("--data-root", default=None, help="data folder (default: $DATA_ROOT, else ./data)")
-    explain.add_argument("--device", default=None, help="cpu, cuda, ...")
-    _add_val_source(explain)
+    add_common_arguments(explain, threads=False, seed=False, val_source=True, data=True)
     return parser
-
-
-def _add_val_source(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--val-source", default="auto", choices=("auto", *VAL_SOURCES),
-                        help="validation split: 'test-half' (half of the test set; the published CIFAR weights saw "
-                        "every training image), 'train' (a hold-out of the training set); 'auto': test-half for a "
-                        "run from published weights, else train (evaluate/explain: the run's own split)")
 
 
 def resolve_val_source(choice: str, pretrained: bool) -> str:
@@ -103,19 +89,20 @@ def _config(path: str | None) -> DRIBConfig:
 def cmd_train(args: argparse.Namespace) -> None:
     from .train import train_run
 
-    if args.weights is None and not args.from_scratch:
-        raise ValueError("--weights PATH is required (DRIB starts from a pretrained baseline); "
-                         "pass --from-scratch to start from random weights")
-    config = _config(args.config)
+    config = apply_overrides(_config(args.config), args.set)
     if args.precision is not None:
         config.train.precision = args.precision
-        config.validate()
+    config.validate()
     device = pick_device(args.device)
-    data = load_dataset(args.dataset, args.data_root,
-                        val_source=resolve_val_source(args.val_source, args.weights is not None))
-    backbone = build_backbone(args.backbone, num_classes=data.num_classes, weights=args.weights)
+    weights, data = gather_inputs(
+        lambda: require_weights(args),
+        lambda: load_dataset(args.dataset, args.data_root, download=args.download,
+                             val_source=resolve_val_source(args.val_source, args.weights is not None)),
+        what="python -m drib train")
+    backbone = build_backbone(args.backbone, num_classes=data.num_classes,
+                              weights=None if weights is None else str(weights))
     run = RunDir(args.out)
-    budget = Budget(args.epochs, seconds=args.max_seconds, max_batches=args.max_batches)
+    budget = budget_from_args(args)
     run.write_config({"backbone": args.backbone, "dataset": args.dataset, "weights": args.weights,
                       "val_source": data.val_source, "seed": args.seed, "budget": vars(budget),
                       "drib": config.to_dict()})
@@ -137,7 +124,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                        degradation_points=args.degradation_points, betas=betas, speed=args.speed,
                        thresholds=None if args.thresholds is None else
                        [float(t) for t in args.thresholds.split(",") if t.strip()],
-                       attribution=not args.no_attribution)
+                       attribution=not args.no_attribution, speed_repeats=args.speed_repeats)
     write_metrics(Path(args.run), metrics)
     print(f"{metrics['test_split']}: top-1 {metrics['top1']:.2f}%  MACs {metrics['macs_mean'] / 1e6:.2f}M of "
           f"{metrics['macs_dense'] / 1e6:.2f}M ({100 * metrics['mac_reduction']:.1f}% fewer)"
@@ -157,18 +144,14 @@ def cmd_explain(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {shown}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+def _run(argv: list[str] | None) -> None:
+    args = parse_args(_parser(), argv)
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain}
-    try:
-        commands[args.command](args)
-    except (FileNotFoundError, DatasetNotFoundError, WeightsError, CheckpointError, NonFiniteLossError,
-            ValueError, RuntimeError) as exc:
-        print(f"drib {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    commands[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_guard(_run, argv, prog="python -m drib")
 
 
 if __name__ == "__main__":

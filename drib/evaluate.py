@@ -158,11 +158,12 @@ def _static_mask(trained: TrainedDRIB, data: DatasetSplits, device: torch.device
 
 def evaluate(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, subset: int = 200,
              seed: int = 0, compare: bool = True, degradation_points: int = 20, betas: list[float] | None = None,
-             speed: bool = False, thresholds: list[float] | None = None, attribution: bool = True
-             ) -> dict[str, Any]:
+             speed: bool = False, thresholds: list[float] | None = None, attribution: bool = True,
+             speed_repeats: int = 20) -> dict[str, Any]:
     metrics: dict[str, Any] = {"backbone": trained.meta["backbone"], "dataset": data.name,
                                "test_split": data.test_split_name, "val_source": data.val_source}
     metrics.update(accuracy_and_macs(trained, data, device))
+    metrics["target_mac_reduction"] = trained.config.target_mac_reduction
     if ensure_statistics(trained, data, device, seed):
         metrics["bottleneck_statistics"] = "re-estimated at evaluation (model.pt lacked the configured sites)"
     cfg = trained.config.bottleneck
@@ -185,7 +186,7 @@ def evaluate(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, su
     if speed:
         from .speed import speed_metrics
 
-        metrics["speed"] = speed_metrics(trained, data, seed=seed)
+        metrics["speed"] = speed_metrics(trained, data, seed=seed, repeats=speed_repeats)
     metrics["training"] = {k: trained.meta.get(k) for k in ("steps", "train_seconds", "selected_epoch",
                                                               "val_top1", "val_mac_fraction", "val_source")}
     return metrics

@@ -13,6 +13,7 @@ mid-epoch; never the test set. `finetune_augment` feeds the fine-tuning share cr
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,13 @@ from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_
 from .bottleneck import FeatureStats, estimate_statistics_sites
 from .config import DRIBConfig
 from .losses import sparsity_loss
+from .mac_target import calibrate_codebooks, decision_target_for
 from .model import DynamicNetwork
 from .verification import attribution_site, credibility_site
 
 TARGET_TOLERANCE = 0.05  # an epoch "meets the target" within 5 points of MAC fraction / density
 SAVE_EVERY_STEPS = 100
+CALIBRATION_IMAGES = 1024  # training images on which `target_mac_reduction` is calibrated
 
 
 @dataclass
@@ -44,6 +47,7 @@ class TrainOutcome:
     val_top1: float
     val_mac_fraction: float
     selected_epoch: int
+    calibration: dict | None = None
 
 
 def temperature(step: int, total: int, start: float, end: float) -> float:
@@ -133,6 +137,16 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
         state = ckpt["state"]
         log.info("resumed at step %d (epoch %d)", state["step"], state["epoch"])
     watch = Stopwatch(device, elapsed=state["seconds"])
+    calibration_images = None
+    if config.target_mac_reduction is not None:
+        pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed + 7))
+        calibration_images = data.train.subset(pick[:CALIBRATION_IMAGES]).images.to(device).float() / 255
+
+    def calibrate(when: str) -> None:
+        if calibration_images is None:
+            return
+        result = calibrate_codebooks(net, calibration_images, float(config.target_mac_reduction), log=log)
+        state.setdefault("calibrations", []).append({"when": when, "step": state["step"], **result})
 
     def save() -> None:
         state["seconds"] = watch.elapsed
@@ -159,6 +173,11 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
                 continue
             if state["step"] >= finetune_from:
                 x, y = x_aug, y_aug
+                if not state.get("calibrated"):  # the decisions freeze here: the MAC target lands now
+                    with watch:
+                        calibrate("decisions frozen")
+                    state["calibrated"] = True
+                    net.train()
             with watch:
                 step = state["step"]
                 finetuning = step >= finetune_from
@@ -228,10 +247,16 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
 
     best = state["best"]
     if best is None:  # stopped by time before any epoch ended: use the current weights
+        calibrate("selected model")
         top1, mac_fraction, _ = validate(net, val_loader)
-        return TrainOutcome(state["step"], watch.elapsed, top1, mac_fraction, 0)
+        return TrainOutcome(state["step"], watch.elapsed, top1, mac_fraction, 0, state.get("calibrations"))
     net.load_state_dict(best["model"])
-    return TrainOutcome(state["step"], watch.elapsed, best["val_top1"], best["val_mac_fraction"], best["epoch"])
+    top1, mac_fraction, epoch = best["val_top1"], best["val_mac_fraction"], best["epoch"]
+    if calibration_images is not None:  # the selected model itself (a no-op when it is within tolerance)
+        calibrate("selected model")
+        if state["calibrations"][-1]["scale"] != 1.0:
+            top1, mac_fraction, _ = validate(net, val_loader)
+    return TrainOutcome(state["step"], watch.elapsed, top1, mac_fraction, epoch, state.get("calibrations"))
 
 
 # -- a run directory: build, train, save, load -----------------------------------------------------------
@@ -311,6 +336,13 @@ def train_run(start: Backbone, backbone_name: str, data: DatasetSplits, budget: 
     seed_everything(seed)
     run = RunDir(out_dir)
     net = DynamicNetwork(start, config.decision, input_size=input_size_of(data)).to(device)
+    if config.target_mac_reduction is not None:  # the shared knob -> DRIB's own (drib.mac_target)
+        config = copy.deepcopy(config)
+        config.decision.regulariser = "macs"
+        config.decision.target = decision_target_for(net, config.target_mac_reduction)
+        config.validate()
+        run.logger("drib").info("target_mac_reduction %.3f -> decision.target (MAC fraction) %.4f",
+                                config.target_mac_reduction, config.decision.target)
     if config.decision.codebook_init == "importance" and not run.checkpoint_path.is_file():
         pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
         images = data.train.subset(pick[: config.decision.init_images]).images.to(device).float() / 255
@@ -323,7 +355,8 @@ def train_run(start: Backbone, backbone_name: str, data: DatasetSplits, budget: 
             "dataset": data.name, "val_source": data.val_source, "steps": outcome.steps,
             "train_seconds": outcome.train_seconds,
             "selected_epoch": outcome.selected_epoch, "val_top1": outcome.val_top1,
-            "val_mac_fraction": outcome.val_mac_fraction}
+            "val_mac_fraction": outcome.val_mac_fraction,
+            "target_mac_reduction": config.target_mac_reduction, "calibration": outcome.calibration}
     trained = TrainedDRIB(net.eval(), stats, config, meta)
     save_model(run, trained)
     return trained, outcome.train_seconds

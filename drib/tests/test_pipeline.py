@@ -102,7 +102,9 @@ def test_cli_train_evaluate_explain(tmp_path, capsys):
     config.write_text(json.dumps(TINY))
     run = tmp_path / "run"
     assert main(["train", "--backbone", "resnet20", "--dataset", "digits", "--from-scratch", "--epochs", "1",
-                 "--max-batches", "2", "--out", str(run), "--config", str(config), "--device", "cpu"]) == 0
+                 "--max-batches", "2", "--out", str(run), "--config", str(config), "--device", "cpu",
+                 "--set", "decision.actions=3", "--set", "train.batch_size=16"]) == 0
+    assert json.loads((run / "config.json").read_text())["drib"]["decision"]["actions"] == 3
     for name in ("config.json", "environment.json", "log.txt", "checkpoint.pt", "model.pt"):
         assert (run / name).is_file(), name
     assert main(["evaluate", "--run", str(run), "--subset", "3", "--degradation-points", "3", "--betas", "1,10",
@@ -132,6 +134,14 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(tmp_path / "nothing")]) == 2
     assert "train into" in capsys.readouterr().err
+    base = ["train", "--dataset", "digits", "--from-scratch", "--out", str(tmp_path / "r")]
+    assert main([*base, "--set", "decision.actoins=3"]) == 2  # unknown key: named, before anything loads
+    assert "actoins" in capsys.readouterr().err
+    assert main([*base, "--set", "target_mac_reduction=1.5"]) == 2
+    assert "target_mac_reduction" in capsys.readouterr().err
+    assert main([*base, "--epochs", "0"]) == 2
+    assert "--epochs" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_gumbel_temperature_anneals_over_the_decision_steps_only():
@@ -142,3 +152,24 @@ def test_gumbel_temperature_anneals_over_the_decision_steps_only():
     assert taus[0] == pytest.approx(1.0) and taus[decision_steps - 1] == pytest.approx(0.1)
     assert all(a > b for a, b in itertools.pairwise(taus[:decision_steps]))
     assert taus[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_target_mac_reduction_lands_within_three_points(tmp_path, digits, target):
+    from drib.config import DRIBConfig
+    from drib.mac_target import achieved_reduction
+
+    # the paper's own setting would be decision.target 0.7 (~30% fewer); the knob overrides it
+    settings = {**TINY, "target_mac_reduction": target,
+                "train": {**TINY["train"], "finetune_fraction": 0.5}}
+    start = build_backbone("resnet20", num_classes=digits.num_classes)
+    result = run_method(start, digits, Budget(epochs=1, max_batches=2), tmp_path, device="cpu", settings=settings)
+    assert result.metrics["target_mac_reduction"] == target
+    assert abs(result.metrics["mac_reduction"] - target) <= 0.03
+    held_out = digits.test.images.float() / 255  # images the calibration never saw
+    assert abs(achieved_reduction(result.model, held_out) - target) <= 0.03
+    _, macs = result.dynamic_forward(held_out)
+    assert abs(1 - float(macs.mean()) / result.model.dense_backbone_macs() - target) <= 0.03
+    with pytest.raises(ValueError, match="target_mac_reduction"):
+        DRIBConfig.from_dict({"target_mac_reduction": 1.0})
+    assert DRIBConfig.from_dict({}).target_mac_reduction is None
