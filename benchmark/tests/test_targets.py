@@ -68,3 +68,31 @@ def test_one_board_per_target_keeps_the_uncompressed_rows_and_flags_misses() -> 
     curves = aggregate_curves(runs, ["baseline", "l1-prune"])
     assert sorted(curves[curves["method"] == "l1-prune"]["top1_mean"]) == [88.0, 90.0]
     assert curves[curves["method"] == "baseline"]["target"].isna().all()
+
+
+def test_the_gpu_preset_runs_its_three_targets_on_tiny_data(tmp_path) -> None:
+    """The ``cifar10`` preset (ResNet-56, targets 30/50/70%, meant for a GPU) as written, shrunk to the
+    embedded digits, one batch and a random ResNet-56 start: every target's row finishes on target."""
+    import json
+    from dataclasses import replace
+
+    import torch
+
+    from benchmark.presets import MetricSpec
+    from benchmark.runner import run_preset
+    from common.backbones import build_backbone
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    preset = get_preset("cifar10")
+    torch.save(build_backbone(preset.backbone, 10).state_dict(), weights / preset.start.file)
+    tiny = replace(preset, dataset="digits", epochs=1, max_batches=1, seeds=(0,), methods=("baseline", "l1-prune"),
+                   metrics=MetricSpec(explain_images=4, mis_images=0, figure_images=2, game_points=5,
+                                      road_fractions=(0.5,), sanity_images=2, sanity_stages=1, latency_repeats=1,
+                                      latency_rounds=1, latency_batches=(1,)))
+    paths = run_preset(tiny, tmp_path / "results", weights_dir=str(weights), device="cpu")
+    records = pd.DataFrame(json.loads(paths["json"].read_text()))
+    pruned = records[records["method"] == "l1-prune"].sort_values("target")
+    assert list(pruned["target"]) == [0.3, 0.5, 0.7]
+    assert list(pruned["on_target"]) == ["30 ✓", "50 ✓", "70 ✓"]
+    assert all(f"## Target: {t}% fewer MACs" in paths["md"].read_text() for t in (30, 50, 70))
