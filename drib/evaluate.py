@@ -188,7 +188,8 @@ def evaluate(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, su
 
         metrics["speed"] = speed_metrics(trained, data, seed=seed, repeats=speed_repeats)
     metrics["training"] = {k: trained.meta.get(k) for k in ("steps", "train_seconds", "selected_epoch",
-                                                              "val_top1", "val_mac_fraction", "val_source")}
+                                                              "val_top1", "val_mac_fraction", "val_source",
+                                                              "calibration")}
     return metrics
 
 

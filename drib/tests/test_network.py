@@ -146,3 +146,35 @@ def test_pre_sliced_folded_execution_equals_masked_dense():
     plain.load_state_dict(backbone.state_dict())
     with torch.no_grad():
         assert (deploy_dense(plain)(x) - plain(x)).abs().max() < 1e-5 * max(1.0, float(plain(x).abs().max()))
+
+
+def test_speed_metrics_time_every_form_and_the_static_ceiling_runs_one_code():
+    from common.data import load_dataset
+    from drib.config import DRIBConfig
+    from drib.sparse_inference import deploy
+    from drib.speed import speed_metrics, static_ceiling
+    from drib.train import TrainedDRIB
+
+    torch.manual_seed(0)
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=3)).eval()
+    _randomise(net)
+    x = torch.rand(6, 3, 32, 32)
+    deployed = deploy(net)
+    ceiling = static_ceiling(deployed, x)
+    with torch.no_grad():
+        majority = [int(torch.mode(c).values) for c in deployed.codes()]
+        for g, code in zip(net.gated, majority):  # masked dense with every sample on its block's majority code
+            g.gate.forced = g.gate.effective_codebook().detach()[code].expand(len(x), -1).clone()
+        forced = net(x)
+        for g in net.gated:
+            g.gate.forced = None
+        assert (ceiling(x) - forced).abs().max() < 1e-5 * max(1.0, float(forced.abs().max()))
+    trained = TrainedDRIB(net, {}, DRIBConfig(), {"backbone": "resnet20", "num_classes": 10})
+    out = speed_metrics(trained, load_dataset("digits"), batch_sizes=(1, 4), repeats=1, images=8, bf16=False)
+    assert out["deployed_top1_agreement_with_masked_dense"] == 1.0 and out["threads"] == torch.get_num_threads()
+    for batch in (1, 4):
+        row = out[f"batch_{batch}"]
+        assert row["fastest_dense"].startswith("dense") and row["fastest_drib"].startswith("drib")
+        assert row["speedup_vs_fastest_dense"] > 0 and row["ceiling_speedup_vs_fastest_dense"] > 0
+        assert {"drib_deployed", "drib_grouped_channels_last", "ceiling_static_channels_last",
+                "dense_deploy_channels_last"} <= set(row["median_ms"])
