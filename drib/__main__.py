@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="save input | IB heatmap | selected channels as a PNG")
     explain.add_argument("--run", required=True, help="run directory written by train")
     explain.add_argument("--index", type=int, default=0, help="test image index")
-    explain.add_argument("--out", required=True, help="output PNG")
+    explain.add_argument("--out", dest="png", required=True, help="output PNG")
     add_common_arguments(explain, threads=False, seed=False, val_source=True, data=True)
     return parser
 
@@ -140,8 +140,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     trained = load_model(args.run, device)
     data = _run_dataset(trained, args)
-    shown = explain_figure(trained, data, args.index, Path(args.out), device)
-    print(f"wrote {args.out}: {shown}")
+    shown = explain_figure(trained, data, args.index, Path(args.png), device)
+    print(f"wrote {args.png}: {shown}")
 
 
 def _run(argv: list[str] | None) -> None:

@@ -5,8 +5,10 @@ every BN folded into its conv; for each gated block and each code-book row r (a 
 sliced to the row's kept output channels with BN1 and the decision's scale G_l[r] folded in, and conv2
 sliced to the same input channels with BN2 folded; at run time each block decides and runs the pre-sliced
 convolutions of the batch's code; a batch with several codes runs once on the union of their channels
-(default, weights of each union sliced once and cached) or per code on its group of samples
-(`multi="group"`). Ungated blocks and the dense start run the same folded path with one code.
+(default, weights of each union sliced once and cached), per code on its group of samples
+(`multi="group"`), or the most frequent code on its samples and the union of the rest on the others
+(`multi="majority"`); the gathers keep channels_last. Ungated blocks and the dense start run the same
+folded path with one code.
 
 Fallback for other backbones (VGG, MobileNetV2): inside `channel_skipping(net)`, each gated conv + BN pair
 is swapped for a module that runs the decision,
@@ -209,8 +211,8 @@ class DeployedBlock(nn.Module):
 
     def __init__(self, block: BasicBlock, gate: DecisionGate | None, multi: str = "union"):
         super().__init__()
-        if multi not in ("union", "group"):
-            raise ValueError(f"multi must be 'union' or 'group', got {multi!r}")
+        if multi not in ("union", "group", "majority"):
+            raise ValueError(f"multi must be 'union', 'group' or 'majority', got {multi!r}")
         self.shortcut = block.shortcut
         self.multi = multi
         if gate is None:
@@ -249,20 +251,40 @@ class DeployedBlock(nn.Module):
         if len(present) == 1:
             return self.codes[present[0]](x, shortcut)
         if self.multi == "union":
-            index, w1, b1, w2 = self._union(present)
-            full = self._full
-            scale = self.codebook[codes][:, index].to(x.dtype)[:, :, None, None]
-            h = F.relu(F.conv2d(x, w1, b1, full.s1, full.p1) * scale)
-            return F.relu(F.conv2d(h, w2, full.b2, full.s2, full.p2) + shortcut)
-        out: Tensor | None = None
-        for code in present:
-            rows = torch.nonzero(codes == code).flatten()
-            part = self.codes[code](x.index_select(0, rows), shortcut.index_select(0, rows))
-            if out is None:
-                out = part.new_empty(len(codes), *part.shape[1:])
+            return self._run_union(x, shortcut, codes, present)
+        fmt = _memory_format(x)
+        out = torch.empty_like(shortcut, memory_format=fmt)
+        if self.multi == "majority":  # the most frequent code on its samples, the union of the rest on theirs
+            counts = torch.bincount(codes, minlength=len(self.codes))
+            top = int(counts.argmax())
+            main, rest = codes == top, codes != top
+            groups = [(top, torch.nonzero(main).flatten()), (None, torch.nonzero(rest).flatten())]
+        else:
+            groups = [(code, torch.nonzero(codes == code).flatten()) for code in present]
+        for code, rows in groups:
+            xs = x.index_select(0, rows).contiguous(memory_format=fmt)  # index_select drops channels_last
+            ss = shortcut.index_select(0, rows).contiguous(memory_format=fmt)
+            if code is None:
+                sub = codes.index_select(0, rows)
+                part = self._run_union(xs, ss, sub, torch.unique(sub).tolist())
+            else:
+                part = self.codes[code](xs, ss)
             out.index_copy_(0, rows, part)
-        assert out is not None
         return out
+
+    def _run_union(self, x: Tensor, shortcut: Tensor, codes: Tensor, present: list[int]) -> Tensor:
+        if len(present) == 1:
+            return self.codes[present[0]](x, shortcut)
+        index, w1, b1, w2 = self._union(present)
+        full = self._full
+        scale = self.codebook[codes][:, index].to(x.dtype)[:, :, None, None]
+        h = F.relu(F.conv2d(x, w1, b1, full.s1, full.p1) * scale)
+        return F.relu(F.conv2d(h, w2, full.b2, full.s2, full.p2) + shortcut)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
 
 
 class DeployedDRIB(nn.Module):

@@ -133,7 +133,9 @@ def test_pre_sliced_folded_execution_equals_masked_dense():
         single = torch.cat([deployed(x[i:i + 1]) for i in range(3)])
         nhwc = deploy(net, channels_last=True)(x)
         grouped = deploy(net, multi="group")(x)  # per code on its samples instead of the union of codes
-    for other in (nhwc, grouped):
+        grouped_nhwc = deploy(net, channels_last=True, multi="group")(x)
+        majority = deploy(net, channels_last=True, multi="majority")(x)  # top code + union of the rest
+    for other in (nhwc, grouped, grouped_nhwc, majority):
         assert (other - dense).abs().max() < 1e-5 * max(1.0, float(dense.abs().max()))
     assert max(len(torch.unique(c)) for c in codes) > 1  # several codes in one batch: grouping exercised
     assert (fast - dense).abs().max() < 1e-5 * max(1.0, float(dense.abs().max()))
