@@ -141,6 +141,12 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "target_mac_reduction" in capsys.readouterr().err
     assert main([*base, "--epochs", "0"]) == 2
     assert "--epochs" in capsys.readouterr().err
+    assert main([*base, "--max-batches", "0"]) == 2
+    assert "--max-batches" in capsys.readouterr().err
+    assert main([*base, "--set", "train.backbone_lr=fast"]) == 2
+    assert "backbone_lr" in capsys.readouterr().err
+    assert main(["train", "--dataset", "no-such-set", "--from-scratch", "--out", str(tmp_path / "r")]) == 2
+    capsys.readouterr()
     assert not (tmp_path / "r").exists()
 
 
