@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = sub.add_parser("explain", help="figures of filter states, calculation paths and an occlusion")
     _run_flags(explain)
-    explain.add_argument("--out", required=True, help="PNG to write (paths.npz and decision_tree.txt go next to it)")
+    explain.add_argument("--out", dest="figure", required=True,
+                         help="PNG to write (paths.npz and decision_tree.txt go next to it)")
     explain.add_argument("--per-class", type=int, default=50, help="test images per class for the paths (default 50)")
     explain.add_argument("--seed", type=int, default=0, help="random seed for t-SNE and the image choice")
     return parser
@@ -189,7 +190,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     _run, model, _dense, data, device, precision = _load_run(args)
     model.set_precision(resolve_precision(precision, device))
-    out = Path(args.out)
+    out = Path(args.figure)  # a file (dest differs from --out: common.cli checks run directories)
     print(explain_run(model, data, device, out, args.per_class, args.seed))
     print(f"figure in {out}; paths and decision tree next to it")
     return 0
