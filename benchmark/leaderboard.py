@@ -205,7 +205,17 @@ def _cell(mean: float, std: float, scale: float, decimals: int) -> str:
     return text if std is None or not math.isfinite(std) else f"{text} ± {std * scale:.{decimals}f}"
 
 
-def markdown_table(board: pd.DataFrame, columns: Sequence[str] = COLUMNS, with_target: bool = False) -> str:
+MIN_TIMED_CALLS = 10  # fewer timed calls per batch size than this (repeats x rounds) cannot carry a speed figure
+TIMING_COLUMNS = tuple(c for c in COLUMNS if c.startswith(("latency_", "speedup_")))
+
+
+def timing_too_short(spec: Any) -> bool:
+    """Whether a preset's latency settings are too short for the latency / speedup columns to mean anything."""
+    return spec.latency_repeats * spec.latency_rounds < MIN_TIMED_CALLS
+
+
+def markdown_table(board: pd.DataFrame, columns: Sequence[str] = COLUMNS, with_target: bool = False,
+                   blank: Sequence[str] = ()) -> str:
     headers = ["method", "seeds", *(["target MAC red. %"] if with_target else []), *(DISPLAY[c][0] for c in columns),
                "error"]
     body = []
@@ -213,7 +223,7 @@ def markdown_table(board: pd.DataFrame, columns: Sequence[str] = COLUMNS, with_t
         seeds = f"{row['seeds_finished']}/{row['seeds_total']}"
         if row["status"] != "ok":
             seeds += f" ({row['status']})"
-        cells = [_cell(row[f"{c}_mean"], row[f"{c}_std"], *DISPLAY[c][1:]) for c in columns]
+        cells = ["–" if c in blank else _cell(row[f"{c}_mean"], row[f"{c}_std"], *DISPLAY[c][1:]) for c in columns]
         error = str(row["error"])
         target = [row.get("on_target", "–")] if with_target else []
         body.append([row["method"], seeds, *target, *cells, error[:160] + ("…" if len(error) > 160 else "")])
@@ -256,8 +266,13 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
             note = (f"Compressing rows ran with `target_mac_reduction = {target:g}`; ✓: the achieved mean MAC"
                     f" reduction is within {TARGET_TOLERANCE_PCT:g} points of it, ✗ miss: it is not. Rows without"
                     " a target do not compress and are the same runs in every table.\n\n")
+        short = timing_too_short(preset.metrics)
+        footnote = (f"Latency and speedup left empty: this preset times {preset.metrics.latency_repeats} call(s) x"
+                    f" {preset.metrics.latency_rounds} round(s), too few to mean anything (the raw figures are in"
+                    " runs.csv); the `cifar10-cpu` preset times enough for them.\n\n") if short else ""
         text += (f"## {title}\n\n### Accuracy and cost\n\n" + note
-                 + markdown_table(methods_only, COST_COLUMNS, with_target=True) + "\n\n"
+                 + markdown_table(methods_only, COST_COLUMNS, with_target=True,
+                                  blank=TIMING_COLUMNS if short else ()) + "\n\n" + footnote
                  + "### Interpretability, beside its controls\n\n"
                  + markdown_table(one, ("top1", *INTERPRETABILITY_COLUMNS)) + "\n\n")
     text += _INTERPRETABILITY_NOTE

@@ -13,7 +13,7 @@ import torch
 
 from common.backbones import Backbone, build_backbone
 from common.data import DatasetSplits
-from common.data.paths import weights_hint
+from common.data.paths import DEFAULT_DATA_ROOT, weights_hint
 from common.method import Budget
 from common.run import atomic_torch_save, load_checkpoint, seed_everything
 
@@ -56,12 +56,12 @@ def weights_file(preset: Preset, weights_dir: str | os.PathLike | None) -> Path:
     return path
 
 
-def default_weights_dir(weights_dir: str | os.PathLike | None) -> Path | None:
-    """``weights_dir`` if given, else ``$DATA_ROOT/weights`` when DATA_ROOT is set."""
+def default_weights_dir(weights_dir: str | os.PathLike | None) -> Path:
+    """``weights_dir`` if given, else ``<data root>/weights`` (``$DATA_ROOT``, else ``./data``: the same
+    default as the datasets, so a missing file's message names a concrete folder)."""
     if weights_dir is not None:
         return Path(weights_dir)
-    root = os.environ.get("DATA_ROOT")
-    return Path(root) / "weights" if root else None
+    return Path(os.environ.get("DATA_ROOT") or DEFAULT_DATA_ROOT) / "weights"
 
 
 def prepare_start(preset: Preset, data: DatasetSplits, results_dir: Path, *,
