@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.precision import full_precision
+
 
 def gumbel_softmax_select(logits: Tensor, tau: float, generator: torch.Generator | None = None
                           ) -> tuple[Tensor, Tensor]:
@@ -70,7 +72,7 @@ class DecisionGate(nn.Module):
     def decide(self, x: Tensor) -> Tensor:
         """Pick one action per sample and return its mask G_l[i] (B x C_out). Always in fp32 (outside any
         bf16 autocast): the Gumbel noise and the straight-through mask need it."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with full_precision(x.device):
             return self._decide(x.float())
 
     def _decide(self, x: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.backbones import Backbone
+from common.precision import full_precision
 
 from .config import ASSIGNMENTS, CLUSTER_INDEX
 from .sampling import bernoulli_assignment, gumbel_assignment, pseudo_label
@@ -149,7 +150,7 @@ class PicnnNet(nn.Module):
         pooled = self.pooled_features(x)
         y1_logits = self.classifier(pooled)
         # The samplers compare probabilities with uniform noise: always in float32, outside any autocast.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with full_precision(x.device):
             if cluster_index == "pseudo":
                 cluster = pseudo_label(torch.softmax(y1_logits.float(), dim=1))  # Eq. 8-10
             else:
