@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .base import Backbone
 from .cifar_resnet import CifarResNet
@@ -62,6 +63,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in blob.items()}
 
 
+def model_classes(model: nn.Module) -> int | str:
+    """Output classes of ``model``'s last linear layer ("?" when it has none)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else "?"
+
+
 def load_weights(model: Backbone, path: str | os.PathLike) -> Backbone:
     """Load ``path`` into ``model``. Files without normalisation buffers (such as the pretrained CIFAR
     ResNets) keep the model's default statistics, which are the ones those weights were trained with."""
@@ -76,7 +83,8 @@ def load_weights(model: Backbone, path: str | os.PathLike) -> Backbone:
         raise WeightsError(
             f"{path} does not fit backbone {type(model).__name__}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {mismatched[:5]}. "
-            "Check --backbone and --num-classes against the file."
+            f"The file must hold the weights of {type(model).__name__} with {model_classes(model)} output classes "
+            "(the dataset's class count): check --backbone and --dataset against it."
         )
     model.load_state_dict(state, strict=False)
     return model
