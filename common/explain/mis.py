@@ -9,6 +9,7 @@ import torch
 from sklearn.feature_selection import mutual_info_classif
 from torch import Tensor, nn
 
+from ..run import progress
 from ._utils import eval_mode, model_device
 
 POOLS = ("mean", "sum", "max")
@@ -126,7 +127,7 @@ def mutual_information_matrix(
         raise ValueError(f"activations must be N x C with N = len(labels); got {x.shape} and {y.shape}")
     k_classes = int(num_classes) if num_classes is not None else int(y.max()) + 1
     matrix = np.zeros((x.shape[1], k_classes))
-    for k in range(k_classes):
+    for k in progress(range(k_classes), "MIS (k-NN MI per class)", total=k_classes):
         indicator = y == k
         if indicator.all() or not indicator.any():
             continue  # a constant indicator carries no information (and the estimator needs two classes)
