@@ -167,6 +167,11 @@ def plot_path_embedding(ax, embedding: np.ndarray, labels: np.ndarray, classes: 
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title("calculation paths (PCA + t-SNE)")
+    if len(embedding) < 3 or float(np.ptp(embedding, axis=0).max()) < 1e-6:
+        # a figure that shows nothing says why: every input took the same path (e.g. after a very short run)
+        ax.text(0.5, 0.5, f"degenerate: {len(embedding)} input(s) on one point;\nthe controllers route every "
+                "input the same way\n(train longer for distinct paths)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8, color="tab:red")
     if len(classes) <= 10:
         ax.legend(fontsize=6, markerscale=2, loc="best")
 
@@ -187,7 +192,7 @@ def plot_occlusion(axes, image: Tensor, box: tuple[int, int, int, int], result: 
                       cmap="autumn", alpha=0.6)
             ax.set_title(f"{layer_names[key[0]]} #{key[1]} IoU {result.iou[key]:.2f}", fontsize=7)
         else:
-            ax.set_title("no further filter", fontsize=7)
+            ax.set_title(f"(only {len(best)} filter(s) switched off\nby this occlusion)", fontsize=7)
     for ax in axes:
         ax.axis("off")
 
