@@ -8,8 +8,8 @@ benchmark measures. The benchmark applies the same metrics to every returned mod
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
@@ -56,3 +56,23 @@ class MethodResult:
     dynamic_filter_share: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
+
+
+S = TypeVar("S")
+
+
+def settings_from_dict(cls: type[S], values: dict[str, Any] | None, what: str) -> S:
+    """``cls(**values)`` for a method's settings dataclass, then its ``validate()`` when it has one.
+
+    An unknown key is a ``ValueError`` naming it and the known keys (``what`` names the settings, e.g.
+    "ISP settings"); keys starting with an underscore are comments in recipe files and are ignored."""
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(k for k in values if k not in known and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
+    settings = cls(**{k: v for k, v in values.items() if k in known})
+    validate = getattr(settings, "validate", None)
+    if callable(validate):
+        validate()
+    return settings

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.method import settings_from_dict
 from common.run import read_json
 
 # Keys a recipe file (configs/*.json) may hold besides "description".
@@ -75,14 +76,7 @@ class DecouplingSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> DecouplingSettings:
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in values if k not in known and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"unknown decoupling settings {unknown}; known: {sorted(known)}")
-        settings = cls(**{k: v for k, v in values.items() if k in known})
-        settings.validate()
-        return settings
+        return settings_from_dict(cls, values, "decoupling settings")
 
     def resolved(self, backbone: str) -> DecouplingSettings:
         """A copy with every Table 5 field that is None filled from ``backbone``'s row."""

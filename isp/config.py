@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from common.method import settings_from_dict
 
 STAGE_SHARES = {"predictor": 0.3, "selector": 0.1, "gates": 0.1, "finetune": 0.5}
 
@@ -70,14 +72,7 @@ class ISPSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> ISPSettings:
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in values if k not in known and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"unknown ISP settings {unknown}; known settings: {sorted(known)}")
-        settings = cls(**{k: v for k, v in values.items() if k in known})
-        settings.validate()
-        return settings
+        return settings_from_dict(cls, values, "ISP settings")
 
     def validate(self) -> None:
         if self.selector not in ("rbf", "realx"):

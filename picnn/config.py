@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from common.method import settings_from_dict
 from common.precision import CHOICES as PRECISION_CHOICES
 
 ASSIGNMENTS = ("bernoulli", "gumbel")
@@ -41,14 +42,7 @@ class PicnnSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> PicnnSettings:
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown PICNN setting(s) {unknown}; known settings: {sorted(known)}")
-        settings = cls(**values)
-        settings.validate()
-        return settings
+        return settings_from_dict(cls, values, "PICNN setting(s)")
 
     def validate(self) -> None:
         if self.lam < 0:
