@@ -14,7 +14,7 @@ from torch import Tensor
 
 from common.backbones import Backbone
 from common.macs import count_macs, count_params
-from common.run import load_checkpoint, read_json
+from common.run import load_checkpoint, progress, read_json
 from common.training import evaluate_top1
 
 from .losses import area_penalty, kl_to_classifier, smoothness_penalty
@@ -97,11 +97,23 @@ def evaluate_run(pipeline: Pipeline, max_explained: int = 2000) -> dict[str, Any
     sites, _, prunable = pipeline._gates()
     keep = keep_from_json(sites, gates_blob["keep"])
     hard = [torch.zeros(site.channels).index_fill_(0, k, 1.0) for site, k in zip(sites, keep)]
+    steps = progress(range(4), "isp evaluate (latency, top-1, explanation distance, fidelity)", total=4)
     timed = cpu_speed(original, final, class_mixed_images(pipeline.data.test, s.latency_batch, seed=0),
                       s.latency_batch, s.latency_threads, bf16=policy.name == "bf16")
+    next(steps, None)
     lat_before, lat_after = timed["dense"], timed["slim"]
     explained = images_as_float(pipeline.data.test, dev)[:max_explained]
     original_selector = Selector(original, decoder)
+    top1 = {name: evaluate_top1(model, loader, precision=policy) for name, model, loader in (
+        ("top1_before", original, test), ("top1_after", final, test),
+        ("top1_after_pruning_before_finetune", slim_before_ft, test), ("val_top1_before", original, val),
+        ("val_top1_after", final, val))}
+    next(steps, None)
+    distance = explanation_distance(original_selector, Selector(final, decoder), explained)
+    distance_before_ft = explanation_distance(original_selector, Selector(slim_before_ft, decoder), explained)
+    next(steps, None)
+    fidelity = selector_fidelity(original_selector, predictor, explained)
+    next(steps, None)
     metrics: dict[str, Any] = {
         "backbone": pipeline.name,
         "dataset": pipeline.data.name,
@@ -109,11 +121,7 @@ def evaluate_run(pipeline: Pipeline, max_explained: int = 2000) -> dict[str, Any
         "test_split_name": pipeline.data.test_split_name,
         "selector": decoder.kind,
         "precision": policy.describe(),
-        "top1_before": evaluate_top1(original, test, precision=policy),
-        "top1_after": evaluate_top1(final, test, precision=policy),
-        "top1_after_pruning_before_finetune": evaluate_top1(slim_before_ft, test, precision=policy),
-        "val_top1_before": evaluate_top1(original, val, precision=policy),
-        "val_top1_after": evaluate_top1(final, val, precision=policy),
+        **top1,
         "macs_before": macs_before,
         "macs": macs_after,
         "params_before": count_params(original),
@@ -132,10 +140,9 @@ def evaluate_run(pipeline: Pipeline, max_explained: int = 2000) -> dict[str, Any
         "latency_setting": f"batch {s.latency_batch}, {s.latency_threads} CPU thread(s), class-mixed test images, "
                            f"both in their fastest form (common.deploy{', bf16' if policy.name == 'bf16' else ''}), "
                            "side by side, median of 15",
-        "explanation_distance": explanation_distance(original_selector, Selector(final, decoder), explained),
-        "explanation_distance_before_finetune": explanation_distance(original_selector,
-                                                                     Selector(slim_before_ft, decoder), explained),
-        **selector_fidelity(original_selector, predictor, explained),
+        "explanation_distance": distance,
+        "explanation_distance_before_finetune": distance_before_ft,
+        **fidelity,
         "explained_test_images": len(explained),
         "stage_seconds": read_json(pipeline.seconds_path) if pipeline.seconds_path.is_file() else {},
     }
