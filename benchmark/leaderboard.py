@@ -253,9 +253,7 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
     preset = ctx.preset
     targets: list[float | None] = list(preset.targets) or [None]
     boards = [target_board(runs, methods, t) for t in targets]
-    # csv / json: one row per (row, target); the rows that do not compress appear once
-    board = pd.concat(boards, ignore_index=True).drop_duplicates(subset=["method", "target"])
-    board = board.drop(columns="table_target").reset_index(drop=True)
+    board = leaderboard_frame(runs, methods, targets)
     text = _header(ctx, runs)
     for target, one in zip(targets, boards):
         methods_only = one[~one["method"].isin(list(CONTROL_ROWS))]
@@ -288,7 +286,7 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
     _atomic_text(paths["csv"], board.to_csv(index=False))
     _atomic_text(paths["json"], board.to_json(orient="records", indent=2) + "\n")  # NaN -> null
     _atomic_text(paths["runs"], runs.to_csv(index=False))
-    curves = aggregate_curves(runs, methods)
+    curves = board[~board["method"].isin(list(CONTROL_ROWS))]
     pareto_figure(curves, paths["pareto"], dense=_dense_point(runs))
     faithfulness_figure(curves, paths["faithfulness"])
     explanations_figure(ctx, jobs, methods, paths["explanations"])
@@ -325,22 +323,13 @@ def _header(ctx: Context, runs: pd.DataFrame) -> str:
     return header
 
 
-def aggregate_curves(runs: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
-    """One row per (method, target) with the mean and std over seeds (target NaN: a row that does not
-    compress): the points of the trade-off curves."""
-    parts = []
-    for target in sorted(runs["target"].dropna().unique()) or [np.nan]:
-        one = runs[np.isclose(runs["target"].fillna(-1.0), target)] if np.isfinite(target) else runs.iloc[0:0]
-        if len(one):
-            part = aggregate(one, [m for m in methods if m in set(one["method"])])
-            part["target"] = target
-            parts.append(part)
-    rest = runs[runs["target"].isna()]
-    if len(rest):
-        part = aggregate(rest, [m for m in methods if m in set(rest["method"])])
-        part["target"] = np.nan
-        parts.append(part)
-    return pd.concat(parts, ignore_index=True) if parts else aggregate(runs, [])
+def leaderboard_frame(runs: pd.DataFrame, methods: Sequence[str], targets: Sequence[float | None]) -> pd.DataFrame:
+    """leaderboard.csv / .json: the boards of every target, one row per (row, target); a row that does not
+    compress (target NaN) appears once, as do the control rows. Without the control rows these are the
+    points of the trade-off curves."""
+    boards = [target_board(runs, methods, t) for t in targets]
+    board = pd.concat(boards, ignore_index=True).drop_duplicates(subset=["method", "target"])
+    return board.drop(columns="table_target").reset_index(drop=True)
 
 
 def _dense_point(runs: pd.DataFrame) -> tuple[float, float] | None:

@@ -58,7 +58,7 @@ def _run(argv: Sequence[str] | None) -> int:
             outcome = train_cross_entropy(model, data, Budget(epochs=args.epochs), Path(work), device=device,
                                           seed=args.seed, recipe=CrossEntropyRecipe(lr=args.lr, precision=name,
                                                                             select_best=False))
-        top1 = evaluate_top1(model.float().eval(), BatchLoader(data.test, 500, train=False, device=device), name)
+        top1 = evaluate_top1(model.eval(), BatchLoader(data.test, 500, train=False, device=device), name)
         results[name] = top1
         print(f"{name}: held-out top-1 {top1:.2f}% (validation {outcome.val_top1:.2f}%, selected "
               f"{outcome.selected}), {outcome.train_seconds:.0f} s of training, "

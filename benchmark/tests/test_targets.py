@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark.leaderboard import aggregate_curves, target_board, target_check
+from benchmark.leaderboard import leaderboard_frame, target_board, target_check
 from benchmark.metrics import COLUMNS
 from benchmark.presets import COMPRESSING, get_preset
 from benchmark.runner import plan_jobs
@@ -65,9 +65,10 @@ def test_one_board_per_target_keeps_the_uncompressed_rows_and_flags_misses() -> 
     assert at30.loc["l1-prune", "top1_mean"] == 90.0 and at50.loc["l1-prune", "top1_mean"] == 88.0
     assert at30.loc["l1-prune", "on_target"] == "30 ✓" and at50.loc["l1-prune", "on_target"] == "50 ✗ miss"
     assert "control: random map" in at30.index  # the controls explain the baseline in every table
-    curves = aggregate_curves(runs, ["baseline", "l1-prune"])
-    assert sorted(curves[curves["method"] == "l1-prune"]["top1_mean"]) == [88.0, 90.0]
-    assert curves[curves["method"] == "baseline"]["target"].isna().all()
+    frame = leaderboard_frame(runs, ["baseline", "l1-prune"], [0.3, 0.5])
+    assert sorted(frame[frame["method"] == "l1-prune"]["top1_mean"]) == [88.0, 90.0]
+    assert len(frame[frame["method"] == "baseline"]) == 1  # run once, listed once
+    assert frame[frame["method"] == "baseline"]["target"].isna().all()
 
 
 def test_the_gpu_preset_runs_its_three_targets_on_tiny_data(tmp_path) -> None:
