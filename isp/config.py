@@ -34,6 +34,11 @@ class ISPSettings:
     selector_weight_decay: float = 1e-4
     lambda1: float = 0.2
     lambda2: float = 0.001
+    # Checkpoint choice (not in the paper): the selector objective on this many fixed validation images with
+    # fixed mask noise, every selector_val_every steps; the lowest is kept (0 images: the last step is kept).
+    selector_samples: int = 1  # relaxed masks per image in Eq. 8's Monte-Carlo estimate (paper: 1)
+    selector_val_images: int = 256
+    selector_val_every: int = 50
     centre_margin: float = 2.0  # c = (S/2 - margin) tanh(u / (S/2 - margin)) + S/2
     sigma_bias: float | None = None  # None: 10 for 32-pixel images (paper), scaled with the image size
     # Gate search (Eq. 10, supplementary Eq. 15): b = 3, tau = 0.4, gamma1 = 0.5, gamma2 = 2, 5% subset,
@@ -95,6 +100,8 @@ class ISPSettings:
                              f"{self.target_mac_reduction!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.selector_val_images < 0 or self.selector_val_every < 1 or self.selector_samples < 1:
+            raise ValueError("selector_val_images must be >= 0, selector_val_every and selector_samples >= 1")
         if self.gate_tau <= 0:
             raise ValueError("gate_tau must be positive")
         if self.mask_tau < 0:

@@ -236,9 +236,11 @@ def selector_codes(classifier: Backbone, decoder, images: Tensor, batch: int = 2
 
 def selector_report(classifier: Backbone, decoder, images: Tensor, seed: int = 0) -> dict[str, float]:
     """The selector's masks (kept-pixel fraction, centre spread across images) and its maps' faithfulness
-    (tiled insertion on a blurred canvas, ROAD) beside Grad-CAM and a seeded random map, on ``images``."""
+    (tiled insertion on a blurred canvas, ROAD) beside Grad-CAM, a seeded random map and a centred Gaussian
+    map, on ``images``. A single RBF blob ranks pixels by distance from its centre, so the centred map (the
+    same shape, never moved) is the control that isolates what the selector's image-specific centres add."""
     from common.explain import grad_cam
-    from common.explain.controls import random_saliency
+    from common.explain.controls import centre_saliency, random_saliency
     from common.explain.faithfulness import road, tile_deletion_insertion
 
     codes, classes = selector_codes(classifier, decoder, images)
@@ -256,7 +258,8 @@ def selector_report(classifier: Backbone, decoder, images: Tensor, seed: int = 0
     maps = {"selector": probs,
             "grad-cam": torch.cat([grad_cam(classifier, classifier.cam_layer(), images[s:s + 128], classes[s:s + 128])
                                    for s in range(0, len(images), 128)]),
-            "random": random_saliency(seed)(images, classes)}
+            "random": random_saliency(seed)(images, classes),
+            "centre": centre_saliency()(images, classes)}
     for name, saliency in maps.items():
         tiles = tile_deletion_insertion(classifier, images, saliency, classes)
         roads = road(classifier, images, saliency, classes, seed=seed)

@@ -52,11 +52,17 @@ class SelectorLossParts:
 
 def selector_loss(classifier_logits: Tensor, predictor: nn.Module, images: Tensor, probs: Tensor, *,
                   lambda1: float, lambda2: float, tau: float, generator: torch.Generator | None = None,
-                  policy: Precision | None = None) -> SelectorLossParts:
-    """Eq. 8-9: KL + lambda1 R(m') + lambda2 S(m') on one relaxed sample m' (Eq. 14) per image, drawn by the
-    predictor's own sampler at its own temperature ``tau`` (R: fraction of kept pixels, S: mean over
-    neighbour pairs; both in [0, 1]). The predictor runs under ``policy`` (a common.precision.Precision;
-    None: as called); mask, penalties and KL are fp32."""
+                  policy: Precision | None = None, samples: int = 1) -> SelectorLossParts:
+    """Eq. 8-9: KL + lambda1 R(m') + lambda2 S(m') on ``samples`` relaxed samples m' (Eq. 14) per image (the
+    paper: one), drawn by the predictor's own sampler at its own temperature ``tau`` (R: fraction of kept
+    pixels, S: mean over neighbour pairs; both in [0, 1]). More samples average the Monte-Carlo estimate of
+    the expectation in Eq. 8, not its value. The predictor runs under ``policy`` (a
+    common.precision.Precision; None: as called); mask, penalties and KL are fp32."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if samples > 1:
+        classifier_logits, images, probs = (t.repeat_interleave(samples, 0)
+                                            for t in (classifier_logits, images, probs))
     mask = sample_mask(probs.float(), tau, generator)
     masked = mask_input(images, mask)
     if policy is None:

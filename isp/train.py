@@ -88,11 +88,12 @@ def batch_stream(loader: BatchLoader, start_step: int) -> Iterator[tuple[Tensor,
 def run_steps(run: RunDir, stage: str, stateful: dict[str, Any], total_steps: int,
               step_fn: Callable[[int], Tensor], *, seconds: float | None = None, save_every: int = 200,
               on_period: Callable[[int, LoopState], None] | None = None, period: int | None = None,
-              log=None) -> LoopState:
+              log=None, period_at_start: bool = False) -> LoopState:
     """Run ``step_fn(step) -> loss`` until ``total_steps`` or ``seconds`` of training time.
 
     ``stateful`` maps names to modules / optimisers (anything with state_dict). ``on_period`` runs every
-    ``period`` steps and at the end (validation, best-model tracking through ``LoopState.extra``).
+    ``period`` steps and at the end (validation, best-model tracking through ``LoopState.extra``), and before
+    the first step too with ``period_at_start``.
     """
     state = LoopState()
     ckpt_path = run.checkpoint_path
@@ -111,6 +112,8 @@ def run_steps(run: RunDir, stage: str, stateful: dict[str, Any], total_steps: in
                            "rng": torch.get_rng_state(),
                            "state": {k: v.state_dict() for k, v in stateful.items()}}, ckpt_path)
 
+    if on_period is not None and period_at_start and state.step == 0 and total_steps > 0:
+        on_period(0, state)  # the starting point is a candidate too (best-state tracking)
     bar = progress(range(state.step, total_steps), desc=stage, total=total_steps - state.step)
     for step in bar:
         start = time.perf_counter()
@@ -191,12 +194,47 @@ def train_predictor(run: RunDir, classifier: Backbone, predictor: Backbone, load
                      seconds=seconds, save_every=save_every, log=log)
 
 
+# Mask draws per validation image: the checkpoint choice compares objectives that differ by a few hundredths.
+VALIDATION_SAMPLES = 4
+
+
+@torch.no_grad()
+def selector_validation(classifier: Backbone, predictor: Backbone, decoder: SelectorDecoder, images: Tensor, *,
+                        lambda1: float, lambda2: float, tau: float, policy: Precision | None = None,
+                        batch_size: int = 128, seed: int = 0, samples: int = 1) -> dict[str, float]:
+    """The selector objective (Eq. 8-9) on fixed validation images with fixed mask noise (the same draws at
+    every call, so two decoders are compared on common random numbers), and the mean kept fraction of the
+    Bernoulli maps. The decoder's train/eval mode is restored."""
+    policy = policy or fp32_policy()
+    was_training = decoder.training
+    decoder.eval()
+    generator = torch.Generator().manual_seed(seed)
+    total = kept = 0.0
+    for start in range(0, len(images), batch_size):
+        x = policy.prepare_inputs(images[start:start + batch_size])
+        with policy.autocast():
+            logits, stages = forward_with_stages(classifier, x)
+            code = decoder.code(stages, logits.argmax(1))
+        probs = decoder.probabilities(code).float()
+        parts = selector_loss(logits, predictor, x, probs, lambda1=lambda1, lambda2=lambda2, tau=tau,
+                              generator=generator, policy=policy, samples=samples)
+        total += float(parts.total) * len(x)
+        kept += float(probs.flatten(1).mean(1).sum())
+    decoder.train(was_training)
+    return {"loss": total / len(images), "kept": kept / len(images)}
+
+
 def train_selector(run: RunDir, classifier: Backbone, predictor: Backbone, decoder: SelectorDecoder,
                    loader: BatchLoader, steps: int, *, lr: float, weight_decay: float, lambda1: float,
                    lambda2: float, tau: float, seconds: float | None, log,
-                   save_every: int = 200, policy: Precision | None = None) -> LoopState:
+                   save_every: int = 200, policy: Precision | None = None, val_images: Tensor | None = None,
+                   val_every: int = 50, samples: int = 1) -> LoopState:
     """Only the decoder learns; the encoder (the classifier's backbone) and the predictor stay frozen.
-    Encoder, decoder and predictor run under ``policy``; the RBF map, the mask and the loss are fp32."""
+    Encoder, decoder and predictor run under ``policy``; the RBF map, the mask and the loss are fp32.
+
+    With ``val_images``, the objective is measured on them every ``val_every`` steps (``selector_validation``)
+    and the decoder of the lowest validation objective is kept, so a run that drifts out of the interior
+    optimum into all-off or all-on masks (a flat KL there) returns the interior state it passed through."""
     policy = policy or fp32_policy()
     freeze(classifier)
     freeze(predictor)
@@ -216,14 +254,33 @@ def train_selector(run: RunDir, classifier: Backbone, predictor: Backbone, decod
                 logits, stages = forward_with_stages(classifier, x)
             code = decoder.code(stages, logits.argmax(1))
         parts = selector_loss(logits, predictor, x, decoder.probabilities(code), lambda1=lambda1,
-                              lambda2=lambda2, tau=tau, policy=policy)
+                              lambda2=lambda2, tau=tau, policy=policy, samples=samples)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         optimizer.step()
         return parts.total
 
-    return run_steps(run, "selector", {"decoder": decoder, "optimizer": optimizer}, steps, step,
-                     seconds=seconds, save_every=save_every, log=log)
+    def validate(done: int, state: LoopState) -> None:
+        result = selector_validation(classifier, predictor, decoder, val_images, lambda1=lambda1,
+                                     lambda2=lambda2, tau=tau, policy=policy, samples=VALIDATION_SAMPLES)
+        state.extra.setdefault("val_history", []).append({"step": done, **result})
+        if log:
+            log.info("selector step %d: validation objective %.4f, kept %.3f", done, result["loss"],
+                     result["kept"])
+        if result["loss"] < state.extra.get("best_val_loss", math.inf):
+            state.extra.update(best_val_loss=result["loss"], best_step=done, best_kept=result["kept"],
+                               best_state={k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()})
+
+    state = run_steps(run, "selector", {"decoder": decoder, "optimizer": optimizer}, steps, step,
+                      seconds=seconds, save_every=save_every, log=log,
+                      on_period=validate if val_images is not None else None, period=max(1, val_every),
+                      period_at_start=True)
+    if "best_state" in state.extra:
+        decoder.load_state_dict(state.extra["best_state"])
+        if log:
+            log.info("selector: kept the decoder of step %d (validation objective %.4f, kept %.3f)",
+                     state.extra["best_step"], state.extra["best_val_loss"], state.extra["best_kept"])
+    return state
 
 
 @torch.no_grad()
@@ -525,9 +582,23 @@ class Pipeline:
                                       weight_decay=s.selector_weight_decay, lambda1=s.lambda1,
                                       lambda2=s.lambda2 if s.selector == "rbf" else 0.0, tau=s.mask_tau,
                                       seconds=self._seconds("selector"), log=self.log,
-                                      save_every=min(SAVE_EVERY, len(loader)), policy=self.policy)
+                                      save_every=min(SAVE_EVERY, len(loader)), policy=self.policy,
+                                      val_images=self._selector_val_images(), val_every=s.selector_val_every,
+                                      samples=s.selector_samples)
         save_decoder(self.path("selector"), decoder)
+        if "best_step" in state.extra:
+            atomic_write_json({k: state.extra[k] for k in ("best_step", "best_val_loss", "best_kept", "val_history")}
+                              | {"split": f"validation ({self.data.val_source})"},
+                              self.run_dir.file("selector_selection.json"))
         self._record_seconds("selector", state.seconds)
+
+    def _selector_val_images(self) -> Tensor | None:
+        """A fixed, seeded sample of the validation split for the selector's checkpoint choice (None: off)."""
+        count = min(self.settings.selector_val_images, len(self.data.val))
+        if count <= 0:
+            return None
+        indices = torch.randperm(len(self.data.val), generator=torch.Generator().manual_seed(self.seed))[:count]
+        return images_as_float(self.data.val.subset(indices), self.device)
 
     def _stage_targets(self) -> None:
         decoder = load_decoder(self._require("selector"), self.device)

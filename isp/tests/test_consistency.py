@@ -59,3 +59,26 @@ def test_predictor_and_selector_draw_masks_with_one_sampler_and_temperature(monk
     for t, dtype, lo, hi in predictor_calls + selector_calls:
         assert t == tau and dtype == torch.float32 and 0.0 <= lo < hi <= 1.0
     assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
+
+
+def test_more_mask_samples_average_the_same_objective_with_less_variance():
+    """selector_loss(samples=K) is the mean of K relaxed draws per image: the same expectation (Eq. 8) and a
+    Monte-Carlo variance about K times smaller."""
+    from isp.losses import selector_loss
+
+    torch.manual_seed(0)
+    predictor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    images = torch.rand(6, 3, 8, 8)
+    logits = torch.randn(6, 4)
+    probs = torch.rand(6, 8, 8)
+    generator = torch.Generator().manual_seed(1)
+
+    def draws(samples: int) -> torch.Tensor:
+        return torch.stack([selector_loss(logits, predictor, images, probs, lambda1=0.5, lambda2=0.5, tau=0.1,
+                                          generator=generator, samples=samples).total.detach()
+                            for _ in range(400)])
+
+    one, four = draws(1), draws(4)
+    assert abs(float(one.mean() - four.mean())) < 3 * float(one.std()) / 400**0.5
+    ratio = float(one.var() / four.var())
+    assert 2.8 < ratio < 5.5, ratio
