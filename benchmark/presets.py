@@ -221,7 +221,7 @@ def _static_presets() -> dict[str, Preset]:
         targets=(0.3, 0.5), settings={"baseline": {"lr": 0.01}},
         metrics=MetricSpec(explain_images=8, mis_images=120, figure_images=4, game_points=9,
                            road_fractions=(0.2, 0.5, 0.8), sanity_images=4, sanity_stages=2,
-                           latency_repeats=2, latency_rounds=1),
+                           latency_repeats=5, latency_rounds=2),
         description="embedded digits, ResNet-20 briefly trained from scratch as the start, 3 batches, MAC targets"
                     " 30% and 50%",
     )
