@@ -34,9 +34,9 @@ class ISPSettings:
     selector_weight_decay: float = 1e-4
     lambda1: float = 0.2
     lambda2: float = 0.001
+    selector_samples: int = 1  # relaxed masks per image in Eq. 8's Monte-Carlo estimate (paper: 1)
     # Checkpoint choice (not in the paper): the selector objective on this many fixed validation images with
     # fixed mask noise, every selector_val_every steps; the lowest is kept (0 images: the last step is kept).
-    selector_samples: int = 1  # relaxed masks per image in Eq. 8's Monte-Carlo estimate (paper: 1)
     selector_val_images: int = 256
     selector_val_every: int = 50
     centre_margin: float = 2.0  # c = (S/2 - margin) tanh(u / (S/2 - margin)) + S/2
