@@ -40,7 +40,8 @@ class ImageTensors:
 class DatasetSplits:
     """A dataset ready for training. ``val_source`` says where ``val`` came from: ``"train"`` (a hold-out
     of the training set; ``test`` is the whole test set) or ``"test-half"`` (half of the test set; ``test``
-    is the other, held-out half, and ``train`` the whole training set)."""
+    is the other, held-out half, and ``train`` the whole training set). ``load_dataset`` returns every split
+    class-interleaved, so any prefix ``split.images[:N]`` mixes the classes in proportion."""
 
     name: str
     train: ImageTensors

@@ -6,10 +6,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from . import sources
-from .containers import DatasetSplits
+from .containers import DatasetSplits, ImageTensors
 from .paths import resolve_cache_dir, resolve_data_root
-from .splits import stratified_split
+from .splits import class_interleaved_order, stratified_split
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
 
@@ -19,6 +21,9 @@ IMAGEFOLDER_PREFIX = "imagefolder:"
 # the test set and the reported test split is the other half (evaluation-protocol.md, section 1).
 VAL_SOURCES = ("train", "test-half")
 TEST_HALF_SEED = 0  # fixed: the two halves must not move with a run's seed
+# Every split comes class-interleaved (splits.class_interleaved_order), so that split[:N] mixes the classes.
+# Fixed, like TEST_HALF_SEED: the order of the test split must be the same for every run and method.
+SPLIT_ORDER_SEED = 0
 
 _SOURCES: dict[str, Callable[[Path, bool, Path | None], sources.Loaded]] = {
     "cifar10": sources.load_cifar10,
@@ -52,6 +57,10 @@ def load_dataset(
     set (seed ``TEST_HALF_SEED``, independent of ``seed``) and leaves the other half as ``test``;
     ``val_fraction`` is then unused.
 
+    Every split comes in a fixed class-interleaved order (``splits.class_interleaved_order``, seed
+    ``SPLIT_ORDER_SEED``): any prefix ``split.images[:N]`` holds each class within one image of its share.
+    The order changes no split's membership.
+
     ``root`` defaults to ``$DATA_ROOT``, else ``./data``; ``cache_dir`` (decoded image folders) defaults
     to ``$ICNN_CACHE``, else ``~/.cache/interpretable-cnns``. ``val_fraction`` of every class is held out
     with ``numpy.random.RandomState(seed)``, so the same arguments always give the same split.
@@ -72,12 +81,17 @@ def load_dataset(
         raise ValueError(f"unknown dataset {name!r}; known datasets: {known}, or {IMAGEFOLDER_PREFIX}<path>")
     if val_source == "test-half":
         test_idx, val_idx = stratified_split(test.labels.numpy(), 0.5, TEST_HALF_SEED)
-        return DatasetSplits(name=name, train=full, val=test.subset(val_idx), test=test.subset(test_idx),
-                             classes=list(classes), val_source=val_source)
+        return DatasetSplits(name=name, train=_interleaved(full), val=_interleaved(test, val_idx),
+                             test=_interleaved(test, test_idx), classes=list(classes), val_source=val_source)
     train_idx, val_idx = stratified_split(full.labels.numpy(), val_fraction, seed)
-    return DatasetSplits(
-        name=name, train=full.subset(train_idx), val=full.subset(val_idx), test=test, classes=list(classes)
-    )
+    return DatasetSplits(name=name, train=_interleaved(full, train_idx), val=_interleaved(full, val_idx),
+                         test=_interleaved(test), classes=list(classes))
+
+
+def _interleaved(split: ImageTensors, indices: np.ndarray | None = None) -> ImageTensors:
+    """``split`` restricted to ``indices`` (all when None), in class-interleaved order: one gather."""
+    idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
+    return split.subset(idx[class_interleaved_order(split.labels.numpy()[idx], SPLIT_ORDER_SEED)])
 
 
 def default_val_source(pretrained: bool) -> str:

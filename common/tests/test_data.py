@@ -44,6 +44,12 @@ def _coordinate_split(n: int, h: int = 32, w: int = 32) -> ImageTensors:
     return ImageTensors(img.expand(n, -1, -1, -1).contiguous(), torch.zeros(n, dtype=torch.int64))
 
 
+def _rows(images: torch.Tensor | np.ndarray) -> list[bytes]:
+    """The images as a sorted list of byte strings: a split's multiset of images, whatever its order."""
+    array = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    return sorted(bytes(r) for r in np.ascontiguousarray(array).reshape(len(array), -1))
+
+
 def _epoch_labels(loader: BatchLoader) -> torch.Tensor:
     return torch.cat([y for _, y in loader])
 
@@ -119,11 +125,8 @@ def test_val_split_partitions_training_set() -> None:
     full, _, _ = sources.load_digits(Path("."), False, None)
     s = load_dataset("digits", val_fraction=0.25, seed=5)
 
-    def rows(t: torch.Tensor) -> list[bytes]:
-        return sorted(im.numpy().tobytes() for im in t)
-
     # train + val is exactly the training set, each image once.
-    assert rows(torch.cat([s.train.images, s.val.images])) == rows(full.images)
+    assert _rows(torch.cat([s.train.images, s.val.images])) == _rows(full.images)
     counts_full = torch.bincount(full.labels, minlength=10)
     counts_val = torch.bincount(s.val.labels, minlength=10)
     assert torch.all((counts_val - 0.25 * counts_full).abs() <= 1)
@@ -355,7 +358,7 @@ def test_cifar10_prefers_torchvision_batches_over_png(tmp_path: Path, monkeypatc
     tv = load_dataset("cifar10", tmp_path, val_fraction=0, cache_dir=cache)
     assert tv.classes == ["tv_a", "tv_b"] and len(tv.train) == 10 and len(tv.test) == 4
     expected = FakeCIFAR10(str(tmp_path)).data.transpose(0, 3, 1, 2)
-    assert np.array_equal(tv.train.images.numpy(), expected)
+    assert _rows(tv.train.images) == _rows(expected)  # the same images, in class-interleaved order
 
 
 # --- MNIST from IDX files -----------------------------------------------------------------------------------
@@ -378,11 +381,13 @@ def test_mnist_reads_gz_and_pads_to_32(tmp_path: Path) -> None:
     _write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.arange(5))
     s = load_dataset("mnist", tmp_path, val_fraction=0)
     assert s.image_size == (32, 32) and len(s.train) == 20 and len(s.test) == 5
-    img = s.train.images[3]
-    assert torch.equal(img[0], img[2])
-    assert np.array_equal(img[0, 2:30, 2:30].numpy(), train_x[3])
-    assert int(img[:, :2].sum()) == 0 and int(img[:, :, -2:].sum()) == 0  # zero padding
-    assert s.train.labels.tolist() == (np.arange(20) % 10).tolist()
+    img = s.train.images
+    assert torch.equal(img[:, 0], img[:, 2])
+    assert _rows(img[:, 0, 2:30, 2:30]) == _rows(train_x)  # the split is reordered, never changed
+    assert int(img[:, :, :2].sum()) == 0 and int(img[:, :, :, -2:].sum()) == 0  # zero padding
+    # Image i has label i % 10 in the files: every image keeps its own label through the reordering.
+    by_image = {bytes(x): i % 10 for i, x in enumerate(train_x.reshape(20, -1))}
+    assert [by_image[bytes(x)] for x in img[:, 0, 2:30, 2:30].reshape(20, -1).numpy()] == s.train.labels.tolist()
 
 
 # --- image folders and their cache --------------------------------------------------------------------------
@@ -410,9 +415,10 @@ def test_imagefolder_loads_and_caches(tmp_path: Path, monkeypatch: pytest.Monkey
     name = f"imagefolder:{user}"
     s = load_dataset(name, val_fraction=0, cache_dir=cache)
     assert s.classes == ["cat", "dog"] and s.image_size == (6, 5)
-    assert s.train.labels.tolist() == [0, 0, 0, 1, 1]
-    want = np.stack([a.transpose(2, 0, 1) for a in expected["cat"] + expected["dog"]])
-    assert np.array_equal(s.train.images.numpy(), want)
+    assert sorted(s.train.labels.tolist()) == [0, 0, 0, 1, 1]
+    for label, kind in enumerate(("cat", "dog")):  # the same images, each under its class, interleaved
+        want = [a.transpose(2, 0, 1) for a in expected[kind]]
+        assert _rows(s.train.images[s.train.labels == label]) == _rows(np.stack(want))
     assert s.test.labels.tolist() == [1]  # test has only "dog": mapped onto the training class index
 
     assert len(list(cache.glob("*.images.npy"))) == 2 and len(list(cache.glob("*.json"))) == 2
@@ -494,8 +500,7 @@ def test_test_half_split_partitions_test_set_fixed_and_stratified() -> None:
     assert a.val_source == "test-half" and plain.val_source == "train"
     # The training set is whole; val and test halves partition the original test set, each image once.
     assert len(a.train) == len(plain.train) + len(plain.val)
-    rows = lambda t: sorted(bytes(r) for r in t.reshape(len(t), -1).numpy())  # noqa: E731
-    assert rows(torch.cat([a.val.images, a.test.images])) == rows(plain.test.images)
+    assert _rows(torch.cat([a.val.images, a.test.images])) == _rows(plain.test.images)
     assert abs(len(a.val) - len(a.test)) <= 1
     # Stratified: every class is split in half to within one image, and the seed does not move the halves.
     counts_all = torch.bincount(plain.test.labels, minlength=10)
