@@ -81,7 +81,7 @@ def explanation_columns(model: nn.Module, start: nn.Module, cam_layer: nn.Module
     metrics["own_road_lift"] = metrics["own_road_gap"] - metrics["random_road_gap"]
 
     n = min(spec.sanity_images, len(images))
-    x, y = images[:n], labels[:n]
+    x, y = images[:n], labels[:n]  # the first n of the seeded random test subset (subset_indices): class-mixed
     for name in ("gradcam", "random", "centre", "own"):
         if name == "own" and own is None:
             metrics["own_sanity_spearman"] = metrics["gradcam_sanity_spearman"]

@@ -245,7 +245,7 @@ def evaluate_result(result: MethodResult, start: nn.Module, data: DatasetSplits,
         raise MetricsError(f"non-finite metrics {bad}")
     n_fig = min(spec.figure_images, len(idx))
     with torch.no_grad():  # the prediction each figure panel names (the per-input execution where there is one)
-        shown = images[:n_fig]
+        shown = images[:n_fig]  # the first images of the seeded random subset (subset_indices)
         logits = result.dynamic_forward(shown)[0] if result.dynamic_forward is not None else model.eval()(shown)
     explanations = {"indices": idx[:n_fig].clone(), "images": data.test.images[idx[:n_fig]].clone(),
                     "labels": labels[:n_fig].cpu(), "maps": saliency_to_unit(own_maps[:n_fig]),

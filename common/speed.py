@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import ImageTensors
+from .data.splits import class_interleaved_order
 
 MIN_CALL_SECONDS = 0.02  # each timed measurement repeats a call until it lasts at least this long
 
@@ -35,25 +36,16 @@ MIN_CALL_SECONDS = 0.02  # each timed measurement repeats a call until it lasts 
 
 
 def class_mixed_indices(split: ImageTensors, n: int, seed: int = 0) -> Tensor:
-    """``n`` indices of ``split`` drawn round-robin over the classes (each class in a seeded random order),
-    then shuffled: any prefix of the result mixes all classes, unlike a prefix of a class-sorted split."""
+    """The first ``n`` indices of ``split`` in the class-interleaved order of ``seed``
+    (``common.data.splits.class_interleaved_order``), cycled when the split is shorter than ``n``.
+
+    Splits from ``common.data.load_dataset`` already come in that order (seed ``SPLIT_ORDER_SEED``), so
+    ``split[:n]`` is such a subset too; this draws another one per seed, and mixes a split built elsewhere."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if len(split) == 0:
         raise ValueError("the split holds no images")
-    gen = torch.Generator().manual_seed(seed)
-    labels = split.labels
-    per_class = [idx[torch.randperm(len(idx), generator=gen)]
-                 for idx in (torch.nonzero(labels == c).flatten() for c in labels.unique()) if len(idx)]
-    picked: list[Tensor] = []
-    depth = 0
-    while len(picked) < min(n, len(split)):
-        for idx in per_class:
-            if depth < len(idx) and len(picked) < n:
-                picked.append(idx[depth])
-        depth += 1
-    order = torch.stack(picked)
-    order = order[torch.randperm(len(order), generator=gen)]
+    order = torch.from_numpy(class_interleaved_order(split.labels.cpu().numpy(), seed))[:n].to(split.labels.device)
     if n > len(order):  # fewer images than asked: cycle them
         order = order.repeat(math.ceil(n / len(order)))[:n]
     return order

@@ -98,7 +98,7 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     val_loader = BatchLoader(data.val, 256, train=False, device=device)
     val_top1, val_mac_fraction, val_density = validate(net, val_loader)
     # mac_reduction: against the dense backbone (heads included), as the shared knob defines it
-    val_images = data.val.images[:2048].to(device).float() / 255
+    val_images = data.val.images[:2048].to(device).float() / 255  # a prefix of the class-interleaved val split
     metrics = {"val_top1": val_top1, "val_mac_reduction": 1.0 - val_mac_fraction, "val_gate_density": val_density,
                "mac_reduction": achieved_reduction(net, val_images),
                "target_mac_reduction": config.target_mac_reduction,

@@ -140,7 +140,8 @@ def credibility_metrics(trained: TrainedDRIB, images: Tensor, labels: Tensor, da
 
 @torch.no_grad()
 def _static_mask(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, images: int = 1000) -> Tensor:
-    """The most frequent selection at the credibility layer on validation images (the static control)."""
+    """The most frequent selection at the credibility layer on the first ``images`` validation images (the
+    static control); the split is class-interleaved (common.data), so they hold every class in its share."""
     from .verification import bottleneck_site
 
     net = trained.net.eval()

@@ -203,6 +203,7 @@ def _sweep(args: argparse.Namespace) -> None:
     pipeline = _reopen(args.run, args.data_root, args.device, args.precision)
     s = pipeline.settings
     predictor = load_backbone(pipeline._require("predictor"), pipeline.device, pipeline.input_size)
+    # The first N validation images: splits come class-interleaved (common.data), so every class holds its share.
     images = pipeline.data.val.images[:args.images].float().div(255).to(pipeline.device)
     print(f"split: validation ({pipeline.data.val_source}), {len(images)} images; lambda1 {s.lambda1}, "
           f"lambda2 {s.lambda2}; predictor trained at mask_tau {s.mask_tau}")

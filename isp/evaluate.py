@@ -102,6 +102,7 @@ def evaluate_run(pipeline: Pipeline, max_explained: int = 2000) -> dict[str, Any
                       s.latency_batch, s.latency_threads, bf16=policy.name == "bf16")
     next(steps, None)
     lat_before, lat_after = timed["dense"], timed["slim"]
+    # The first max_explained test images: the split is class-interleaved (common.data), so the prefix is class-mixed.
     explained = images_as_float(pipeline.data.test, dev)[:max_explained]
     original_selector = Selector(original, decoder)
     top1 = {name: evaluate_top1(model, loader, precision=policy) for name, model, loader in (
