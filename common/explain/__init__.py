@@ -6,7 +6,9 @@ models return logits (see common/README.md).
 """
 
 from .controls import (
+    RESETS,
     SanityResult,
+    SanityTest,
     cascading_randomisation,
     centre_map,
     centre_saliency,
@@ -14,6 +16,7 @@ from .controls import (
     gradcam_saliency,
     linear_probe,
     random_saliency,
+    randomisation_sanity,
     rank_correlation,
     top_overlap,
 )
@@ -27,6 +30,7 @@ from .faithfulness import (
     tile_deletion_insertion,
 )
 from .gradcam import grad_cam
+from .gridpg import GridPGScore, Mosaics, build_mosaics, cell_masks, grid_pointing_game, tile_mosaic
 from .localisation import bbox_score, pointing_game
 from .maps import saliency_to_unit
 from .mis import mis, mutual_information_matrix, pooled_activations
@@ -34,13 +38,19 @@ from .perturbation import PerturbationCurves, deletion_curve, insertion_curve, m
 from .smoothgrad import smooth_grad
 
 __all__ = [
+    "RESETS",
     "DegradationCurves",
+    "GridPGScore",
+    "Mosaics",
     "PerturbationCurves",
     "RoadCurves",
     "SanityResult",
+    "SanityTest",
     "TileGameCurves",
     "bbox_score",
+    "build_mosaics",
     "cascading_randomisation",
+    "cell_masks",
     "centre_map",
     "centre_saliency",
     "default_tile",
@@ -49,6 +59,7 @@ __all__ = [
     "explanation_drift",
     "grad_cam",
     "gradcam_saliency",
+    "grid_pointing_game",
     "insertion_curve",
     "linear_probe",
     "make_baseline",
@@ -58,11 +69,13 @@ __all__ = [
     "pointing_game",
     "pooled_activations",
     "random_saliency",
+    "randomisation_sanity",
     "rank_correlation",
     "road",
     "saliency_to_unit",
     "scaled_tile",
     "smooth_grad",
     "tile_deletion_insertion",
+    "tile_mosaic",
     "top_overlap",
 ]

@@ -3,7 +3,8 @@
 - reference maps: `random_saliency` (seeded noise) and `centre_saliency` (a centred Gaussian), scored
   by the same metrics as a method's own maps;
 - `gradcam_saliency`: the common Grad-CAM of the same model as a saliency function;
-- `cascading_randomisation`: the model-parameter randomisation sanity test (Adebayo et al., NeurIPS 2018);
+- `randomisation_sanity`: the model-parameter randomisation sanity test (Adebayo et al., NeurIPS 2018), the
+  same-image correlation beside its other-image floor; `cascading_randomisation`: its layer-by-layer cascade;
 - `explanation_drift`: how far a compressed model's maps moved from its uncompressed start's;
 - `linear_probe`: class information readable from any per-sample feature vector (paths, gates, features).
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,13 +26,29 @@ from .gradcam import grad_cam
 SaliencyFn = Callable[[Tensor, Tensor], Tensor]  # (images, targets) -> B x H x W, higher = more relevant
 
 
+def _image_seed(image: Tensor, seed: int) -> int:
+    """A 63-bit seed from ``seed`` and the image's pixels quantised to 8 bits (float and uint8 copies of
+    one image agree), so the noise follows the image, not the call order, batch or model."""
+    pixels = image.detach().cpu()
+    pixels = pixels.float() * 255.0 if pixels.is_floating_point() else pixels.float()  # floats are in [0, 1]
+    quantised = pixels.round().clamp(0, 255).to(torch.uint8).contiguous().numpy()
+    digest = hashlib.blake2b(quantised.tobytes(), digest_size=8, key=str(int(seed)).encode())
+    digest.update(str(tuple(quantised.shape)).encode())
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+
+
 def random_saliency(seed: int = 0) -> SaliencyFn:
-    """Uniform noise maps from a generator seeded once: the same sequence of calls gives the same maps."""
-    generator = torch.Generator().manual_seed(seed)
+    """Uniform noise maps, deterministic per image: each image's noise is seeded from ``seed`` and a hash
+    of its pixels, so the same image gets the same map whatever the model, the batch or the call order.
+
+    A model-blind control must be deterministic per image (evaluation-protocol.md): noise drawn afresh on
+    every call would "pass" the randomisation test that exists to catch model-blind maps.
+    """
 
     def explain(images: Tensor, targets: Tensor) -> Tensor:
-        b, _, h, w = images.shape
-        return torch.rand(b, h, w, generator=generator).to(images.device)
+        h, w = images.shape[-2:]
+        maps = [torch.rand(h, w, generator=torch.Generator().manual_seed(_image_seed(img, seed))) for img in images]
+        return (torch.stack(maps) if maps else torch.zeros(0, h, w)).to(images.device)
 
     return explain
 
@@ -107,9 +125,22 @@ class SanityResult:
         return self.spearman[-1]
 
 
+RESETS = ("kaiming", "quantus")
+
+
 def _weighted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     kinds = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
     return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and getattr(m, "weight", None) is not None]
+
+
+def _resettable_modules(model: nn.Module, reset: str) -> list[tuple[str, nn.Module]]:
+    """The modules a reset touches, input to output: the weighted layers ("kaiming"), or every module with a
+    ``reset_parameters`` method ("quantus", as Quantus's model-parameter randomisation selects them)."""
+    if reset == "kaiming":
+        return _weighted_modules(model)
+    if reset == "quantus":
+        return [(n, m) for n, m in model.named_modules() if callable(getattr(m, "reset_parameters", None))]
+    raise ValueError(f"unknown weight reset {reset!r}; choose one of {RESETS}")
 
 
 @contextlib.contextmanager
@@ -122,6 +153,8 @@ def _restored(model: nn.Module) -> Iterator[None]:
 
 
 def _randomise(module: nn.Module, generator: torch.Generator) -> None:
+    """The project's reset ("kaiming"): conv / linear weights N(0, 2 / fan_in), biases N(0, 0.1^2), BN scale
+    N(1, 0.5^2); BN running statistics are kept."""
     with torch.no_grad():
         w = module.weight
         if isinstance(module, nn.Conv2d | nn.Linear):
@@ -133,17 +166,39 @@ def _randomise(module: nn.Module, generator: torch.Generator) -> None:
             module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator).to(module.bias))
 
 
+def _reset_like_quantus(module: nn.Module, seed: int) -> None:
+    """Quantus 0.6's reset: the module's own ``reset_parameters()`` (PyTorch's default initialisation:
+    Kaiming-uniform conv / linear weights, BN scale 1, shift 0 and running statistics 0 / 1) with the global
+    torch seed set to ``seed + 1`` before each module. The global RNG state is forked, so callers' draws
+    are unaffected."""
+    cuda = sorted({p.device.index or 0 for p in module.parameters(recurse=False) if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        torch.manual_seed(seed + 1)
+        module.reset_parameters()
+
+
+def _reset_modules(modules: list[tuple[str, nn.Module]], reset: str, seed: int,
+                   generator: torch.Generator) -> None:
+    for _, module in modules:
+        if reset == "quantus":
+            _reset_like_quantus(module, seed)
+        else:
+            _randomise(module, generator)
+
+
 def cascading_randomisation(model: nn.Module, explain: SaliencyFn, images: Tensor, targets: Tensor, *,
-                            stages: int = 4, seed: int = 0) -> SanityResult:
+                            stages: int = 4, seed: int = 0, reset: str = "kaiming") -> SanityResult:
     """Model-parameter randomisation test (Adebayo et al., NeurIPS 2018), cascading from the top layer.
 
     The weighted layers (conv, linear, BN affine) are randomised in place, from the output towards the
     input, in `stages` equal groups (the last stage ends with every layer random); after each stage the
     maps of `explain` are recomputed for the same images and targets and compared with the trained
     model's by Spearman rank correlation. `explain` may close over `model` (a method's own explainer):
-    the weights are changed in place and every entry of the state dict is restored afterwards.
+    the weights are changed in place and every entry of the state dict is restored afterwards. `reset`
+    names the weight reset (see `randomisation_sanity`). The same-image correlation alone cannot be read
+    without its other-image floor: `randomisation_sanity` reports both.
     """
-    layers = _weighted_modules(model)
+    layers = _resettable_modules(model, reset)
     if not layers:
         raise ValueError("the model has no conv, linear or BN layer to randomise")
     stages = max(1, min(stages, len(layers)))
@@ -155,13 +210,78 @@ def cascading_randomisation(model: nn.Module, explain: SaliencyFn, images: Tenso
     with _restored(model):
         done = 0
         for cut in cuts:
-            for _, module in order[done:cut]:
-                _randomise(module, generator)
+            _reset_modules(order[done:cut], reset, seed, generator)
             done = cut
             maps = explain(images, targets).detach()
             names.append(order[cut - 1][0])
             rhos.append(float(rank_correlation(reference, maps).mean()))
     return SanityResult(names, rhos)
+
+
+def _se(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+@dataclass
+class SanityTest:
+    """The model-parameter randomisation test read against its floor (see `randomisation_sanity`).
+
+    same_image: mean Spearman correlation of the trained and the randomised model's maps of the same image.
+    floor: the same with the randomised map of another image (a fixed derangement: image i + 1 mod n), what
+    two unrelated maps of this explainer share (a centre bias, say). ``*_se``: standard errors over images;
+    diff_se: standard error of the paired per-image difference same - floor. reset: the weight reset used.
+    """
+
+    same_image: float
+    same_image_se: float
+    floor: float
+    floor_se: float
+    diff_se: float
+    images: int
+    reset: str
+
+    @property
+    def depends_on_weights(self) -> bool:
+        """True only where the same-image correlation is within two standard errors (of the paired
+        difference) of the floor and the reset moved the maps (same-image correlation more than two standard
+        errors below 1): a map the reset left unchanged is blind to the weights, whatever its floor."""
+        if not all(np.isfinite([self.same_image, self.floor, self.diff_se, self.same_image_se])):
+            return False
+        near_floor = abs(self.same_image - self.floor) <= 2 * self.diff_se
+        moved = self.same_image < 1.0 - max(2 * self.same_image_se, 1e-6)
+        return bool(near_floor and moved)
+
+    @property
+    def verdict(self) -> str:
+        return "depends on the weights" if self.depends_on_weights else "blind to the weights"
+
+
+def randomisation_sanity(model: nn.Module, explain: SaliencyFn, images: Tensor, targets: Tensor, *,
+                         reset: str = "kaiming", seed: int = 0) -> SanityTest:
+    """Model-parameter randomisation test (Adebayo et al., NeurIPS 2018), every layer reset at once, read
+    against the other-image floor.
+
+    For n >= 2 images: maps of the trained model, then of the model with every layer reset (`reset`):
+    "kaiming", the project's (`_randomise`: conv / linear N(0, 2 / fan_in), BN scale around 1, running
+    statistics kept) or "quantus" (each module's ``reset_parameters()`` under the seed ``seed + 1``, as
+    Quantus 0.6's ModelParameterRandomisation resets a PyTorch model; BN statistics back to 0 / 1). Per
+    image i: same = rho(trained map i, randomised map i); floor = rho(trained map i, randomised map of
+    image i + 1 mod n). A map that depends on the weights falls to its floor; a model-blind map keeps
+    same-image correlation 1. `explain` may close over `model`; the state dict is restored afterwards.
+    """
+    if len(images) < 2:
+        raise ValueError("the randomisation sanity test needs at least two images (the floor pairs image i with i + 1)")
+    layers = _resettable_modules(model, reset)
+    if not layers:
+        raise ValueError("the model has no layer to randomise")
+    reference = explain(images, targets).detach()
+    with _restored(model):
+        _reset_modules(layers[::-1], reset, seed, torch.Generator().manual_seed(seed))
+        randomised = explain(images, targets).detach()
+    same = rank_correlation(reference, randomised).double().numpy()
+    other = rank_correlation(reference, randomised.roll(-1, dims=0)).double().numpy()
+    return SanityTest(float(same.mean()), _se(same), float(other.mean()), _se(other), _se(same - other),
+                      len(same), reset)
 
 
 def linear_probe(train_x: Tensor | np.ndarray, train_y: Tensor | np.ndarray, test_x: Tensor | np.ndarray,

@@ -29,9 +29,13 @@ class DegradationCurves:
     morf, lerf: [B, P] target probability (normalised if requested) with the most / least relevant tiles
                 replaced first.
     morf_auc, lerf_auc: [B] trapezoidal areas under the curves against `fractions`.
-    score:      [B] lerf_auc - morf_auc (higher is better: removing relevant tiles hurts more).
+    score:      [B] AUC(LeRF) - AUC(MoRF) of the raw probability curves (higher is better: removing
+                relevant tiles hurts more). Bounded in [-1, 1] whatever the image: the mean cannot blow up.
     degenerate: [B] bool, samples whose clean and fully degraded scores differ by less than `eps`; with
                 `normalize` their curves are left as s - s_end instead of being divided by ~0.
+    normalised_score: [B] IBA's normalised area (the raw area / (s_0 - s_end)), NaN for the images excluded
+                by the rule |s_0 - s_end| < `min_span` (dividing by a small span makes one image dominate the
+                mean: a span of 0.0026 gave one image a score of hundreds); `excluded` counts them.
     """
 
     fractions: Tensor
@@ -41,6 +45,12 @@ class DegradationCurves:
     lerf_auc: Tensor
     score: Tensor
     degenerate: Tensor
+    normalised_score: Tensor
+
+    @property
+    def excluded(self) -> int:
+        """Images left out of `normalised_score` by the `min_span` rule."""
+        return int(torch.isnan(self.normalised_score).sum())
 
 
 def scaled_tile(tile_at_224: int, size: int) -> int:
@@ -64,6 +74,7 @@ def degradation_test(
     normalize: bool = True,
     batch_size: int = 64,
     eps: float = 1e-3,
+    min_span: float = 0.05,
 ) -> DegradationCurves:
     """Replace tiles in saliency order and record the softmax probability of the target.
 
@@ -81,7 +92,12 @@ def degradation_test(
     Normalisation (`normalize=True`), per sample: s -> (s - s_end) / (s_0 - s_end) with s_0 = s(0), the clean
     image, and s_end = s(T), the fully degraded image (identical for MoRF and LeRF). Both curves then run
     from 1 to 0. If |s_0 - s_end| < eps the division is meaningless; such samples keep s - s_end and are
-    flagged in `degenerate`. `score` = AUC(LeRF) - AUC(MoRF), the area between the curves.
+    flagged in `degenerate`. `morf_auc` / `lerf_auc` are the areas of the (normalised) curves.
+
+    Score: `score` = AUC(LeRF) - AUC(MoRF) of the raw probability curves, the unnormalised area between
+    them, always in [-1, 1]; this is the figure to average. `normalised_score` divides it by s_0 - s_end
+    (IBA's normalisation) for images with |s_0 - s_end| >= `min_span` and is NaN for the others (report
+    `excluded` beside its nanmean).
 
     `saliency` (B x H x W or B x 1 x H x W) of another size is bilinearly resized to H x W. `targets` None
     means the prediction on the clean images. Images are evaluated `batch_size` at a time under no_grad in
@@ -89,6 +105,8 @@ def degradation_test(
     """
     if tile < 1:
         raise ValueError("tile must be >= 1")
+    if min_span < 0:
+        raise ValueError("min_span must be >= 0")
     if points is not None and points < 2:
         raise ValueError("points must be >= 2 (the curve needs both ends)")
     device = model_device(model, images.device)
@@ -118,13 +136,17 @@ def degradation_test(
         curves.append(mixed_scores(model, canvas, images, pixel_rank, counts, target_idx, batch_size))
     morf, lerf = curves
 
+    fractions = counts.float() / num_tiles
+    raw_score = torch.trapezoid(lerf, fractions, dim=1) - torch.trapezoid(morf, fractions, dim=1)
     start, end = morf[:, :1], morf[:, -1:]
     span = start - end
+    kept = span.abs()[:, 0] >= min_span
+    normalised_score = torch.where(kept, raw_score / torch.where(kept, span[:, 0], torch.ones_like(span[:, 0])),
+                                   torch.full_like(raw_score, float("nan")))
     degenerate = span.abs()[:, 0] < eps
     if normalize:
         span = torch.where(span.abs() < eps, torch.ones_like(span), span)
         morf, lerf = (morf - end) / span, (lerf - end) / span
-    fractions = counts.float() / num_tiles
     morf_auc = torch.trapezoid(morf, fractions, dim=1)
     lerf_auc = torch.trapezoid(lerf, fractions, dim=1)
-    return DegradationCurves(fractions, morf, lerf, morf_auc, lerf_auc, lerf_auc - morf_auc, degenerate)
+    return DegradationCurves(fractions, morf, lerf, morf_auc, lerf_auc, raw_score, degenerate, normalised_score)

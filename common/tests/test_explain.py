@@ -315,13 +315,37 @@ def test_degradation_morf_lerf_by_hand():
     assert curves.morf[0, 0] == pytest.approx(1.0) and curves.lerf[0, -1] == pytest.approx(0.0, abs=1e-6)
     torch.testing.assert_close(curves.morf_auc, torch.tensor([trapezoid(morf, xs)]))
     torch.testing.assert_close(curves.lerf_auc, torch.tensor([trapezoid(lerf, xs)]))
-    torch.testing.assert_close(curves.score, curves.lerf_auc - curves.morf_auc)
-    assert not curves.degenerate.any()
+    # score: the raw area between the curves; normalised_score: IBA's, the normalised curves' area
+    torch.testing.assert_close(curves.normalised_score, curves.lerf_auc - curves.morf_auc)
+    raw_area = trapezoid(sigmoid(lerf_logits), xs) - trapezoid(sigmoid(morf_logits), xs)
+    torch.testing.assert_close(curves.score, torch.tensor([raw_area]))
+    assert not curves.degenerate.any() and curves.excluded == 0
 
     # 3 points -> 0, 2 and 4 tiles replaced
     sparse = degradation_test(model, image, sal, 0, tile=2, points=3)
     torch.testing.assert_close(sparse.fractions, torch.tensor([0.0, 0.5, 1.0]))
     torch.testing.assert_close(sparse.morf, curves.morf[:, [0, 2, 4]])
+
+
+def test_degradation_score_stays_bounded_on_a_near_constant_image():
+    # clean logit 4 - 16 * 0.25 = 0; fully degraded (4 - 16 + 12.03) * 0.4375 = 0.013: the clean and degraded
+    # scores differ by 0.003, yet replacing single tiles swings the logit by 2 to 5 on the way
+    model, planted, sal = degradation_setup([4.0, 0.0, -16.0, 12.03])
+    normal = planted.clone()  # the same model on an ordinary image: only tile 0 bright (span 0.48)
+    normal[:, 0] = torch.kron(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.ones(2, 2))
+    images = torch.cat([planted, normal])
+    curves = degradation_test(model, images, sal.expand(2, 4, 4), 0, tile=2)
+    raw = degradation_test(model, images, sal.expand(2, 4, 4), 0, tile=2, normalize=False)
+    span = float(raw.morf[0, 0] - raw.morf[0, -1])
+    assert 0.002 < abs(span) < 0.004
+    assert not curves.degenerate[0]  # the old eps rule (1e-3) lets it through ...
+    assert abs(float(raw.score[0]) / span) > 10  # ... and IBA's normalised area of this one image explodes
+    assert curves.score.abs().max() <= 1.0 and abs(float(curves.score.mean())) <= 1.0
+    torch.testing.assert_close(curves.score, raw.score)  # the score does not depend on `normalize`
+    assert torch.isnan(curves.normalised_score[0]) and torch.isfinite(curves.normalised_score[1])
+    assert curves.excluded == 1
+    with pytest.raises(ValueError, match="min_span"):
+        degradation_test(model, images, sal.expand(2, 4, 4), 0, tile=2, min_span=-1)
 
 
 def test_degradation_degenerate_and_ragged_tiles():

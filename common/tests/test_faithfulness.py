@@ -10,13 +10,16 @@ import torch
 from torch import Tensor, nn
 
 from common.explain import (
+    build_mosaics,
     cascading_randomisation,
     centre_saliency,
     explanation_drift,
     gradcam_saliency,
+    grid_pointing_game,
     linear_probe,
     noisy_linear_imputation,
     random_saliency,
+    randomisation_sanity,
     rank_correlation,
     road,
     tile_deletion_insertion,
@@ -132,8 +135,32 @@ def test_random_ranks_below_gradcam_on_pretrained_resnet20_held_out_half() -> No
     rand, cam = scores["random"], scores["gradcam"]
     assert cam[0] < rand[0] and cam[1] > rand[1] and cam[2] > rand[2], scores
     assert scores["centre"][1] > rand[1], scores  # the centre bias alone already beats noise
-    sanity = cascading_randomisation(model, gradcam_saliency(model, model.cam_layer()), x, y)
-    assert sanity.final < 0.3, sanity
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_gridpg_and_sanity_separate_gradcam_from_the_controls_on_pretrained_resnet20() -> None:
+    """Held-out test half, a seeded subset: 320 candidates -> 64 mosaics (256 cells), 64 sanity images."""
+    torch.set_num_threads(1)
+    model, data = _pretrained_resnet20()
+    idx = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(0))[:320]
+    mosaics = build_mosaics(model, data.test.images[idx], data.test.labels[idx], 64, seed=0, indices=idx)
+    assert len(mosaics) == 64 and mosaics.qualified > 256
+    explainers = {"random": random_saliency(0), "centre": centre_saliency(),
+                  "gradcam": gradcam_saliency(model, model.cam_layer())}
+    games = {name: grid_pointing_game(fn, mosaics) for name, fn in explainers.items()}
+    for control in ("random", "centre"):
+        assert games[control].mean == pytest.approx(0.25, abs=0.02), games[control]
+        lift = (games["gradcam"].scores - games[control].scores).flatten().double()  # paired, same cells
+        assert float(lift.mean()) > 2 * float(lift.std() / lift.numel() ** 0.5), (control, games)
+
+    x, y = data.test.images[idx[:64]].float() / 255, data.test.labels[idx[:64]]
+    for control in ("random", "centre"):
+        sanity = randomisation_sanity(model, explainers[control], x, y)
+        assert sanity.same_image >= 0.9 and not sanity.depends_on_weights, sanity
+    for reset in ("kaiming", "quantus"):
+        sanity = randomisation_sanity(model, explainers["gradcam"], x, y, reset=reset)
+        assert abs(sanity.same_image - sanity.floor) <= 2 * sanity.diff_se and sanity.depends_on_weights, sanity
 
 
 def test_imputation_agrees_with_quantus_road_imputation() -> None:
