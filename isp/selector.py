@@ -87,7 +87,13 @@ class UpsampleBlock(nn.Module):
 
 class RBFHead(nn.Module):
     """Conv with a kernel as large as its input map -> (u_z, u_t, u_sigma), then tanh / softplus
-    (supplementary Sec. 3). The sigma bias starts near a third of the image size for stable early training."""
+    (supplementary Sec. 3). The sigma bias starts near a third of the image size for stable early training.
+
+    Size-agnostic (a deviation, README): a map of another size than the one the head was built for (a 64 x 64
+    mosaic of 32 x 32 images) is average-pooled to the kernel's size, the parameters are computed in the
+    built-for frame and scaled to the input's (centres per axis, sigma by the geometric mean of the two
+    ratios). At the built-for size nothing changes.
+    """
 
     def __init__(self, channels: int, map_size: tuple[int, int], image_size: tuple[int, int],
                  centre_margin: float = 2.0, sigma_bias: float | None = None):
@@ -101,11 +107,19 @@ class RBFHead(nn.Module):
             self.conv.bias[2] = sigma_bias
 
     def forward(self, x: Tensor) -> Tensor:
+        kernel = tuple(self.conv.kernel_size)
+        size = tuple(x.shape[-2:])
+        if size != kernel:
+            x = nn.functional.adaptive_avg_pool2d(x, kernel)
         u = self.conv(x).flatten(1).float()  # centres and sigma in fp32 under a bf16 policy
         height, width = self.image_size
         c_z = centre_nonlinearity(u[:, 0], height, self.centre_margin)
         c_t = centre_nonlinearity(u[:, 1], width, self.centre_margin)
-        return torch.stack([c_z, c_t, sigma_nonlinearity(u[:, 2])], 1)
+        sigma = sigma_nonlinearity(u[:, 2])
+        if size != kernel:
+            rz, rt = size[0] / kernel[0], size[1] / kernel[1]
+            c_z, c_t, sigma = c_z * rz, c_t * rt, sigma * (rz * rt) ** 0.5
+        return torch.stack([c_z, c_t, sigma], 1)
 
 
 class RealXHead(nn.Module):
@@ -160,15 +174,16 @@ class SelectorDecoder(nn.Module):
             x = block(x, passthrough)
         return self.head(x)
 
-    def probabilities(self, code: Tensor) -> Tensor:
-        """Per-pixel Bernoulli parameters of the explanatory mask, B x H x W (Eq. 5 or supplementary Eq. 2)."""
+    def probabilities(self, code: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """Per-pixel Bernoulli parameters of the explanatory mask, B x H x W (Eq. 5 or supplementary Eq. 2);
+        ``size``: the images' H x W when they differ from the size the decoder was built for."""
         code = code.float()  # the map is always fp32 (common.precision)
+        size = tuple(self.shape.image_size) if size is None else tuple(size)
         if self.kind == "rbf":
-            return rbf_bernoulli(code, *self.shape.image_size)
+            return rbf_bernoulli(code, *size)
         probs = torch.sigmoid(code)
-        if probs.shape[-2:] != self.shape.image_size:  # encoder's first scale is smaller than the image
-            probs = nn.functional.interpolate(probs[:, None], size=self.shape.image_size, mode="bilinear",
-                                              align_corners=False)[:, 0]
+        if tuple(probs.shape[-2:]) != size:  # encoder's first scale is smaller than the image
+            probs = nn.functional.interpolate(probs[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         return probs
 
 
@@ -209,7 +224,7 @@ class Selector(nn.Module):
         self.decoder.eval()
         try:
             _, code = self(images, targets)
-            return self.decoder.probabilities(code)
+            return self.decoder.probabilities(code, tuple(images.shape[-2:]))
         finally:
             self.encoder.train(was_training[0])
             self.decoder.train(was_training[1])
