@@ -66,7 +66,7 @@ def _run(argv: list[str] | None) -> int:
     paths = run_preset(preset, out, data_root=args.data_root, weights_dir=args.weights_dir,
                        device=args.device, launcher=args.launcher, launcher_options=options,
                        skip_training=args.aggregate_only, replace_changed=args.replace_changed,
-                       val_source=args.val_source, download=args.download)
+                       val_source=args.val_source, download=args.download, wait=args.wait)
     if not paths:  # a torchrun rank other than 0
         return 0
     print(paths["md"].read_text())

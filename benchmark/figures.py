@@ -22,22 +22,21 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from common.run import CheckpointError, load_checkpoint, read_json
+from common.run import atomic_save_figure, load_checkpoint, read_json
 
 from .jobs import Context, Job
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
 COLOURS = plt.get_cmap("tab10").colors
 EXPLANATION_CMAP = "jet"
+EXPLANATION_KEYS = ("indices", "images", "labels", "maps")  # what every explanations.pt holds (preds optional)
 CONSTANT_SPREAD = 1e-6  # a map whose max - min is below this is constant: no pixel ranked above another
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    """Save through a temporary file and a rename, like every other output."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    """Save through a uniquely named temporary file and a rename, like every other output (two processes
+    writing one figure never share a temporary; a failed write leaves none behind)."""
+    atomic_save_figure(fig, path, dpi=130, bbox_inches="tight")
 
 
 def _finite(value: object) -> bool:
@@ -168,11 +167,12 @@ def _first_explanations(ctx: Context, jobs: Sequence[Job], method: str) -> tuple
                       key=lambda j: (j.seed, -1.0 if j.target is None else j.target)):
         run = ctx.run_dir(job)
         if (run / "metrics.json").is_file() and (run / "explanations.pt").is_file():
-            try:
-                metrics = read_json(run / "metrics.json")
-                return load_checkpoint(run / "explanations.pt"), metrics if isinstance(metrics, dict) else {}
-            except CheckpointError:
-                return None
+            metrics = read_json(run / "metrics.json")
+            # An unreadable, unsafe or incomplete file is one error naming it, never a row silently missing.
+            rebuild = (f"delete it and {run / 'metrics.json'}, then run python -m benchmark --preset "
+                       f"{ctx.preset.name} --out {ctx.results_dir.parent} again to measure that job again")
+            blob = load_checkpoint(run / "explanations.pt", keys=EXPLANATION_KEYS, rebuild=rebuild)
+            return blob, metrics if isinstance(metrics, dict) else {}
     return None
 
 

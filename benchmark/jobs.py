@@ -20,6 +20,7 @@ propagate, leaving the directory to be resumed on the next run.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 import traceback
@@ -97,6 +98,11 @@ def read_metrics(ctx: Context, job: Job) -> dict[str, Any] | None:
     metrics = read_json(path)
     if not isinstance(metrics, dict) or metrics.get("status") != "finished" or "top1" not in metrics:
         raise CheckpointError(f"{path} is not a finished job's metrics; delete it to run the job again")
+    top1 = metrics["top1"]
+    if isinstance(top1, bool) or not isinstance(top1, int | float) or not math.isfinite(top1):
+        # NaN (or null: how atomic_write_json writes NaN) is a failed job, never a finished "–" row
+        raise CheckpointError(f"{path}: top1 is {top1!r}, not a finite accuracy; the job failed (delete the file "
+                              "to run the job again)")
     return metrics
 
 

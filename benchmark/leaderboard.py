@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from common.run import CheckpointError, read_json
+from common.run import CheckpointError, atomic_write_text, read_json
 
 from .explain_metrics import COLUMNS as EXPLANATION_COLUMNS
 from .explain_metrics import FAITHFULNESS
@@ -344,6 +344,4 @@ def _dense_point(runs: pd.DataFrame) -> tuple[float, float] | None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(text, path)  # a unique temporary name: concurrent writers never collide

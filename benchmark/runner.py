@@ -10,6 +10,7 @@ Launchers (no home-made scheduler):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from common.cli import validate_budget
 from common.data import DatasetNotFoundError, DatasetSplits
-from common.run import CheckpointError, ConfigMismatchError, pick_device, progress, read_json
+from common.run import CheckpointError, ConfigMismatchError, pick_device, progress, read_json, run_lock
 
 from .jobs import Context, Job, config_mismatch, is_finished, load_data, read_metrics, run_job
 from .leaderboard import write_leaderboard
@@ -164,11 +165,13 @@ def run_preset(preset: Preset, out: str | os.PathLike = "results", *, data_root:
                weights_dir: str | None = None, device: str | None = None, registry: Registry | None = None,
                launcher: str = "local", launcher_options: dict | None = None,
                skip_training: bool = False, replace_changed: bool = False, val_source: str | None = None,
-               download: bool = False) -> dict[str, Path]:
+               download: bool = False, wait: bool = False) -> dict[str, Path]:
     """Run every unfinished job of ``preset`` and (re)write its leaderboard; returns the output paths.
 
     Runs written by a different config are refused (``ConfigMismatchError``), or removed and re-run with
-    ``replace_changed``. ``skip_training`` on a folder with no run of the preset is a ``NoRunsError``."""
+    ``replace_changed``. ``skip_training`` on a folder with no run of the preset is a ``NoRunsError``.
+    One training process at a time per ``out/<preset>`` (``common.run.run_lock``): another one holding it
+    is a ``RunLockedError`` naming its pid, or with ``wait`` this call waits for it."""
     validate_budget(preset.budget())
     registry_names = list(default_registry() if registry is None else registry)
     unknown = [m for m in preset.methods if m not in registry_names]
@@ -183,9 +186,22 @@ def run_preset(preset: Preset, out: str | os.PathLike = "results", *, data_root:
         if not states["finished"] and not states["failed"]:
             raise NoRunsError(f"--aggregate-only: no run of preset {preset.name!r} under {ctx.results_dir / 'runs'}"
                               f"; check --out (now {out}) and --preset, or run without --aggregate-only first")
+    distributed = _torchrun_rank()
+    # torchrun's ranks share the folder by design (each takes its own jobs, rank 0 writes the leaderboard);
+    # --aggregate-only trains nothing and writes the leaderboard atomically, so it may watch a running preset.
+    lock = run_lock(ctx.results_dir, wait=wait, what=f"--out {out} (preset {preset.name})") \
+        if distributed is None and not skip_training else contextlib.nullcontext()
+    with lock:
+        return _run_locked(ctx, jobs, preset, registry, weights_dir=weights_dir, device=device, launcher=launcher,
+                           launcher_options=launcher_options, skip_training=skip_training,
+                           replace_changed=replace_changed, distributed=distributed)
+
+
+def _run_locked(ctx: Context, jobs: list[Job], preset: Preset, registry: Registry | None, *, weights_dir: str | None,
+                device: str | None, launcher: str, launcher_options: dict | None, skip_training: bool,
+                replace_changed: bool, distributed: tuple[int, int, int] | None) -> dict[str, Path]:
     _check_identities(ctx, jobs, replace_changed=replace_changed, aggregate_only=skip_training)
     pending = [job for job in jobs if not is_finished(ctx, job)]
-    distributed = _torchrun_rank()
     if pending and not skip_training:
         data = _load_inputs(ctx, weights_dir)  # fail before any job, not once per job
         if preset.start.kind == "scratch":  # train the shared start once, before jobs race for it

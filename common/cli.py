@@ -22,20 +22,21 @@ known errors and Ctrl-C as one line (``ICNN_TRACEBACK=1`` shows the traceback) a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
 import torch
 
 from .method import Budget
-from .run import pick_device, seed_everything
+from .run import pick_device, rebuild_hint, run_lock, seed_everything
 
 T = TypeVar("T")
 
@@ -82,6 +83,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool = True
     if out:
         parser.add_argument("--out", required=out_help is None, default=None,
                             help=out_help or "run directory (an interrupted run resumes there)")
+        parser.add_argument("--wait", action="store_true",
+                            help="when another process is using --out, wait for it to finish instead of "
+                                 "exiting with an error naming its pid")
     if overrides:
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override one config value (dotted keys for sections, e.g. train.lr=0.05); "
@@ -177,6 +181,35 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
                 raise CLIError(f"{flag} {path}: {candidate} is not writable")
             break
     return path
+
+
+def out_lock(args: argparse.Namespace, path: str | os.PathLike | None = None, flag: str = "--out"
+             ) -> contextlib.AbstractContextManager[Path]:
+    """The lock of the run directory ``path`` (default ``args.out``) for a command that writes into it: one
+    process per folder; a second exits with an error naming the holder's pid, or waits with ``--wait``."""
+    target = Path(path if path is not None else args.out)
+    return run_lock(target, wait=bool(getattr(args, "wait", False)), what=f"{flag} {target}")
+
+
+@contextlib.contextmanager
+def command_scope(args: argparse.Namespace, prog: str) -> Iterator[None]:
+    """Around one CLI command: the lock of its ``--out`` run directory when the parser has the shared
+    ``--out`` (``add_common_arguments(out=True)``, which adds ``--wait``), and the hint an unreadable run
+    file gives (``common.run.rebuild_hint``): train the ``--run`` directory again, or re-run the command."""
+    command = getattr(args, "command", None)
+    run, out = getattr(args, "run", None), getattr(args, "out", None) if hasattr(args, "wait") else None
+    if run is not None:
+        hint = (f"delete it and train the run again ({prog} train --out {run}, with the flags recorded in "
+                f"{Path(run) / 'config.json'})")
+    elif out is not None:
+        hint = f"delete it and run {prog}{f' {command}' if command else ''} --out {out} again"
+    else:
+        hint = "delete it and run the command that wrote it again"
+    with contextlib.ExitStack() as stack:
+        if out is not None:
+            stack.enter_context(out_lock(args))
+        stack.enter_context(rebuild_hint(hint))
+        yield
 
 
 def resolve_val_source(choice: str | None, pretrained: bool) -> str:

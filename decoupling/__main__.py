@@ -197,8 +197,11 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
+    from common.cli import command_scope
+
     args = parse_args(build_parser(), argv)
-    return {"train": _train, "evaluate": _evaluate, "explain": _explain}[args.command](args)
+    with command_scope(args, PROG):  # train: one process per --out; run files name their rebuild
+        return {"train": _train, "evaluate": _evaluate, "explain": _explain}[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,9 +145,12 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 def _run(argv: list[str] | None) -> None:
+    from common.cli import command_scope
+
     args = parse_args(_parser(), argv)
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain}
-    commands[args.command](args)
+    with command_scope(args, "python -m drib"):  # train: one process per --out; run files name their rebuild
+        commands[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,4 +172,14 @@ class DRIBConfig:
             raise ValueError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.train.precision!r}")
         if self.train.weight_decay < 0 or self.train.decision_weight_decay < 0:
             raise ValueError("train.weight_decay and train.decision_weight_decay must be >= 0")
+        # Checked here, before the CLI creates anything: the optimisers would refuse them only after the run
+        # directory holds config.json and log.txt.
+        for name, value in (("train.backbone_lr", self.train.backbone_lr), ("decision.gate_lr", d.gate_lr),
+                            ("decision.lam", d.lam)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0 <= self.train.momentum < 1:
+            raise ValueError(f"train.momentum must be in [0, 1), got {self.train.momentum!r}")
+        if self.train.batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1, got {self.train.batch_size!r}")
         b.validate()

@@ -213,6 +213,10 @@ def credibility_controls(info: Tensor, selected: Tensor, static: Tensor) -> tupl
     gain = float(torch.nanmean(out["oracle"]) - torch.nanmean(out["random"]))
     summary["credibility_normalised"] = (float(torch.nanmean(out["own"]) - torch.nanmean(out["random"])) / gain
                                          if gain > 0 else float("nan"))
+    if not gain > 0:  # written as null (common.run.atomic_write_json); the reason goes beside it
+        summary["credibility_normalised_reason"] = (
+            "undefined: the oracle's mean credibility does not exceed the random control's (oracle - random = "
+            f"{gain:.3g}), so (own - random) / (oracle - random) has no scale")
     summary["credibility_accepted"] = all(bool(t["beats"]) for t in tests.values())
     return out, summary
 

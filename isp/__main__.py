@@ -316,9 +316,12 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _run(argv: list[str] | None) -> int:
+    from common.cli import command_scope
+
     args = parse_args(_parser(), argv)  # seeds, sets --threads, checks budget / device / --out / --set
-    {"train": _train, "evaluate": _evaluate, "explain": _explain, "sweep": _sweep,
-     "blocks": _blocks, "speed": _speed, "report": _report, "compare": _compare}[args.command](args)
+    with command_scope(args, PROG):  # train: one process per --out; run files name their rebuild
+        {"train": _train, "evaluate": _evaluate, "explain": _explain, "sweep": _sweep,
+         "blocks": _blocks, "speed": _speed, "report": _report, "compare": _compare}[args.command](args)
     return 0
 
 

@@ -264,8 +264,11 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain
 
 
 def _run(argv: Sequence[str] | None) -> int:
+    from common.cli import command_scope
+
     args = parse_args(_parser(), argv)  # seeds, sets --threads, checks budget / device / --out / --set first
-    COMMANDS[args.command](args)
+    with command_scope(args, PROG):  # train: one process per --out; run files name their rebuild
+        COMMANDS[args.command](args)
     return 0
 
 

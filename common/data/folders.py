@@ -1,8 +1,14 @@
 """Image folders (``<split>/<class>/*.png|jpg``) decoded once into a cached uint8 array.
 
 Decoding 50,000 PNGs costs tens of seconds; the cache turns every later load into a memory-mapped read.
-The cache key covers the resolved folder path, the class names, the file count and their total bytes, so a
-folder whose contents changed gets a fresh cache instead of a stale one.
+The cache key covers the resolved folder path, the class names and a SHA-256 of every file's class, name,
+size and bytes, so a folder whose contents changed in any way (a file swapped between two classes with the
+same names, counts and sizes included) gets a fresh cache instead of a stale one. Hashing reads every file:
+CIFAR-10's 60,000 PNGs (136 MB) hash in about 0.4 s from the page cache and 4 s from a cold disk, against
+tens of seconds for a decode.
+
+Class names are the folder names as text; bytes that are not UTF-8 show as U+FFFD (replacement
+characters), so that every name can be printed, written to JSON and drawn by matplotlib.
 
 A file that does not decode (corrupt or truncated, or text named ``.jpg``), or one whose size differs from
 the size most files share, never kills the decode: it is skipped with one warning that names every skipped
@@ -16,6 +22,7 @@ where this module decodes once into an array.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,7 +42,7 @@ from ..run import _file_mode, progress
 from .containers import ImageTensors
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-CACHE_VERSION = 2  # bump when the cached array layout changes (2: skipped unreadable files are recorded)
+CACHE_VERSION = 3  # bump when the cached array layout changes (2: skipped files recorded; 3: content digest)
 STRICT_ENV = "ICNN_STRICT_IMAGES"  # "1": an unreadable image is an error instead of a skipped file
 _WARN_NAMES = 20  # a warning names at most this many files (the strict error names all of them)
 
@@ -59,8 +66,22 @@ class FolderListing:
     labels: np.ndarray
     total_bytes: int
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 over every file's path below the folder, size and bytes, in listing order: any change of
+        content, name or class (a file moved or swapped between classes) changes it."""
+        digest = hashlib.sha256()
+        for path in progress(self.files, f"hashing {self.folder}", total=len(self.files)):
+            with open(path, "rb") as handle:
+                data = handle.read()
+            name = os.fsencode(os.path.relpath(path, self.folder))
+            digest.update(len(name).to_bytes(4, "little") + name + len(data).to_bytes(8, "little"))
+            digest.update(data)
+        return digest.hexdigest()
+
     def cache_key(self) -> str:
-        ident = json.dumps([CACHE_VERSION, str(self.folder), self.classes, len(self.files), self.total_bytes])
+        ident = json.dumps([CACHE_VERSION, str(self.folder), self.classes, len(self.files), self.total_bytes,
+                            self.digest])
         return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
@@ -82,14 +103,36 @@ def scan_folder(folder: str | os.PathLike) -> FolderListing:
         )
         # An empty class folder still takes its index: class index = position among the sorted folder names.
         label = len(classes)
-        classes.append(class_dir.name)
+        classes.append(display_name(class_dir.name))
         for e in entries:
             files.append(e.path)
             labels.append(label)
             total += e.stat().st_size
     if not files:
         raise ValueError(f"{folder} holds no images: expected {folder}/<class>/*.png|jpg")
+    if len(set(classes)) < len(classes):
+        raise ValueError(f"{folder}: class folders {sorted({c for c in classes if classes.count(c) > 1})} differ "
+                         "only in bytes that are not UTF-8; rename them")
     return FolderListing(folder, classes, files, np.asarray(labels, dtype=np.int64), total)
+
+
+def display_name(name: str) -> str:
+    """``name`` (a file system name, undecodable bytes held as surrogates) as printable text: bytes that are
+    not UTF-8 become U+FFFD."""
+    return os.fsencode(name).decode("utf-8", errors="replace")
+
+
+def check_training_classes(classes: list[str], labels: np.ndarray, folder: str | os.PathLike) -> None:
+    """A training split needs two classes or more, each with at least one image: one ``ValueError`` naming
+    the problem otherwise (a classifier of one class, or with a class it never sees, trains to nonsense)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    if len(classes) < 2:
+        raise ValueError(f"{folder} holds {len(classes)} class folder ({', '.join(classes)}); a classifier needs "
+                         f"at least 2: expected {folder}/<class>/*.png|jpg with one folder per class")
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise ValueError(f"{folder}: class folder(s) {', '.join(empty)} hold no readable training image; add images "
+                         "or remove the folder(s)")
 
 
 def _sizes(files: list[str]) -> list[tuple[int, int] | None]:
@@ -212,6 +255,7 @@ def load_image_folder(folder: str | os.PathLike, cache_dir: str | os.PathLike | 
             "classes": listing.classes,
             "count": len(listing.files),
             "bytes": listing.total_bytes,
+            "digest": listing.digest,
             "shape": list(images.shape),
             "skipped": [int(i) for i in skipped],
         }
@@ -244,7 +288,7 @@ def _read_cache(paths: dict[str, Path], listing: FolderListing) -> tuple[ImageTe
         return None  # a damaged entry is rebuilt, never trusted
     n = len(listing.files)
     if (meta.get("version") != CACHE_VERSION or meta.get("classes") != listing.classes or meta.get("count") != n
-            or any(not 0 <= i < n for i in skipped)):
+            or meta.get("digest") != listing.digest or any(not 0 <= i < n for i in skipped)):
         return None
     expected = _kept(listing.labels, skipped)
     if images.shape[0] != len(expected) or not np.array_equal(labels, expected):

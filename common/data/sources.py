@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .containers import ImageTensors
-from .folders import load_image_folder
+from .folders import check_training_classes, load_image_folder
 from .paths import not_found
 from .splits import stratified_split
 
@@ -212,6 +212,7 @@ def load_stl10(root: Path, download: bool, cache_dir: Path | None) -> Loaded:
 def _load_split_folders(folder: Path, cache_dir: Path | None) -> Loaded:
     """``folder/train/<class>/*`` and ``folder/test/<class>/*``; labels follow the sorted training classes."""
     train, classes = load_image_folder(folder / "train", cache_dir)
+    check_training_classes(classes, train.labels.numpy(), folder / "train")  # one class, or an empty one
     test, test_classes = load_image_folder(folder / "test", cache_dir)
     unknown = sorted(set(test_classes) - set(classes))
     if unknown:
