@@ -260,3 +260,36 @@ def test_progress_is_plain_lines_when_not_a_terminal(capsys: pytest.CaptureFixtu
     monkeypatch.setenv("ICNN_PROGRESS", "0")
     assert list(progress(range(3), "eval")) == [0, 1, 2]
     assert capsys.readouterr().err == ""
+
+
+def test_out_commands_hold_the_lock_and_name_the_rebuild(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from common.cli import command_scope
+    from common.run import RunLockedError, atomic_torch_save, load_checkpoint, run_lock
+
+    parser = argparse.ArgumentParser(prog="python -m m")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_common_arguments(sub.add_parser("train"), out=True)
+    evaluate = sub.add_parser("evaluate")
+    evaluate.add_argument("--run")
+    out = tmp_path / "run"
+    args = parse_args(parser, ["train", "--out", str(out), "--wait"])
+    assert args.wait is True
+    args = parse_args(parser, ["train", "--out", str(out)])
+
+    def train() -> None:
+        with command_scope(args, "python -m m"):
+            (out / "list.pt").parent.mkdir(exist_ok=True)
+            atomic_torch_save([1], out / "list.pt")
+            with run_lock(out):  # a second holder of the same directory (here: another open of the lock)
+                pass
+
+    assert main_guard(train, prog="python -m m") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"python -m m: error: {out} is in use by another process (pid {os.getpid()} holds")
+    assert "--wait" in err and len(err.splitlines()) == 1
+    with pytest.raises(RunLockedError):  # (the same, raised)
+        train()
+    evaluate_args = parse_args(parser, ["evaluate", "--run", str(out)])
+    with command_scope(evaluate_args, "python -m m"), pytest.raises(Exception) as info:
+        load_checkpoint(out / "list.pt")
+    assert f"python -m m train --out {out}" in str(info.value)

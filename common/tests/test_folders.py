@@ -131,3 +131,76 @@ def test_cache_dir_none_means_the_default_cache_in_load_dataset_and_no_cache_in_
     assert not (tmp_path / "default-cache").exists()  # None here: decode without caching
     load_dataset(f"imagefolder:{tmp_path / 'user'}", val_fraction=0, cache_dir=None)
     assert len(list((tmp_path / "default-cache").glob("*.images.npy"))) == 2  # None there: $ICNN_CACHE
+
+
+# --- the cache follows the content; classes a classifier can learn; printable names (issue 26) -------------
+
+
+def _two_class_folder(root: Path) -> None:
+    for split in ("train", "test"):
+        for k, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                (root / split / name / f"{i}.png").write_bytes(_png_bytes(10 * k + i))
+
+
+def test_a_file_swapped_between_classes_rebuilds_the_cache(tmp_path: Path) -> None:
+    """Same names, counts and byte totals in each class: only the contents say that cat/0 and dog/0 swapped."""
+    root, cache = tmp_path / "user", tmp_path / "cache"
+    _two_class_folder(root)
+    before, _ = load_image_folder(root / "train", cache_dir=cache)
+    cat, dog = root / "train" / "cat" / "0.png", root / "train" / "dog" / "0.png"
+    cat_bytes, dog_bytes = cat.read_bytes(), dog.read_bytes()
+    assert len(cat_bytes) == len(dog_bytes)  # the sizes match too: only the bytes differ
+    stats = cat.stat(), dog.stat()
+    cat.write_bytes(dog_bytes)
+    dog.write_bytes(cat_bytes)
+    os.utime(cat, ns=(stats[0].st_atime_ns, stats[0].st_mtime_ns))  # even the modification times stay
+    os.utime(dog, ns=(stats[1].st_atime_ns, stats[1].st_mtime_ns))
+    after, _ = load_image_folder(root / "train", cache_dir=cache)
+    assert after.labels.tolist() == before.labels.tolist() == [0, 0, 1, 1]
+    assert np.array_equal(after.images[0].numpy(), before.images[2].numpy())  # cat/0 now holds dog/0's pixels
+    assert np.array_equal(after.images[2].numpy(), before.images[0].numpy())
+    assert len(list(cache.glob("*.json"))) == 2  # a second entry, keyed by the new content
+    again, _ = load_image_folder(root / "train", cache_dir=cache)  # and served from it afterwards
+    assert np.array_equal(again.images.numpy(), after.images.numpy())
+
+
+def test_one_class_or_an_empty_class_is_one_clear_error(tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    for split in ("train", "test"):
+        (one / split / "cat").mkdir(parents=True)
+        (one / split / "cat" / "a.png").write_bytes(_png_bytes(0))
+    with pytest.raises(ValueError, match=r"holds 1 class folder \(cat\); a classifier needs at least 2"):
+        load_dataset(f"imagefolder:{one}", val_fraction=0, cache_dir=None)
+    empty = tmp_path / "empty"
+    _two_class_folder(empty)
+    (empty / "train" / "bird").mkdir()
+    (empty / "train" / "bird" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"class folder\(s\) bird hold no readable training image") as info:
+        load_dataset(f"imagefolder:{empty}", val_fraction=0, cache_dir=None)
+    assert "\n" not in str(info.value)
+
+
+def test_non_utf8_class_names_are_shown_with_replacement_characters(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = tmp_path / "user"
+    _two_class_folder(root)
+    latin1 = os.fsdecode(b"caf\xe9")  # a Latin-1 name: not UTF-8
+    for split in ("train", "test"):
+        try:
+            (root / split / "cat").rename(root / split / latin1)
+        except (OSError, UnicodeEncodeError):
+            pytest.skip("this file system does not take non-UTF-8 names")
+    data = load_dataset(f"imagefolder:{root}", val_fraction=0, cache_dir=tmp_path / "cache")
+    assert data.classes == ["caf\ufffd", "dog"]
+    for name in data.classes:
+        name.encode("utf-8")  # printable, JSON- and figure-safe
+    fig, ax = plt.subplots()
+    ax.set_title(f"label: {data.classes[0]}")
+    fig.savefig(tmp_path / "figure.png")
+    plt.close(fig)
