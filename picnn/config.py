@@ -36,7 +36,7 @@ class PicnnSettings:
     eval_draws: int = 5  # independent draws averaged for the sampled ACC2 / ACC3 (the authors use one)
     mis_samples: int | None = None  # cap on test images used for MIS (the k-NN estimator is O(M log M))
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints (one is also written every epoch)
-    log_every: int = 50  # steps between loss logs and finite-loss checks
+    log_every: int = 50  # steps between loss logs (the training loop checks every step's loss)
     precision: str = "auto"  # common.precision policy of training and evaluation: auto, fp32 or bf16
     control: bool = False  # run_method only: also train the lambda = 0 control and report mis_lift
 

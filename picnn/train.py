@@ -4,7 +4,6 @@ and the per-step training overhead against the plain backbone, timed side by sid
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -17,9 +16,10 @@ from torch import Tensor, nn
 
 from common.backbones import build_backbone
 from common.data import BatchLoader, DatasetSplits
+from common.loop import LoopState, TrainLoop, batch_stream, require_finite
 from common.method import Budget
 from common.precision import Precision, resolve_precision
-from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_checkpoint, progress
+from common.run import RunDir, Stopwatch, atomic_torch_save, load_checkpoint
 
 from .config import PicnnSettings
 from .evaluate import collect_pooled, interpretation_accuracies
@@ -82,12 +82,17 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+# The setting a diverged run should change, ending every non-finite error (loss, checkpoint or model.pt).
+DIVERGED_FIX = "lower --set lr (the Adam learning rate)"
+
+
 def train_picnn(model: PicnnNet, data: DatasetSplits, budget: Budget, run: RunDir, settings: PicnnSettings,
                 device: torch.device, seed: int = 0) -> TrainReport:
-    """Train ``model`` in place for ``budget``; resume from ``run/checkpoint.pt`` if present.
+    """Train ``model`` in place for ``budget`` through the shared loop (``common.loop.TrainLoop``); resume from
+    ``run/checkpoint.pt`` if present.
 
     The model finally holds the weights with the best validation ACC1 among the evaluations made at the end
-    of every epoch (the last weights when there is no validation split); they are also written to model.pt.
+    of every epoch (the last weights when there is no validation split); the caller writes them to model.pt.
     """
     log = run.logger("picnn")
     model.to(device)
@@ -102,84 +107,62 @@ def train_picnn(model: PicnnNet, data: DatasetSplits, budget: Budget, run: RunDi
     total = budget.batches(len(loader))
     optimizer = make_optimizer(model, settings)
     scheduler = cosine_schedule(optimizer, total, settings.final_lr_scale)
-    state: dict[str, Any] = {"step": 0, "train_seconds": 0.0, "best_val_acc1": None, "best_step": None,
-                             "best_state": None, "history": [], "stopped_on_time": False}
-    if run.checkpoint_path.is_file():
-        saved = load_checkpoint(run.checkpoint_path, map_location="cpu")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng_cpu"])
-        if device.type == "cuda" and saved.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(saved["rng_cuda"], device)
-        state.update({k: saved[k] for k in state})
-        if budget.seconds is None or state["train_seconds"] < budget.seconds:
-            state["stopped_on_time"] = False  # a larger time budget continues a run stopped on time
-        log.info("resumed from step %d of %d", state["step"], total)
-    clock = Stopwatch(device, elapsed=state["train_seconds"])
+    # The loop restores model, optimiser, scheduler, step, training seconds, every RNG and ``extra``.
+    loop = TrainLoop(run, "picnn", {"model": model, "optimizer": optimizer, "scheduler": scheduler}, total,
+                     seconds=budget.seconds, save_every=settings.checkpoint_every, fix=DIVERGED_FIX,
+                     where="PICNN training", device=device)
+    extra = loop.state.extra
+    for key, empty in (("best_val_acc1", None), ("best_step", None), ("best_state", None), ("history", [])):
+        extra.setdefault(key, empty)
+    if loop.resumed:
+        log.info("resumed from step %d of %d", loop.state.step, total)
 
-    def save_checkpoint() -> None:
-        state["train_seconds"] = clock.elapsed
-        atomic_torch_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                           "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                          run.checkpoint_path)
+    def step_fn(step: int, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        x = policy.prepare_inputs(x)
+        with policy.autocast():
+            out = model.pathways(x, y, assignment=settings.assignment, cluster_index=settings.cluster_index,
+                                 gumbel_temperature=settings.gumbel_temperature)
+        loss, l_dis, l_int = picnn_losses(out, y, settings.lam)  # float32 losses of the logits
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        if done % settings.log_every == 0 or done == 1:
+            log.info("step %d/%d L %.4f L_dis %.4f L_int %.4f", done, total, loss.item(), l_dis.item(),
+                     l_int.item())
+        return loss
 
-    def end_of_epoch() -> None:
-        entry: dict[str, float] = {"step": state["step"], "train_seconds": clock.elapsed}
+    def end_of_epoch(done: int, state: LoopState) -> None:
+        """Validation at the end of every epoch (and when time runs out); the best ACC1 keeps its weights."""
+        entry: dict[str, float] = {"step": done, "train_seconds": state.seconds}
         if len(data.val):
             entry.update({f"val_{k}": v for k, v in validate(model, data, settings, device, seed, policy).items()})
-            if state["best_val_acc1"] is None or entry["val_acc1"] > state["best_val_acc1"]:
-                state.update(best_val_acc1=entry["val_acc1"], best_step=state["step"], best_state=_cpu_state(model))
-        state["history"].append(entry)
+            if extra["best_val_acc1"] is None or entry["val_acc1"] > extra["best_val_acc1"]:
+                extra.update(best_val_acc1=entry["val_acc1"], best_step=done, best_state=_cpu_state(model))
+        extra["history"].append(entry)
         log.info("validation %s", entry)
-        save_checkpoint()
+        if done % settings.checkpoint_every and done < total and not state.stopped_on_time:
+            loop.save()  # one checkpoint per epoch too (unless the loop writes one now), so no validation reruns
 
     model.train()
-    bar = progress(range(total), "picnn train", total=total)
-    for _ in itertools.islice(bar, state["step"]):
-        pass  # advance the bar to the resumed position
-    while state["step"] < total and not state["stopped_on_time"]:
-        epoch, offset = divmod(state["step"], per_epoch)
-        loader.set_epoch(epoch)
-        for x, y in itertools.islice(loader, offset, per_epoch):
-            with clock:
-                x = policy.prepare_inputs(x)
-                with policy.autocast():
-                    out = model.pathways(x, y, assignment=settings.assignment,
-                                         cluster_index=settings.cluster_index,
-                                         gumbel_temperature=settings.gumbel_temperature)
-                loss, l_dis, l_int = picnn_losses(out, y, settings.lam)  # float32 losses of the logits
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-            state["step"] += 1
-            next(bar, None)
-            step = state["step"]
-            if step % settings.log_every == 0 or step == 1:
-                check_finite(loss, f"PICNN training step {step}")
-                log.info("step %d/%d L %.4f L_dis %.4f L_int %.4f", step, total, loss.item(), l_dis.item(),
-                         l_int.item())
-            if budget.seconds is not None and clock.elapsed >= budget.seconds:
-                state["stopped_on_time"] = True
-                log.info("time budget of %.0f s reached at step %d", budget.seconds, step)
-                end_of_epoch()
-                break
-            if step % per_epoch == 0 or step == total:
-                end_of_epoch()
-                break
-            if step % settings.checkpoint_every == 0:
-                save_checkpoint()
-    if state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])
-    return TrainReport(train_seconds=clock.elapsed, steps=state["step"], total_steps=total,
-                       best_val_acc1=state["best_val_acc1"], best_step=state["best_step"],
-                       stopped_on_time=state["stopped_on_time"], history=copy.deepcopy(state["history"]))
+    first = loop.state.step
+    state = loop.run(step_fn, batches=lambda s: batch_stream(loader, s, per_epoch), on_period=end_of_epoch,
+                     period=per_epoch, desc="picnn train")
+    if state.stopped_on_time and state.step > first:
+        log.info("time budget of %.0f s reached at step %d", budget.seconds, state.step)
+    if extra["best_state"] is not None:
+        model.load_state_dict(extra["best_state"])
+    return TrainReport(train_seconds=state.seconds, steps=state.step, total_steps=total,
+                       best_val_acc1=extra["best_val_acc1"], best_step=extra["best_step"],
+                       stopped_on_time=state.stopped_on_time, history=copy.deepcopy(extra["history"]))
 
 
 def save_model(model: PicnnNet, run: RunDir, meta: dict[str, Any]) -> None:
-    """model.pt: the selected weights plus what is needed to rebuild the network."""
+    """model.pt: the selected weights plus what is needed to rebuild the network (refused, with nothing
+    written, when a weight is NaN or infinite)."""
+    require_finite(model.state_dict(), f"PICNN {run.model_path.name}", DIVERGED_FIX)
     atomic_torch_save({"state_dict": model.state_dict(), "meta": meta}, run.model_path)
 
 
