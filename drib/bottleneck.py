@@ -148,6 +148,14 @@ class Attribution:
     heatmap: Tensor  # H x W, bits per input pixel
 
 
+class _ShapeMismatch(Exception):
+    """Raised by a bottleneck hook whose features differ in shape from its statistics."""
+
+    def __init__(self, hook: _BottleneckHook, shape: tuple[int, ...]):
+        super().__init__(shape)
+        self.hook, self.shape = hook, shape
+
+
 class _BottleneckHook:
     """Forward hook that swaps a module's output R for Z (and records the capacity)."""
 
@@ -155,19 +163,38 @@ class _BottleneckHook:
         self.stats, self.config, self.generator = stats, config, generator
         self.alpha: Tensor | None = None
         self.last_capacity: Tensor | None = None
+        self.index = 0  # position among the sites of one attribution
 
     def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         if self.alpha is None:
             return output
-        if output.shape[1:] != self.stats.mean.shape:
-            raise ValueError(f"bottleneck statistics of shape {tuple(self.stats.mean.shape)} do not match the "
-                             f"site's features {tuple(output.shape[1:])}: re-estimate them for this site")
+        if output.shape[1:] != self.stats.mean.shape:  # another input size: refit and restart (no noise drawn)
+            raise _ShapeMismatch(self, tuple(output.shape[1:]))
         lam = smooth(torch.sigmoid(self.alpha), self.config.sigma).expand_as(output)
         one_minus = smooth(torch.sigmoid(-self.alpha), self.config.sigma).expand_as(output)
         device = self.generator.device if self.generator is not None else output.device
         noise = torch.randn(output.shape, generator=self.generator, device=device).to(output)
         self.last_capacity = capacity(output, lam, self.stats.mean, self.stats.std, one_minus) * self.stats.active
         return restrict(output, lam, self.stats.mean, self.stats.std, noise)
+
+
+def fit_statistics(stats: FeatureStats, shape: tuple[int, ...]) -> FeatureStats:
+    """``stats`` for features of ``shape`` (C x h' x w'): unchanged when the shape is the estimated one; for
+    an input of another size (a 64 x 64 mosaic of 32 x 32 images) the mean and std are resized bilinearly and
+    the active mask by nearest neighbour to h' x w', position for position (a stated deviation, README)."""
+    if tuple(stats.mean.shape) == tuple(shape):
+        return stats
+    if len(shape) != 3 or stats.mean.dim() != 3 or shape[0] != stats.mean.shape[0]:
+        raise ValueError(f"bottleneck statistics of shape {tuple(stats.mean.shape)} do not match the site's features "
+                         f"{tuple(shape)}: re-estimate them for this site")
+    size = tuple(shape[-2:])
+
+    def resized(t: Tensor, mode: str) -> Tensor:
+        kwargs = {"align_corners": False} if mode == "bilinear" else {}
+        return F.interpolate(t[None].float(), size=size, mode=mode, **kwargs)[0].to(t.dtype)
+
+    return FeatureStats(resized(stats.mean, "bilinear"), resized(stats.std, "bilinear"),
+                        resized(stats.active, "nearest"))
 
 
 def attribute_sites(model: nn.Module, layers: list[nn.Module], stats: list[FeatureStats], image: Tensor,
@@ -180,7 +207,8 @@ def attribute_sites(model: nn.Module, layers: list[nn.Module], stats: list[Featu
     Loss = CE + beta * (capacity summed over every counted element of every site / their number), IBA's
     mean over C h w. ``element_masks`` (per site: C or C x h x w, 0/1, or None) restrict the capacity that
     counts. Only the alphas are optimised; the model's parameters and their ``.grad`` are untouched; eval
-    mode throughout. ``prepend``: run the bottleneck before the layer's other forward hooks.
+    mode throughout. ``prepend``: run the bottleneck before the layer's other forward hooks. Statistics
+    estimated at another input size are fitted to this image's feature shapes (`fit_statistics`).
     """
     config = config or BottleneckConfig()
     config.validate()
@@ -190,7 +218,21 @@ def attribute_sites(model: nn.Module, layers: list[nn.Module], stats: list[Featu
     stats = [FeatureStats(s.mean.to(device), s.std.to(device).clamp_min(config.min_std), s.active.to(device))
              for s in stats]
     masks = element_masks or [None] * len(layers)
+    for _ in range(len(layers)):
+        try:
+            return _attribute_once(model, layers, stats, image, target, config, masks, generator, prepend)
+        except _ShapeMismatch as mismatch:  # the first forward stopped at that site before any noise was drawn
+            stats[mismatch.hook.index] = fit_statistics(stats[mismatch.hook.index], mismatch.shape)
+    return _attribute_once(model, layers, stats, image, target, config, masks, generator, prepend)
+
+
+def _attribute_once(model: nn.Module, layers: list[nn.Module], stats: list[FeatureStats], image: Tensor,
+                    target: int, config: BottleneckConfig, masks: list[Tensor | None],
+                    generator: torch.Generator | None, prepend: bool) -> list[Attribution]:
+    device = image.device
     hooks = [_BottleneckHook(s, config, generator) for s in stats]
+    for index, hook in enumerate(hooks):
+        hook.index = index
     handles = [layer.register_forward_hook(hook, prepend=prepend) for layer, hook in zip(layers, hooks)]
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
