@@ -71,8 +71,8 @@ class DecouplingSettings:
     # common.precision policy of every training and evaluation forward ("auto": bf16 autocast +
     # channels_last where the device has native bf16, else fp32); losses, gates, MACs and metrics stay fp32.
     precision: str = "auto"
-    checkpoint_every: int = 200  # steps between checkpoints (and at every epoch end)
-    log_every: int = 50  # steps between finite-loss checks and log lines
+    checkpoint_every: int = 200  # steps between checkpoints (and at every epoch end; common.loop)
+    log_every: int = 50  # steps between log lines (the loop checks the loss on every step)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> DecouplingSettings:

@@ -1,4 +1,5 @@
-"""Fine-tuning a decoupled network with Eq. 12 under a budget, resumable from ``checkpoint.pt``.
+"""Fine-tuning a decoupled network with Eq. 12 under a budget, through the shared resumable loop
+(``common.loop``: ``checkpoint.pt``, exact resume, finite checks).
 
 With ``finetune_fraction`` > 0 the last share of the steps is a second phase (not in the paper): gates
 in their inference form (Eq. 5) and frozen, only the backbone trained, on L_ce alone. With a
@@ -11,6 +12,7 @@ gates, losses and MAC counts stay fp32.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,26 +20,17 @@ import torch
 from torch import Tensor
 
 from common.data import BatchLoader, DatasetSplits, ImageTensors
+from common.loop import LoopState, TrainLoop, batch_stream, require_finite
 from common.method import Budget
 from common.precision import Precision, resolve_precision
-from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_checkpoint, progress
+from common.run import RunDir, Stopwatch
 
 from .config import DecouplingSettings
 from .losses import DecouplingObjective
 from .model import DecoupledNet
 
-
-def _batches_from(loader: BatchLoader, step: int, per_epoch: int):
-    """Batches from global step ``step`` on, epoch after epoch; a resumed run sees the same sequence."""
-    epoch, position = divmod(step, per_epoch)
-    while True:
-        loader.set_epoch(epoch)
-        for index, batch in enumerate(loader):
-            if index >= per_epoch:
-                break
-            if index >= position:
-                yield batch
-        epoch, position = epoch + 1, 0
+STAGE = "decoupling"  # the one training stage (the checkpoint's stage name)
+FIX = "lower --set lr (and controller_lr / mi_head_lr if set)"  # ends every non-finite error
 
 
 @torch.no_grad()
@@ -163,8 +156,13 @@ def calibrate_gate_offset(model: DecoupledNet, images: ImageTensors, target_redu
 def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: DatasetSplits, budget: Budget,
                     run: RunDir, settings: DecouplingSettings, device: torch.device, seed: int = 0,
                     logger: logging.Logger | None = None) -> TrainOutcome:
-    """Train ``model`` and ``objective`` (its L_mi heads) in place. Saves ``checkpoint.pt`` every
-    ``checkpoint_every`` steps, at every epoch end and when the time budget runs out; resumes from it."""
+    """Train ``model`` and ``objective`` (its L_mi heads) in place through ``common.loop.TrainLoop``
+    (``checkpoint.pt`` every ``checkpoint_every`` steps, at every epoch end, at the last step and when the
+    time budget runs out; a resume is bit-identical), then post-process: the gate offset and the BN
+    statistics. The post-processing never enters the checkpoint: every launch redoes it from the loop's
+    final checkpoint, deterministically (fixed images and batches, the RNG state that checkpoint restores),
+    so a kill during it and a re-run end with the same weights. Non-finite weights are refused before the
+    caller writes model.pt (``NonFiniteLossError`` naming ``--set lr``)."""
     logger = logger or run.logger("decoupling")
     precision = resolve_precision(settings.precision, device)
     model.to(device)
@@ -180,58 +178,48 @@ def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: D
     total_steps = budget.batches(len(loader))
     finetune_from = finetune_start(total_steps, settings)
     backbone_params = optimizer.param_groups[0]["params"]
-    step, elapsed, last = 0, 0.0, {}
-    if run.checkpoint_path.is_file():
-        state = load_checkpoint(run.checkpoint_path, map_location=device)
-        model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed, last = state["step"], state["train_seconds"], state.get("last_losses", {})
-        torch.set_rng_state(state["torch_rng"])
-        logger.info("resumed at step %d of %d", step, total_steps)
+    # The lr schedule is a function of the step (set in every step), so it needs no state of its own.
+    loop = TrainLoop(run, STAGE, {"model": model, "objective": objective, "optimizer": optimizer}, total_steps,
+                     seconds=budget.seconds, save_every=settings.checkpoint_every, fix=FIX,
+                     where="decoupling train", log=logger, log_every=settings.log_every, device=device)
 
-    def save() -> None:
-        atomic_torch_save({"model": model.state_dict(), "objective": objective.state_dict(),
-                           "optimizer": optimizer.state_dict(), "step": step, "total_steps": total_steps,
-                           "train_seconds": clock.elapsed, "last_losses": last,
-                           "torch_rng": torch.get_rng_state()}, run.checkpoint_path)
-
-    clock = Stopwatch(device, elapsed)
-    stopped_by_time = False
-    model.train()
-    bar = progress(range(step, total_steps), "decoupling train", total=total_steps - step)
-    for _, (x, y) in zip(bar, _batches_from(loader, step, per_epoch)):
-        if budget.seconds is not None and clock.elapsed >= budget.seconds:
-            stopped_by_time = True
-            break
-        with clock:
-            factor = lr_factor(step, total_steps, settings)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            finetuning = step >= finetune_from
-            model.set_hard_gates(finetuning)
-            with precision.autocast():
-                logits, record = model.forward_with_paths(precision.prepare_inputs(x))
-            macs = model.expected_macs(record.masks, size) if objective.target_mac_reduction is not None else None
-            terms = objective(logits, y, record.masks, record.pooled, macs)
-            optimizer.zero_grad(set_to_none=True)
-            if finetuning:  # frozen controllers: their grads stay None, so SGD leaves them (and their decay) be
-                terms.ce.backward(inputs=backbone_params)
-            else:
-                terms.total.backward()
-            optimizer.step()
-        step += 1
-        if step % settings.log_every == 0 or step == total_steps:
-            check_finite(terms.total, f"decoupling step {step}")
+    def step_fn(step: int, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        factor = lr_factor(step, total_steps, settings)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        finetuning = step >= finetune_from
+        model.set_hard_gates(finetuning)
+        with precision.autocast():
+            logits, record = model.forward_with_paths(precision.prepare_inputs(x))
+        macs = model.expected_macs(record.masks, size) if objective.target_mac_reduction is not None else None
+        terms = objective(logits, y, record.masks, record.pooled, macs)
+        optimizer.zero_grad(set_to_none=True)
+        if finetuning:  # frozen controllers: their grads stay None, so SGD leaves them (and their decay) be
+            terms.ce.backward(inputs=backbone_params)
+        else:
+            terms.total.backward()
+        optimizer.step()
+        done = step + 1
+        if done % settings.log_every == 0 or done == total_steps:
             last = terms.as_floats()
+            loop.state.extra["last_losses"] = last
             open_share = float(torch.cat([m.detach() for m in record.masks], 1).mean())
-            logger.info("step %d/%d lr %.4g %s open %.3f", step, total_steps, optimizer.param_groups[0]["lr"],
+            logger.info("step %d/%d lr %.4g %s open %.3f", done, total_steps, optimizer.param_groups[0]["lr"],
                         " ".join(f"{k} {v:.4f}" for k, v in last.items()), open_share)
-        if step % settings.checkpoint_every == 0 or step % per_epoch == 0:
-            save()
+        return terms.total  # the loop checks it is finite on every step
+
+    def at_epoch_end(done: int, state: LoopState) -> None:
+        # The loop saves every checkpoint_every steps, at the end and on time; the epoch ends are this method's.
+        if done % per_epoch == 0 and done % settings.checkpoint_every and done < total_steps \
+                and not state.stopped_on_time:
+            loop.save()
+
+    model.train()
+    state = loop.run(step_fn, batches=lambda s: batch_stream(loader, s, per_epoch), on_period=at_epoch_end,
+                     period=per_epoch, desc="decoupling train")
     model.set_hard_gates(False)
-    if stopped_by_time:
-        logger.info("time budget of %.0f s reached at step %d", budget.seconds, step)
+    clock = Stopwatch(device)
     offset = 0.0
     target = settings.target_mac_reduction
     if target is not None:
@@ -242,6 +230,9 @@ def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: D
         with clock:
             offset += calibrate_gate_offset(model, subset, target, device, precision, logger=logger)
     if settings.bn_recalibration_batches > 0:
+        # The epoch after the last step's (as a run that was never interrupted draws next), set explicitly so
+        # that a launch that only redoes the post-processing sees the same batches.
+        loader.set_epoch(math.ceil(state.step / per_epoch))
         with clock:
             recalibrate_batch_norm(model, loader, settings.bn_recalibration_batches, precision)
         logger.info("BN statistics re-estimated on %d batches under inference-mode gates",
@@ -249,7 +240,8 @@ def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: D
         if target is not None:  # new BN statistics move the gates a little: land on the target again
             with clock:
                 offset += calibrate_gate_offset(model, subset, target, device, precision, logger=logger)
-    save()
+    require_finite(model.state_dict(), "decoupling: the trained weights", FIX)
     model.eval()
-    return TrainOutcome(steps=step, total_steps=total_steps, train_seconds=clock.elapsed,
-                        stopped_by_time=stopped_by_time, last_losses=last, gate_offset=offset)
+    return TrainOutcome(steps=state.step, total_steps=total_steps, train_seconds=state.seconds + clock.elapsed,
+                        stopped_by_time=state.stopped_on_time, last_losses=dict(state.extra.get("last_losses", {})),
+                        gate_offset=offset)

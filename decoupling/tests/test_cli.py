@@ -7,6 +7,7 @@ import torch
 
 from common.backbones import build_backbone
 from common.data import load_dataset
+from common.loop import CHECKPOINT_FORMAT
 from common.method import Budget
 from decoupling import run_method
 from decoupling.__main__ import main
@@ -27,10 +28,11 @@ def test_train_writes_the_run_and_resumes(trained_run):
     for name in ("config.json", "environment.json", "log.txt", "checkpoint.pt", "model.pt"):
         assert (out / name).is_file()
     assert json.loads((out / "config.json").read_text())["settings"]["controller_lr"] == 0.05
-    before = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
-    assert before == 2
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # the shared loop's layout (common.loop)
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["stage"] == "decoupling" and ckpt["step"] == 2
+    assert set(ckpt["state"]) == {"model", "objective", "optimizer"}
     assert main(args) == 0  # the same command again resumes from the checkpoint (nothing left to do)
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     assert "resumed at step 2 of 2" in (out / "log.txt").read_text()
 
 
@@ -39,7 +41,7 @@ def test_a_checkpoint_resumes_only_into_its_own_config(trained_run, capsys):
     changed = [a if a != "2" else "3" for a in args]  # another budget: refused, the old run is kept
     assert main(changed) == 2
     assert "different config" in capsys.readouterr().err
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 SMALL_EVAL = ["--device", "cpu", "--precision", "fp32", "--calibration-images", "64", "--probe-fit-images", "200",
