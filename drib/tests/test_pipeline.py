@@ -57,11 +57,11 @@ def test_training_resumes_from_checkpoint(tmp_path, digits):
     config = DRIBConfig.from_dict(TINY)
     net = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
     train(net, digits, Budget(epochs=1, max_batches=2), tmp_path, config, torch.device("cpu"))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]
     assert state["step"] == 2 and state["epoch"] == 1
     net2 = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
     train(net2, digits, Budget(epochs=2, max_batches=2), tmp_path, config, torch.device("cpu"))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]
     assert state["step"] == 4 and [h["epoch"] for h in state["history"]] == [1, 2]
 
 
@@ -79,12 +79,12 @@ def test_time_budget_stop_validates_saves_and_resumes(tmp_path, digits):
     net = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
     outcome = train(net, digits, Budget(epochs=1, max_batches=4, seconds=1e-9), tmp_path, config,
                     torch.device("cpu"))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]
     assert outcome.steps == 1 and state["step"] == 1 and state["epoch"] == 0
     assert [h.get("partial") for h in state["history"]] == [True] and state["best"]["step"] == 1
     net2 = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
     outcome = train(net2, digits, Budget(epochs=1, max_batches=4), tmp_path, config, torch.device("cpu"))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]
     assert outcome.steps == 4 and [h["step"] for h in state["history"]] == [1, 4]
 
 
