@@ -23,13 +23,16 @@ from common.cli import (
 from common.data import load_dataset
 from common.method import Budget
 from common.precision import add_precision_argument, resolve_precision
-from common.run import RunDir, pick_device, read_json
+from common.run import RunDir, check_config, pick_device, read_json
 
 from .config import ISPSettings
 from .selector import Selector
 from .train import STAGES, Pipeline, StageOrderError
 
 PROG = "python -m isp"
+# config.json keys that may change when a run is resumed; every other key is the run's identity.
+NOT_IDENTITY = ("seconds", "data_root")
+IDENTITY_FIX = "pass a new --out to keep the old run, or delete it to train this config there"
 
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
@@ -151,18 +154,21 @@ def _train(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     weights = require_weights(args)
     val_source = resolve_val_source(args.val_source, pretrained=weights is not None)
+    budget = budget_from_args(args)
+    # The run's identity: its artefacts and checkpoint belong to it. A time budget and a data root may change
+    # on a resume (a larger time budget continues a stage stopped on time); anything else is refused.
+    config = {"method": "isp", "backbone": args.backbone, "dataset": args.dataset, "data_root": args.data_root,
+              "weights": args.weights, "val_source": val_source,
+              "budget": {"epochs": budget.epochs, "max_batches": budget.max_batches}, "seconds": budget.seconds,
+              "seed": args.seed, "settings": settings.to_dict()}
+    check_config(args.out, config, what="--out", fix=IDENTITY_FIX, ignore=NOT_IDENTITY)  # before anything is made
     data = load_dataset(args.dataset, args.data_root, val_source=val_source)
     run = RunDir(args.out)
     if (run.path / "classifier.pt").is_file():
         classifier = build_backbone(args.backbone, data.num_classes)
     else:
         classifier = build_backbone(args.backbone, data.num_classes, None if weights is None else str(weights))
-    budget = budget_from_args(args)
-    run.write_config({"method": "isp", "backbone": args.backbone, "dataset": args.dataset,
-                      "data_root": args.data_root, "weights": args.weights, "val_source": val_source,
-                      "budget": {"epochs": budget.epochs, "seconds": budget.seconds,
-                                 "max_batches": budget.max_batches},
-                      "seed": args.seed, "settings": settings.to_dict()})
+    run.claim(config, what="--out", fix=IDENTITY_FIX, ignore=NOT_IDENTITY)
     run.write_environment(device)
     pipeline = Pipeline(run.path, classifier, data, budget, settings, device, args.seed, backbone_name=args.backbone)
     pipeline.run(args.stage)

@@ -70,6 +70,8 @@ class ISPSettings:
     # common.precision policy of every training and evaluation forward ("auto": bf16 autocast + channels_last
     # where the device has native bf16, else fp32); losses, MAC counts, RBF maps and metrics stay fp32.
     precision: str = "auto"
+    # Resumable training (common.loop): each stage checkpoints every epoch and every this many steps within it.
+    checkpoint_every: int = 200
     # Reporting.
     latency_batch: int = 64
     latency_threads: int = 1
@@ -102,6 +104,9 @@ class ISPSettings:
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self.selector_val_images < 0 or self.selector_val_every < 1 or self.selector_samples < 1:
             raise ValueError("selector_val_images must be >= 0, selector_val_every and selector_samples >= 1")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be an integer >= 1, got {self.checkpoint_every!r}")
         if self.gate_tau <= 0:
             raise ValueError("gate_tau must be positive")
         if self.mask_tau < 0:

@@ -1,19 +1,20 @@
-"""Training: the resumable loop, one function per stage (predictor Eq. 6-7, selector Eq. 8-9, gate search
-Eq. 10, fine-tuning) and the ``Pipeline`` that runs them, each stage writing its artefact to the run directory:
+"""Training: one function per stage (predictor Eq. 6-7, selector Eq. 8-9, gate search Eq. 10, fine-tuning),
+each a stage of the shared resumable loop (common.loop), and the ``Pipeline`` that runs them, each stage
+writing its artefact to the run directory:
 
 predictor.pt (Eq. 6-7) -> selector.pt (Eq. 8-9) -> targets.pt (C_x on the 5% subset) -> gates.pt (Eq. 10)
 -> slim.pt (physically pruned, checked against the gated network) -> model.pt (fine-tuned) -> metrics.json.
-A stage whose artefact exists is skipped; an interrupted stage resumes from checkpoint.pt (stage name, step,
-every module and optimiser state and the RNG; rewritten every ``save_every`` steps and on a time-budget stop).
+A stage whose artefact exists is skipped; an interrupted stage resumes from checkpoint.pt (common.loop's
+layout: every module, optimiser and RNG state; written every epoch, every ``checkpoint_every`` steps and on a
+time-budget stop), so a resumed run ends with the weights of an uninterrupted one. Every artefact is checked
+finite before it is written.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +24,10 @@ from torch import Tensor, nn
 
 from common.backbones import Backbone, build_backbone, list_backbones
 from common.data import BatchLoader, DatasetSplits, ImageTensors
+from common.loop import LoopState, TrainLoop, batch_stream, require_finite
 from common.method import Budget
 from common.precision import Precision, resolve_precision
-from common.run import (
-    RunDir,
-    atomic_torch_save,
-    atomic_write_json,
-    check_finite,
-    load_checkpoint,
-    progress,
-    read_json,
-    seed_everything,
-)
+from common.run import RunDir, atomic_torch_save, atomic_write_json, load_checkpoint, read_json, seed_everything
 from common.training import evaluate_top1
 
 from .config import STAGE_SHARES, ISPSettings
@@ -55,7 +48,8 @@ from .rbf import mask_input, rbf_bernoulli, sample_mask, sample_random_rbf_param
 from .selector import DecoderShape, SelectorDecoder, decoder_shape, forward_with_stages
 from .slim import keep_from_json, keep_to_json, kept_indices, slim_copy, slim_vs_gated
 
-CHECK_EVERY = 50
+# The setting to lower when a stage's loss or weights become non-finite (the loop's one-line error ends with it).
+LR_SETTING = {"predictor": "predictor_lr", "selector": "selector_lr", "gates": "gate_lr", "finetune": "finetune_lr"}
 
 
 def fp32_policy(device: torch.device | str = "cpu") -> Precision:
@@ -63,81 +57,20 @@ def fp32_policy(device: torch.device | str = "cpu") -> Precision:
     return resolve_precision("fp32", device, channels_last=False)
 
 
-@dataclass
-class LoopState:
-    """What a stage keeps across steps besides its modules: free-form tensors or numbers (best model, ...)."""
-
-    step: int = 0
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+def lr_fix(stage: str, lr: float) -> str:
+    """What a non-finite error of ``stage`` tells the user to change."""
+    return f"lower --set {LR_SETTING[stage]} (it is {lr:g})"
 
 
-def batch_stream(loader: BatchLoader, start_step: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless batches, positioned at ``start_step`` of the loader's epoch sequence (for resuming)."""
-    per_epoch = len(loader)
-    epoch, skip = divmod(start_step, per_epoch)
-    loader.set_epoch(epoch)
-    while True:
-        for i, batch in enumerate(loader):
-            if skip and i < skip:
-                continue
-            yield batch
-        skip = 0
+def stage_loop(run: RunDir, stage: str, stateful: dict[str, Any], steps: int, *, lr: float,
+               seconds: float | None, save_every: int, log: Any, device: torch.device) -> TrainLoop:
+    """The shared resumable loop (common.loop) for one ISP stage; it restores the stage's checkpoint, if any."""
+    return TrainLoop(run, stage, stateful, steps, seconds=seconds, save_every=save_every, fix=lr_fix(stage, lr),
+                     where=f"isp {stage}", log=log, device=device)
 
 
-def run_steps(run: RunDir, stage: str, stateful: dict[str, Any], total_steps: int,
-              step_fn: Callable[[int], Tensor], *, seconds: float | None = None, save_every: int = 200,
-              on_period: Callable[[int, LoopState], None] | None = None, period: int | None = None,
-              log=None, period_at_start: bool = False) -> LoopState:
-    """Run ``step_fn(step) -> loss`` until ``total_steps`` or ``seconds`` of training time.
-
-    ``stateful`` maps names to modules / optimisers (anything with state_dict). ``on_period`` runs every
-    ``period`` steps and at the end (validation, best-model tracking through ``LoopState.extra``), and before
-    the first step too with ``period_at_start``.
-    """
-    state = LoopState()
-    ckpt_path = run.checkpoint_path
-    if ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("stage") == stage:
-            for name, obj in stateful.items():
-                obj.load_state_dict(ckpt["state"][name])
-            state = LoopState(ckpt["step"], ckpt["seconds"], ckpt.get("extra", {}))
-            torch.set_rng_state(ckpt["rng"])
-            if log:
-                log.info("%s: resumed at step %d", stage, state.step)
-
-    def save() -> None:
-        atomic_torch_save({"stage": stage, "step": state.step, "seconds": state.seconds, "extra": state.extra,
-                           "rng": torch.get_rng_state(),
-                           "state": {k: v.state_dict() for k, v in stateful.items()}}, ckpt_path)
-
-    if on_period is not None and period_at_start and state.step == 0 and total_steps > 0:
-        on_period(0, state)  # the starting point is a candidate too (best-state tracking)
-    bar = progress(range(state.step, total_steps), desc=stage, total=total_steps - state.step)
-    for step in bar:
-        start = time.perf_counter()
-        loss = step_fn(step)
-        if loss.is_cuda:  # CUDA runs asynchronously: wait for the step so the time budget counts device time
-            torch.cuda.synchronize(loss.device)
-        if step % CHECK_EVERY == 0:
-            check_finite(loss, f"isp {stage} step {step}")
-            if log:
-                log.info("%s step %d/%d loss %.4f", stage, step, total_steps, float(loss.detach()))
-        state.seconds += time.perf_counter() - start
-        state.step = step + 1
-        done = state.step == total_steps
-        out_of_time = seconds is not None and state.seconds >= seconds
-        if on_period is not None and period and (state.step % period == 0 or done or out_of_time):
-            on_period(state.step, state)
-        if state.step % save_every == 0 or done or out_of_time:
-            save()
-        if out_of_time:
-            if log:
-                log.info("%s: time budget of %.0f s reached at step %d/%d", stage, seconds, state.step,
-                         total_steps)
-            break
-    return state
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -171,14 +104,11 @@ def train_predictor(run: RunDir, classifier: Backbone, predictor: Backbone, load
     policy.prepare_model(predictor)
     predictor.train()
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
-    batches = None
+    loop = stage_loop(run, "predictor", {"predictor": predictor, "optimizer": optimizer}, steps, lr=lr,
+                      seconds=seconds, save_every=save_every, log=log, device=_device(predictor))
 
-    def step(i: int) -> Tensor:
-        nonlocal batches
-        if batches is None:
-            batches = batch_stream(loader, i)
-        x, _ = next(batches)
-        x = policy.prepare_inputs(x)
+    def step(i: int, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x = policy.prepare_inputs(batch[0])
         masks = random_masks(len(x), tuple(x.shape[-2:]), kind, x.device, tau, sigma_max)
         with policy.autocast():
             with torch.no_grad():
@@ -190,8 +120,7 @@ def train_predictor(run: RunDir, classifier: Backbone, predictor: Backbone, load
         optimizer.step()
         return loss
 
-    return run_steps(run, "predictor", {"predictor": predictor, "optimizer": optimizer}, steps, step,
-                     seconds=seconds, save_every=save_every, log=log)
+    return loop.run(step, batches=lambda start: batch_stream(loader, start))
 
 
 # Mask draws per validation image: the checkpoint choice compares objectives that differ by a few hundredths.
@@ -241,14 +170,11 @@ def train_selector(run: RunDir, classifier: Backbone, predictor: Backbone, decod
     policy.prepare_model(decoder)
     decoder.train()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
-    batches = None
+    loop = stage_loop(run, "selector", {"decoder": decoder, "optimizer": optimizer}, steps, lr=lr,
+                      seconds=seconds, save_every=save_every, log=log, device=_device(decoder))
 
-    def step(i: int) -> Tensor:
-        nonlocal batches
-        if batches is None:
-            batches = batch_stream(loader, i)
-        x, _ = next(batches)
-        x = policy.prepare_inputs(x)
+    def step(i: int, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x = policy.prepare_inputs(batch[0])
         with policy.autocast():
             with torch.no_grad():
                 logits, stages = forward_with_stages(classifier, x)
@@ -271,10 +197,10 @@ def train_selector(run: RunDir, classifier: Backbone, predictor: Backbone, decod
             state.extra.update(best_val_loss=result["loss"], best_step=done, best_kept=result["kept"],
                                best_state={k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()})
 
-    state = run_steps(run, "selector", {"decoder": decoder, "optimizer": optimizer}, steps, step,
-                      seconds=seconds, save_every=save_every, log=log,
-                      on_period=validate if val_images is not None else None, period=max(1, val_every),
-                      period_at_start=True)
+    # The choice is resumable: history and best decoder live in the loop's extra state, saved with each checkpoint.
+    state = loop.run(step, batches=lambda start: batch_stream(loader, start),
+                     on_period=validate if val_images is not None else None, period=max(1, val_every),
+                     period_at_start=True)
     if "best_state" in state.extra:
         decoder.load_state_dict(state.extra["best_state"])
         if log:
@@ -338,13 +264,11 @@ def search_gates(run: RunDir, classifier: Backbone, decoder: SelectorDecoder, si
     optimizer = torch.optim.Adam(gates.parameters(), lr=lr)
     target_macs = weights.target_ratio * macs.total
     injector = GateInjector(sites)
-    batches = None
+    loop = stage_loop(run, "gates", {"gates": gates, "optimizer": optimizer}, steps, lr=lr, seconds=seconds,
+                      save_every=save_every, log=log, device=_device(gates))
 
-    def step(i: int) -> Tensor:
-        nonlocal batches
-        if batches is None:
-            batches = subset_batches(subset, batch_size, i, seed)
-        x, y, codes, explained = next(batches)
+    def step(i: int, batch: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+        x, y, codes, explained = batch
         x = policy.prepare_inputs(x)
         values = gates.sample()
         injector.values = values
@@ -357,8 +281,7 @@ def search_gates(run: RunDir, classifier: Backbone, decoder: SelectorDecoder, si
         optimizer.step()
         return loss
 
-    return run_steps(run, "gates", {"gates": gates, "optimizer": optimizer}, steps, step, seconds=seconds,
-                     save_every=save_every, log=log)
+    return loop.run(step, batches=lambda start: subset_batches(subset, batch_size, start, seed))
 
 
 def finetune(run: RunDir, model: Backbone, loader: BatchLoader, val_loader: BatchLoader, steps: int, *, lr: float,
@@ -369,7 +292,8 @@ def finetune(run: RunDir, model: Backbone, loader: BatchLoader, val_loader: Batc
     policy = policy or fp32_policy()
     policy.prepare_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    batches = None
+    loop = stage_loop(run, "finetune", {"model": model, "optimizer": optimizer}, steps, lr=lr, seconds=seconds,
+                      save_every=save_every, log=log, device=_device(model))
 
     def lr_at(i: int) -> float:
         if schedule == "cosine":
@@ -378,14 +302,11 @@ def finetune(run: RunDir, model: Backbone, loader: BatchLoader, val_loader: Batc
             return lr * (0.1 ** ((i >= steps // 2) + (i >= 3 * steps // 4)))
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'cosine' or 'step'")
 
-    def step(i: int) -> Tensor:
-        nonlocal batches
-        if batches is None:
-            batches = batch_stream(loader, i)
+    def step(i: int, batch: tuple[Tensor, Tensor]) -> Tensor:
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(i)
-        x, y = next(batches)
+        x, y = batch
         with policy.autocast():
             logits = model(policy.prepare_inputs(x))
         loss = F.cross_entropy(logits.float(), y)
@@ -404,8 +325,7 @@ def finetune(run: RunDir, model: Backbone, loader: BatchLoader, val_loader: Batc
             state.extra["best_step"] = done
             state.extra["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-    state = run_steps(run, "finetune", {"model": model, "optimizer": optimizer}, steps, step, seconds=seconds,
-                      on_period=validate, period=val_every, save_every=save_every, log=log)
+    state = loop.run(step, batches=lambda start: batch_stream(loader, start), on_period=validate, period=val_every)
     if "best_state" in state.extra:
         model.load_state_dict(state.extra["best_state"])
     model.eval()
@@ -429,8 +349,6 @@ def clone_backbone(model: Backbone) -> Backbone:
 STAGES = ("predictor", "selector", "targets", "gates", "slim", "finetune", "evaluate")
 # The slim network must compute what the gated one computes; float32 reorderings stay far below this.
 SLIM_TOLERANCE = 1e-3
-# Checkpoint at least every epoch, and every 200 steps within long epochs.
-SAVE_EVERY = 200
 
 
 class StageOrderError(RuntimeError):
@@ -448,10 +366,14 @@ def identify_backbone(model: Backbone) -> str:
     raise ValueError(f"{type(model).__name__} matches no registered backbone; ISP needs one of {list_backbones()}")
 
 
-def save_backbone(path: Path, name: str, model: Backbone, keep: dict[str, list[int]] | None) -> None:
-    """A (possibly slim) backbone as registry name + kept channels + state dict: rebuildable, no pickled code."""
+def save_backbone(path: Path, name: str, model: Backbone, keep: dict[str, list[int]] | None, *,
+                  fix: str = "check the classifier's weights (--weights)") -> None:
+    """A (possibly slim) backbone as registry name + kept channels + state dict: rebuildable, no pickled code.
+    Non-finite weights are refused (``fix``: the setting to change) and nothing is written."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    require_finite(state, f"isp {path.name}", fix)
     atomic_torch_save({"backbone": name, "num_classes": model.classifier.out_features, "keep": keep,
-                       "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+                       "state_dict": state}, path)
 
 
 def load_backbone(path: Path, device: torch.device | str = "cpu",
@@ -464,10 +386,13 @@ def load_backbone(path: Path, device: torch.device | str = "cpu",
     return model.to(device).eval()
 
 
-def save_decoder(path: Path, decoder: SelectorDecoder) -> None:
+def save_decoder(path: Path, decoder: SelectorDecoder, *, fix: str = "lower --set selector_lr") -> None:
+    """The selector's decoder; non-finite weights are refused and nothing is written."""
+    state = decoder.state_dict()
+    require_finite(state, f"isp {path.name}", fix)
     atomic_torch_save({"kind": decoder.kind, "shape": asdict(decoder.shape),
                        "centre_margin": getattr(decoder.head, "centre_margin", None),
-                       "state_dict": decoder.state_dict()}, path)
+                       "state_dict": state}, path)
 
 
 def load_decoder(path: Path, device: torch.device | str = "cpu") -> SelectorDecoder:
@@ -567,8 +492,8 @@ class Pipeline:
                                        weight_decay=s.predictor_weight_decay, kind=s.selector,
                                        tau=s.mask_tau, sigma_max=s.predictor_sigma_max,
                                        seconds=self._seconds("predictor"), log=self.log,
-                                       save_every=min(SAVE_EVERY, len(loader)), policy=self.policy)
-        save_backbone(self.path("predictor"), self.name, predictor, None)
+                                       save_every=min(s.checkpoint_every, len(loader)), policy=self.policy)
+        save_backbone(self.path("predictor"), self.name, predictor, None, fix=lr_fix("predictor", s.predictor_lr))
         self._record_seconds("predictor", state.seconds)
 
     def _stage_selector(self) -> None:
@@ -582,10 +507,10 @@ class Pipeline:
                                       weight_decay=s.selector_weight_decay, lambda1=s.lambda1,
                                       lambda2=s.lambda2 if s.selector == "rbf" else 0.0, tau=s.mask_tau,
                                       seconds=self._seconds("selector"), log=self.log,
-                                      save_every=min(SAVE_EVERY, len(loader)), policy=self.policy,
+                                      save_every=min(s.checkpoint_every, len(loader)), policy=self.policy,
                                       val_images=self._selector_val_images(), val_every=s.selector_val_every,
                                       samples=s.selector_samples)
-        save_decoder(self.path("selector"), decoder)
+        save_decoder(self.path("selector"), decoder, fix=lr_fix("selector", s.selector_lr))
         if "best_step" in state.extra:
             atomic_write_json({k: state.extra[k] for k in ("best_step", "best_val_loss", "best_kept", "val_history")}
                               | {"split": f"validation ({self.data.val_source})"},
@@ -605,6 +530,8 @@ class Pipeline:
         indices = subset_indices(len(self.data.train), self.settings.subset_fraction, self.seed)
         images = images_as_float(self.data.train.subset(indices), self.device)
         codes, explained = explanation_targets(self.classifier, decoder, images, policy=self.policy)
+        require_finite(codes, "isp targets.pt (the selector's codes C_x)",
+                       lr_fix("selector", self.settings.selector_lr))
         atomic_torch_save({"indices": indices, "codes": codes.cpu(), "explained": explained.cpu()},
                           self.path("targets"))
 
@@ -641,7 +568,8 @@ class Pipeline:
         state = search_gates(self.run_dir, self.classifier, decoder, sites, gates, macs, subset,
                                     self._steps("gates", per_epoch), batch_size=s.gate_batch, lr=s.gate_lr,
                                     weights=weights, seed=self.seed, seconds=self._seconds("gates"), log=self.log,
-                                    save_every=min(SAVE_EVERY, per_epoch), policy=self.policy)
+                                    save_every=min(s.checkpoint_every, per_epoch), policy=self.policy)
+        require_finite(gates.theta, "isp gates.pt (the gate logits theta)", lr_fix("gates", s.gate_lr))
         hard = gates.hard()
         threshold_ratio = float(macs(hard)) / macs.total
         if s.target_mac_reduction is not None:  # the shared cost knob: land on the target, not near it
@@ -686,8 +614,9 @@ class Pipeline:
                                 momentum=s.finetune_momentum, weight_decay=s.finetune_weight_decay,
                                 schedule=s.finetune_schedule, val_every=min(val_every, steps),
                                 seconds=self._seconds("finetune"), log=self.log,
-                                save_every=min(SAVE_EVERY, len(loader)), policy=self.policy)
-        save_backbone(self.path("finetune"), self.name, model, load_checkpoint(self.path("slim"))["keep"])
+                                save_every=min(s.checkpoint_every, len(loader)), policy=self.policy)
+        save_backbone(self.path("finetune"), self.name, model, load_checkpoint(self.path("slim"))["keep"],
+                      fix=lr_fix("finetune", s.finetune_lr))
         self._record_seconds("finetune", state.seconds)
 
     def _stage_evaluate(self) -> None:
