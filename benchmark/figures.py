@@ -22,9 +22,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from common.run import atomic_save_figure, load_checkpoint, read_json
+from common.run import CheckpointError, atomic_save_figure, load_checkpoint
 
-from .jobs import Context, Job
+from .jobs import Context, Job, read_metrics
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
 COLOURS = plt.get_cmap("tab10").colors
@@ -166,13 +166,16 @@ def _first_explanations(ctx: Context, jobs: Sequence[Job], method: str) -> tuple
     for job in sorted((j for j in jobs if j.method == method),
                       key=lambda j: (j.seed, -1.0 if j.target is None else j.target)):
         run = ctx.run_dir(job)
-        if (run / "metrics.json").is_file() and (run / "explanations.pt").is_file():
-            metrics = read_json(run / "metrics.json")
+        try:
+            metrics = read_metrics(ctx, job)
+        except CheckpointError:  # a failed row (the leaderboard says why), not a figure row
+            continue
+        if metrics is not None and (run / "explanations.pt").is_file():
             # An unreadable, unsafe or incomplete file is one error naming it, never a row silently missing.
             rebuild = (f"delete it and {run / 'metrics.json'}, then run python -m benchmark --preset "
                        f"{ctx.preset.name} --out {ctx.results_dir.parent} again to measure that job again")
             blob = load_checkpoint(run / "explanations.pt", keys=EXPLANATION_KEYS, rebuild=rebuild)
-            return blob, metrics if isinstance(metrics, dict) else {}
+            return blob, metrics
     return None
 
 
