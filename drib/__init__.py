@@ -19,7 +19,7 @@ from common.data import BatchLoader, DatasetSplits
 from common.method import Budget, MethodResult
 from common.run import RunDir
 
-from .config import BottleneckConfig, DecisionConfig, DRIBConfig, TrainConfig
+from .config import NOT_IDENTITY, BottleneckConfig, DecisionConfig, DRIBConfig, TrainConfig, run_identity
 from .decision import DecisionGate, gumbel_softmax_select
 from .mac_target import achieved_reduction
 from .model import DynamicNetwork, default_gate_sites
@@ -85,13 +85,14 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     config = DRIBConfig.from_dict({k: v for k, v in settings.items() if k != "backbone"})
     out_dir = Path(out_dir)
     run = RunDir(out_dir)
+    # A directory of another config is refused (its model and checkpoint are not this run's).
+    run.claim(run_identity(backbone_name, data.name, data.val_source, seed, budget, config),
+              what=f"out_dir {out_dir}", fix="use a new out_dir, or delete it", ignore=NOT_IDENTITY)
     if run.model_path.is_file():  # finished earlier: reuse
         trained = load_model(out_dir, device)
         ensure_statistics(trained, data, device, seed)  # a model.pt of an older layout: re-estimate
         seconds = float(trained.meta.get("train_seconds", 0.0))
     else:
-        run.write_config({"backbone": backbone_name, "dataset": data.name, "seed": seed, "budget": vars(budget),
-                          "drib": config.to_dict()})
         run.write_environment(device)
         trained, seconds = train_run(start, backbone_name, data, budget, out_dir, config, device, seed)
     net = trained.net

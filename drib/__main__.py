@@ -19,9 +19,11 @@ from common.cli import (
 )
 from common.data import default_val_source, load_dataset
 from common.precision import add_precision_argument
-from common.run import RunDir, pick_device, read_json
+from common.run import RunDir, check_config, pick_device, read_json
 
-from .config import DRIBConfig
+from .config import NOT_IDENTITY, DRIBConfig, run_identity
+
+TRAIN_FIX = "pass a new --out to keep the old run, or delete it to train this config there"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,19 +95,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.precision is not None:
         config.train.precision = args.precision
     config.validate()
+    budget = budget_from_args(args)
+    val_source = resolve_val_source(args.val_source, args.weights is not None)
+    identity = run_identity(args.backbone, args.dataset, val_source, args.seed, budget, config,
+                            weights=args.weights)
+    # Before anything is loaded or created: a resume never carries on under other settings, and a finished
+    # run is never overwritten by another config (the keys that differ are named).
+    check_config(args.out, identity, what="--out", fix=TRAIN_FIX, ignore=NOT_IDENTITY)
     device = pick_device(args.device)
     weights, data = gather_inputs(
         lambda: require_weights(args),
-        lambda: load_dataset(args.dataset, args.data_root, download=args.download,
-                             val_source=resolve_val_source(args.val_source, args.weights is not None)),
+        lambda: load_dataset(args.dataset, args.data_root, download=args.download, val_source=val_source),
         what="python -m drib train")
     backbone = build_backbone(args.backbone, num_classes=data.num_classes,
                               weights=None if weights is None else str(weights))
     run = RunDir(args.out)
-    budget = budget_from_args(args)
-    run.write_config({"backbone": args.backbone, "dataset": args.dataset, "weights": args.weights,
-                      "val_source": data.val_source, "seed": args.seed, "budget": vars(budget),
-                      "drib": config.to_dict()})
+    run.claim(identity, what="--out", fix=TRAIN_FIX, ignore=NOT_IDENTITY)
     run.write_environment(device)
     trained, seconds = train_run(backbone, args.backbone, data, budget, run.path, config, device, args.seed)
     print(f"trained {trained.meta['steps']} steps in {seconds:.0f} s; val top-1 {trained.meta['val_top1']:.2f}%, "

@@ -106,7 +106,8 @@ class TrainConfig:
     # Standard crop (4 px zero padding) + horizontal flip augmentation during that fine-tuning share only
     # (the decision stage keeps `augment`); the batches are the same images in the same order either way.
     finetune_augment: bool = False
-    log_every: int = 50  # steps between loss checks / log lines
+    log_every: int = 50  # steps between log lines (the loss is checked on every step)
+    save_every: int = 100  # steps between resumable checkpoints (and one at every epoch's end)
     # common.precision policy of the training forward passes ("auto": bf16 where the device has native bf16);
     # losses, masks' regulariser, IBA, metrics and channel-skipping inference always run in fp32.
     precision: str = "auto"
@@ -170,6 +171,8 @@ class DRIBConfig:
             raise ValueError("train.finetune_fraction must be in [0, 1)")
         if self.train.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.train.precision!r}")
+        if self.train.log_every < 1 or self.train.save_every < 1:
+            raise ValueError("train.log_every and train.save_every must be >= 1 (steps)")
         if self.train.weight_decay < 0 or self.train.decision_weight_decay < 0:
             raise ValueError("train.weight_decay and train.decision_weight_decay must be >= 0")
         # Checked here, before the CLI creates anything: the optimisers would refuse them only after the run
@@ -183,3 +186,16 @@ class DRIBConfig:
         if self.train.batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1, got {self.train.batch_size!r}")
         b.validate()
+
+
+# Top-level keys of a run's config.json that may change between launches of one run (common.run's
+# ``RunDir.claim``): a time budget only stops a run early or lets a stopped one carry on (common.loop).
+NOT_IDENTITY = ("seconds",)
+
+
+def run_identity(backbone: str, dataset: str, val_source: str, seed: int, budget: Any, config: DRIBConfig,
+                 **more: Any) -> dict[str, Any]:
+    """What a run directory's config.json records: a launch into it under anything else is refused."""
+    return {"backbone": backbone, "dataset": dataset, **more, "val_source": val_source, "seed": seed,
+            "budget": {"epochs": budget.epochs, "max_batches": budget.max_batches}, "seconds": budget.seconds,
+            "drib": config.to_dict()}

@@ -9,12 +9,15 @@ steps (the fine-tuning share uses argmax decisions). Backbone weight decay: `dec
 Model selection: the epoch with the best validation top-1 among those
 meeting the sparsity target (else the last), plus the current weights when `--max-seconds` stops a run
 mid-epoch; never the test set. `finetune_augment` feeds the fine-tuning share crop + flip copies of the batches.
+The steps run through `common.loop.TrainLoop`: a run killed at any step and started again ends with the same
+weights, bit for bit; a non-finite loss or weight stops it (exit 2 through the CLI) before anything is saved.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,10 @@ import torch.nn.functional as F
 
 from common.backbones import Backbone, build_backbone
 from common.data import BatchLoader, DatasetSplits
+from common.loop import LoopState, TrainLoop, batch_stream, require_finite
 from common.method import Budget
 from common.precision import resolve_precision
-from common.run import RunDir, Stopwatch, atomic_torch_save, check_finite, load_checkpoint, progress, seed_everything
+from common.run import RunDir, atomic_torch_save, load_checkpoint, seed_everything
 
 from .bottleneck import FeatureStats, estimate_statistics_sites
 from .config import DRIBConfig
@@ -36,7 +40,8 @@ from .model import DynamicNetwork
 from .verification import attribution_site, credibility_site
 
 TARGET_TOLERANCE = 0.05  # an epoch "meets the target" within 5 points of MAC fraction / density
-SAVE_EVERY_STEPS = 100
+STAGE = "drib"  # the one training stage (decisions, then the fine-tuning share) in common.loop's checkpoint
+DIVERGED_FIX = "lower --set train.backbone_lr (or --set decision.gate_lr)"
 CALIBRATION_IMAGES = 1024  # training images on which `target_mac_reduction` is calibrated
 
 
@@ -107,8 +112,9 @@ def _consider(state: dict, record: dict, meets: bool, net: DynamicNetwork) -> No
 
 def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Path, config: DRIBConfig,
           device: torch.device, seed: int = 0) -> TrainOutcome:
-    """Train ``net`` in place within ``budget``; resumes from out_dir/checkpoint.pt; loads the selected
-    weights into ``net`` before returning."""
+    """Train ``net`` in place within ``budget`` through the shared loop (``common.loop``): resumes exactly
+    from out_dir/checkpoint.pt (weights, optimisers, every RNG, the calibration flag, the validation history
+    and the best weights so far); loads the selected weights into ``net`` before returning."""
     run = RunDir(out_dir)
     log = run.logger("drib")
     t, d = config.train, config.decision
@@ -123,140 +129,106 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
     val_loader = BatchLoader(data.val, 256, train=False, device=device)
     per_epoch = len(loader) if budget.max_batches is None else min(len(loader), budget.max_batches)
     total_steps = budget.batches(len(loader))
-    epochs = math.ceil(total_steps / per_epoch)
     gate_opt = torch.optim.Adam(net.gate_parameters(), lr=d.gate_lr)
     backbone_opt = torch.optim.SGD(net.backbone_parameters(), lr=t.backbone_lr, momentum=t.momentum,
                                    weight_decay=t.weight_decay)
     finetune_from = round(total_steps * (1 - t.finetune_fraction)) if t.finetune_fraction > 0 else total_steps
-    state = {"step": 0, "epoch": 0, "best": None, "history": [], "seconds": 0.0}
-    if run.checkpoint_path.is_file():
-        ckpt = load_checkpoint(run.checkpoint_path, map_location=device)
-        net.load_state_dict(ckpt["model"])
-        gate_opt.load_state_dict(ckpt["gate_opt"])
-        backbone_opt.load_state_dict(ckpt["backbone_opt"])
-        state = ckpt["state"]
-        log.info("resumed at step %d (epoch %d)", state["step"], state["epoch"])
-    watch = Stopwatch(device, elapsed=state["seconds"])
+    loop = TrainLoop(run, STAGE, {"model": net, "gate_opt": gate_opt, "backbone_opt": backbone_opt},
+                     total_steps, seconds=budget.seconds, save_every=t.save_every, fix=DIVERGED_FIX,
+                     where="drib training", log=log, log_every=t.log_every, device=device)
+    extra = loop.state.extra  # checkpointed with the weights: restored as it was at the last save
+    extra.setdefault("best", None)
+    extra.setdefault("history", [])
+    extra.setdefault("calibrated", False)
     calibration_images = None
     if config.target_mac_reduction is not None:
         pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed + 7))
         calibration_images = data.train.subset(pick[:CALIBRATION_IMAGES]).images.to(device).float() / 255
 
-    def calibrate(when: str) -> None:
+    def calibrate(when: str, step: int) -> None:
         if calibration_images is None:
             return
         result = calibrate_codebooks(net, calibration_images, float(config.target_mac_reduction), log=log)
-        state.setdefault("calibrations", []).append({"when": when, "step": state["step"], **result})
+        extra.setdefault("calibrations", []).append({"when": when, "step": step, **result})
 
-    def save() -> None:
-        state["seconds"] = watch.elapsed
-        atomic_torch_save({"model": net.state_dict(), "gate_opt": gate_opt.state_dict(),
-                           "backbone_opt": backbone_opt.state_dict(), "state": state}, run.checkpoint_path)
+    def batches(start: int) -> Iterator[tuple[Any, Any]]:
+        plain = batch_stream(loader, start, per_epoch)
+        if aug_loader is None:
+            return ((batch, batch) for batch in plain)
+        return zip(plain, batch_stream(aug_loader, start, per_epoch))
 
-    out_of_time = False
-    while state["step"] < total_steps and not out_of_time:
-        epoch = state["epoch"]
-        loader.set_epoch(epoch)
-        done_in_epoch = state["step"] - epoch * per_epoch
-        steps_here = min(per_epoch, total_steps - epoch * per_epoch)
+    def step_fn(step: int, pair: tuple[Any, Any]) -> torch.Tensor:
+        (x, y), (x_aug, y_aug) = pair
+        finetuning = step >= finetune_from
+        if finetuning:
+            x, y = x_aug, y_aug
+            if not extra["calibrated"]:  # the decisions freeze here: the MAC target lands now
+                calibrate("decisions frozen", step)
+                extra["calibrated"] = True
         net.train()
-        if aug_loader is not None:
-            aug_loader.set_epoch(epoch)
-            pairs = zip(loader, aug_loader)
-        else:
-            pairs = ((batch, batch) for batch in loader)
-        batches = progress(pairs, f"drib epoch {epoch + 1}/{epochs}", total=steps_here)
-        for i, ((x, y), (x_aug, y_aug)) in enumerate(batches):
-            if i >= steps_here:
-                break
-            if i < done_in_epoch:  # resuming mid-epoch: the loader replays the same order, skip what is done
-                continue
-            if state["step"] >= finetune_from:
-                x, y = x_aug, y_aug
-                if not state.get("calibrated"):  # the decisions freeze here: the MAC target lands now
-                    with watch:
-                        calibrate("decisions frozen")
-                    state["calibrated"] = True
-                    net.train()
-            with watch:
-                step = state["step"]
-                finetuning = step >= finetune_from
-                # tau anneals over the decision-training steps only (fine-tuning uses argmax decisions)
-                net.set_tau(decision_temperature(step, finetune_from, d.tau_start, d.tau_end))
-                for group in backbone_opt.param_groups:
-                    group["lr"] = backbone_lr(t, step, total_steps)
-                    group["weight_decay"] = t.weight_decay if finetuning else t.decision_weight_decay
-                for gate in net.gates:
-                    gate.train(not finetuning)  # fine-tuning: argmax decisions, as at inference
-                x = policy.prepare_inputs(x)
-                with policy.autocast():
-                    logits = net(x)
-                ce = F.cross_entropy(logits.float(), y)  # losses in fp32 (common.precision)
-                reg = sparsity_loss(net, [m.float() for m in net.masks()], config)
-                loss = ce + d.lam * reg
-                gate_opt.zero_grad(set_to_none=True)
-                backbone_opt.zero_grad(set_to_none=True)
-                if finetuning:
-                    ce.backward(inputs=net.backbone_parameters())
-                elif d.alternate:
-                    loss.backward(inputs=net.gate_parameters())
-                    gate_opt.step()
-                    net.project_()
-                    with policy.autocast():
-                        logits = net(x)
-                    ce = F.cross_entropy(logits.float(), y)
-                    ce.backward(inputs=net.backbone_parameters())
-                else:  # one forward; still the regulariser only reaches the gates, the backbone gets CE
-                    loss.backward(inputs=net.gate_parameters(), retain_graph=True)
-                    ce.backward(inputs=net.backbone_parameters())
-                    gate_opt.step()
-                    net.project_()
-                backbone_opt.step()
-            state["step"] += 1
-            if state["step"] % t.log_every == 0:
-                check_finite(loss.detach(), "DRIB training")
-                log.info("step %d/%d ce %.4f reg %.5f tau %.3f", state["step"], total_steps, float(ce.detach()),
-                         float(reg.detach()), net.gates[0].tau)
-            if state["step"] % SAVE_EVERY_STEPS == 0:
-                save()
-            if budget.seconds is not None and watch.elapsed >= budget.seconds:
-                out_of_time = True
-                log.info("time budget of %.0f s reached at step %d", budget.seconds, state["step"])
-                break
-        if out_of_time and state["step"] < min(total_steps, (epoch + 1) * per_epoch):
-            # Stopped mid-epoch: the current weights are one more validated candidate (they may be the only
-            # ones that went through the fine-tuning share), then the resumable checkpoint.
-            top1, mac_fraction, density = validate(net, val_loader)
-            record = {"epoch": epoch + 1, "step": state["step"], "val_top1": top1,
-                      "val_mac_fraction": mac_fraction, "val_density": density, "partial": True}
-            state["history"].append(record)
-            log.info("stopped in epoch %d: val top-1 %.2f%% MAC fraction %.3f density %.3f", epoch + 1, top1,
-                     mac_fraction, density)
-            _consider(state, record, _meets_target(config, mac_fraction, density), net)
-            save()
-            break
-        top1, mac_fraction, density = validate(net, val_loader)
-        record = {"epoch": epoch + 1, "step": state["step"], "val_top1": top1, "val_mac_fraction": mac_fraction,
-                  "val_density": density}
-        state["history"].append(record)
-        log.info("epoch %d: val top-1 %.2f%% MAC fraction %.3f density %.3f", epoch + 1, top1, mac_fraction,
-                 density)
-        _consider(state, record, _meets_target(config, mac_fraction, density), net)
-        state["epoch"] = epoch + 1
-        save()
+        # tau anneals over the decision-training steps only (fine-tuning uses argmax decisions)
+        net.set_tau(decision_temperature(step, finetune_from, d.tau_start, d.tau_end))
+        for group in backbone_opt.param_groups:
+            group["lr"] = backbone_lr(t, step, total_steps)
+            group["weight_decay"] = t.weight_decay if finetuning else t.decision_weight_decay
+        for gate in net.gates:
+            gate.train(not finetuning)  # fine-tuning: argmax decisions, as at inference
+        x = policy.prepare_inputs(x)
+        with policy.autocast():
+            logits = net(x)
+        ce = F.cross_entropy(logits.float(), y)  # losses in fp32 (common.precision)
+        reg = sparsity_loss(net, [m.float() for m in net.masks()], config)
+        loss = ce + d.lam * reg
+        gate_opt.zero_grad(set_to_none=True)
+        backbone_opt.zero_grad(set_to_none=True)
+        if finetuning:
+            ce.backward(inputs=net.backbone_parameters())
+        elif d.alternate:
+            loss.backward(inputs=net.gate_parameters())
+            gate_opt.step()
+            net.project_()
+            with policy.autocast():
+                logits = net(x)
+            ce = F.cross_entropy(logits.float(), y)
+            ce.backward(inputs=net.backbone_parameters())
+        else:  # one forward; still the regulariser only reaches the gates, the backbone gets CE
+            loss.backward(inputs=net.gate_parameters(), retain_graph=True)
+            ce.backward(inputs=net.backbone_parameters())
+            gate_opt.step()
+            net.project_()
+        backbone_opt.step()
+        if (step + 1) % t.log_every == 0:
+            log.info("step %d/%d ce %.4f reg %.5f tau %.3f", step + 1, total_steps, float(ce.detach()),
+                     float(reg.detach()), net.gates[0].tau)
+        return loss
 
-    best = state["best"]
-    if best is None:  # stopped by time before any epoch ended: use the current weights
-        calibrate("selected model")
+    def on_period(done: int, state: LoopState) -> None:
+        """Validation at every epoch's end, and of the current weights when the time budget stops a run
+        mid-epoch (they may be the only ones that went through the fine-tuning share)."""
+        partial = state.stopped_on_time and done % per_epoch != 0
+        top1, mac_fraction, density = validate(net, val_loader)
+        record = {"epoch": math.ceil(done / per_epoch), "step": done, "val_top1": top1,
+                  "val_mac_fraction": mac_fraction, "val_density": density, **({"partial": True} if partial else {})}
+        extra["history"].append(record)
+        log.info("%s epoch %d: val top-1 %.2f%% MAC fraction %.3f density %.3f",
+                 "stopped in" if partial else "end of", record["epoch"], top1, mac_fraction, density)
+        _consider(extra, record, _meets_target(config, mac_fraction, density), net)
+        if done < total_steps and not state.stopped_on_time and done % t.save_every:
+            loop.save()  # an epoch's validation is not repeated after a kill (the loop saves the other cases)
+
+    state = loop.run(step_fn, batches=batches, on_period=on_period, period=per_epoch, desc="drib")
+    best = extra["best"]
+    if best is None:  # nothing validated (no step ran): use the current weights
+        calibrate("selected model", state.step)
         top1, mac_fraction, _ = validate(net, val_loader)
-        return TrainOutcome(state["step"], watch.elapsed, top1, mac_fraction, 0, state.get("calibrations"))
+        return TrainOutcome(state.step, state.seconds, top1, mac_fraction, 0, extra.get("calibrations"))
     net.load_state_dict(best["model"])
     top1, mac_fraction, epoch = best["val_top1"], best["val_mac_fraction"], best["epoch"]
     if calibration_images is not None:  # the selected model itself (a no-op when it is within tolerance)
-        calibrate("selected model")
-        if state["calibrations"][-1]["scale"] != 1.0:
+        calibrate("selected model", state.step)
+        if extra["calibrations"][-1]["scale"] != 1.0:
             top1, mac_fraction, _ = validate(net, val_loader)
-    return TrainOutcome(state["step"], watch.elapsed, top1, mac_fraction, epoch, state.get("calibrations"))
+    return TrainOutcome(state.step, state.seconds, top1, mac_fraction, epoch, extra.get("calibrations"))
 
 
 # -- a run directory: build, train, save, load -----------------------------------------------------------
@@ -308,9 +280,11 @@ def ensure_statistics(trained: TrainedDRIB, data: DatasetSplits, device: torch.d
 
 
 def save_model(run: RunDir, trained: TrainedDRIB) -> None:
-    atomic_torch_save({"meta": trained.meta, "config": trained.config.to_dict(),
-                       "state_dict": trained.net.state_dict(),
-                       "ib_stats": {k: v.as_dict() for k, v in trained.stats.items()}}, run.model_path)
+    """Write model.pt atomically; non-finite weights or statistics are refused and nothing is written."""
+    weights = {"state_dict": trained.net.state_dict(),
+               "ib_stats": {k: v.as_dict() for k, v in trained.stats.items()}}
+    require_finite(weights, f"drib: {run.model_path}", DIVERGED_FIX)
+    atomic_torch_save({"meta": trained.meta, "config": trained.config.to_dict(), **weights}, run.model_path)
 
 
 def load_model(run_dir: str | Path, device: torch.device) -> TrainedDRIB:
@@ -343,13 +317,15 @@ def train_run(start: Backbone, backbone_name: str, data: DatasetSplits, budget: 
         config.validate()
         run.logger("drib").info("target_mac_reduction %.3f -> decision.target (MAC fraction) %.4f",
                                 config.target_mac_reduction, config.decision.target)
-    if config.decision.codebook_init == "importance" and not run.checkpoint_path.is_file():
+    # Also on a resume (cheap, no global RNG): the checkpoint then overwrites these code books with its own.
+    if config.decision.codebook_init == "importance":
         pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
         images = data.train.subset(pick[: config.decision.init_images]).images.to(device).float() / 255
         keep = net.init_codebooks(net.channel_importance(images), config.decision, seed)
         run.logger("drib").info("code books initialised by importance: each action keeps %.3f of the channels",
                                 keep)
     outcome = train(net, data, budget, out_dir, config, device, seed)
+    require_finite(net.state_dict(), "drib: the selected weights", DIVERGED_FIX)
     stats = feature_statistics(net, data, config, device, seed)
     meta = {"backbone": backbone_name, "num_classes": data.num_classes, "input_size": list(input_size_of(data)),
             "dataset": data.name, "val_source": data.val_source, "steps": outcome.steps,

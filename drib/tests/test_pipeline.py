@@ -50,6 +50,7 @@ def test_run_method_returns_a_dynamic_model_and_resumes(tmp_path, digits):
 
 
 def test_training_resumes_from_checkpoint(tmp_path, digits):
+    from common.loop import CHECKPOINT_FORMAT
     from drib.config import DRIBConfig
     from drib.model import DynamicNetwork
     from drib.train import train
@@ -57,12 +58,19 @@ def test_training_resumes_from_checkpoint(tmp_path, digits):
     config = DRIBConfig.from_dict(TINY)
     net = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
     train(net, digits, Budget(epochs=1, max_batches=2), tmp_path, config, torch.device("cpu"))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]
-    assert state["step"] == 2 and state["epoch"] == 1
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # common.loop's one layout
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["stage"] == "drib" and ckpt["step"] == 2
+    assert set(ckpt["state"]) == {"model", "gate_opt", "backbone_opt"} and {"torch", "numpy"} <= set(ckpt["rng"])
+    assert [h["epoch"] for h in ckpt["extra"]["history"]] == [1] and ckpt["extra"]["best"]["epoch"] == 1
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    again = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
+    outcome = train(again, digits, Budget(epochs=1, max_batches=2), tmp_path, config, torch.device("cpu"))
+    assert outcome.steps == 2 and (tmp_path / "checkpoint.pt").read_bytes() == before  # finished: no step
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
     net2 = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
     train(net2, digits, Budget(epochs=2, max_batches=2), tmp_path, config, torch.device("cpu"))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]
-    assert state["step"] == 4 and [h["epoch"] for h in state["history"]] == [1, 2]
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and [h["epoch"] for h in ckpt["extra"]["history"]] == [1, 2]
 
 
 def test_time_budget_stop_validates_saves_and_resumes(tmp_path, digits):
@@ -79,13 +87,14 @@ def test_time_budget_stop_validates_saves_and_resumes(tmp_path, digits):
     net = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
     outcome = train(net, digits, Budget(epochs=1, max_batches=4, seconds=1e-9), tmp_path, config,
                     torch.device("cpu"))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]
-    assert outcome.steps == 1 and state["step"] == 1 and state["epoch"] == 0
-    assert [h.get("partial") for h in state["history"]] == [True] and state["best"]["step"] == 1
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert outcome.steps == 1 and ckpt["step"] == 1 and ckpt["stopped_on_time"]
+    extra = ckpt["extra"]
+    assert [h.get("partial") for h in extra["history"]] == [True] and extra["best"]["step"] == 1
     net2 = DynamicNetwork(build_backbone("resnet20", num_classes=10), config.decision)
     outcome = train(net2, digits, Budget(epochs=1, max_batches=4), tmp_path, config, torch.device("cpu"))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]
-    assert outcome.steps == 4 and [h["step"] for h in state["history"]] == [1, 4]
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert outcome.steps == 4 and [h["step"] for h in ckpt["extra"]["history"]] == [1, 4]
 
 
 def test_unknown_config_keys_are_rejected():
