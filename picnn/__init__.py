@@ -54,7 +54,7 @@ def _train_and_evaluate(start: Backbone, data: DatasetSplits, budget: Budget, ou
                         config: PicnnSettings, device: torch.device, seed: int
                         ) -> tuple[PicnnNet, dict[str, Any], float]:
     seed_everything(seed)
-    model = PicnnNet(copy.deepcopy(start), data.num_classes, config.filters).to(device)
+    model = PicnnNet(copy.deepcopy(start), data.num_classes, config.filters, config.target_layer).to(device)
     run = RunDir(out_dir)
     run.write_config({"entry": "run_method", "backbone": type(start).__name__, "dataset": data.name,
                       "budget": {"epochs": budget.epochs, "seconds": budget.seconds,
@@ -64,7 +64,7 @@ def _train_and_evaluate(start: Backbone, data: DatasetSplits, budget: Budget, ou
     report = train_picnn(model, data, budget, run, config, device, seed)
     save_model(model, run, {"backbone_class": type(start).__name__, "num_classes": data.num_classes,
                             "filters": model.filters, "added_target_conv": model.added_target_conv,
-                            "best_step": report.best_step})
+                            "target_layer": config.target_layer, "best_step": report.best_step})
     metrics = evaluate_picnn(model, data.test, assignment=config.assignment, draws=config.eval_draws,
                              mis_samples=config.mis_samples, device=device, seed=seed, precision=config.precision)
     metrics.update(best_val_acc1=report.best_val_acc1, best_step=report.best_step, steps=report.steps,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from common.backbones import list_backbones
+from common.backbones import build_backbone, list_backbones
 from common.cli import (
     CLIError,
     add_budget_arguments,
@@ -39,8 +39,8 @@ from .train import build_picnn, load_model, save_model, step_overhead, train_pic
 PROG = "python -m picnn"
 # Command-line flag -> PicnnSettings field, for the settings that are worth a flag (--set reaches every field).
 SETTING_FLAGS = {"lam": float, "assignment": str, "cluster_index": str, "lr": float, "p_lr": float,
-                 "backbone_lr_scale": float, "batch_size": int, "filters": int, "mis_samples": int,
-                 "precision": str}
+                 "backbone_lr_scale": float, "batch_size": int, "target_layer": str, "filters": int,
+                 "mis_samples": int, "precision": str}
 RUN_KEYS = ("backbone", "dataset", "epochs", "max_batches", "seconds", "weights", "val_fraction", "val_source")
 # config.json keys that describe a run without changing what it computes: a resumed run may change them
 # (a larger time budget continues a run that stopped on time). Everything else is the run's identity: a
@@ -50,9 +50,11 @@ NOT_IDENTITY = ("seconds", "data_root")
 
 def _settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lam", type=float, help="lambda of Eq. 3 (default 2; 0 = the plain STD model)")
+    parser.add_argument("--target-layer", choices=("added", "last_stage"),
+                        help="added (default, the paper's): a 3x3 target conv after the backbone, its MACs in "
+                             "metrics.json; last_stage: the backbone's last stage (no added layer, no extra MACs)")
     parser.add_argument("--filters", type=int,
-                        help="target-layer filters N; default: the backbone's last stage (no added layer) when it "
-                             "has >= K channels; any other N adds a 3x3 conv of N filters (MACs in metrics.json)")
+                        help="filters N of the added target conv (default round(12.8 K): 128 for 10 classes)")
     parser.add_argument("--batch-size", type=int, help="batch size (default 128)")
 
 
@@ -174,7 +176,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     seed_everything(config["seed"])
     data = _inputs(args, config, val_fraction=config["val_fraction"])
-    model = build_picnn(config["backbone"], data.num_classes, settings.filters, config["weights"])
+    model = build_picnn(config["backbone"], data.num_classes, settings.filters, config["weights"],
+                        target_layer=settings.target_layer)
     run = RunDir(args.out)
     run.claim(config, what="--out", fix=fix, ignore=NOT_IDENTITY)
     run.write_environment(device)
@@ -182,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     report = train_picnn(model, data, budget, run, settings, device, config["seed"])
     save_model(model, run, {"backbone": config["backbone"], "num_classes": data.num_classes,
                             "filters": model.filters, "added_target_conv": model.added_target_conv,
-                            "dataset": config["dataset"],
+                            "target_layer": settings.target_layer, "dataset": config["dataset"],
                             "best_step": report.best_step, "steps": report.steps,
                             "train_seconds": report.train_seconds})
     print(json.dumps({"steps": report.steps, "total_steps": report.total_steps,
@@ -245,8 +248,9 @@ def cmd_overhead(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     seed_everything(config["seed"])
     data = _inputs(args, config)
-    model = build_picnn(config["backbone"], data.num_classes, settings.filters, config["weights"])
-    plain = build_picnn(config["backbone"], data.num_classes, None, config["weights"]).backbone
+    model = build_picnn(config["backbone"], data.num_classes, settings.filters, config["weights"],
+                        target_layer=settings.target_layer)
+    plain = build_backbone(config["backbone"], data.num_classes, config["weights"])
     loader = BatchLoader(data.train, settings.batch_size, train=True, device=device, augment=settings.augment,
                          seed=config["seed"])
     batches = list(itertools.islice(iter(loader), args.steps + args.warmup))

@@ -11,6 +11,7 @@ from common.precision import CHOICES as PRECISION_CHOICES
 
 ASSIGNMENTS = ("bernoulli", "gumbel")
 CLUSTER_INDEX = ("pseudo", "label")
+TARGET_LAYERS = ("added", "last_stage")
 
 
 @dataclass
@@ -18,11 +19,12 @@ class PicnnSettings:
     """Hyperparameters; the defaults are the paper's (Implementation Details) unless a comment says otherwise."""
 
     lam: float = 2.0  # lambda of Eq. 3
-    # N of the target layer. None: the backbone's last conv stage when it has >= K channels (no added layer,
-    # no extra MACs, pretrained classifier kept), else an added conv of round(12.8 K) filters (the paper's
-    # ratio). An explicit N different from the backbone's width adds a 3x3 conv of N filters (its MACs are
-    # reported as ``added_macs``).
-    filters: int | None = None
+    # Where the class clusters live. "added" (the paper's configuration): a 3x3 target conv of ``filters``
+    # filters after the backbone, with a new classifier; its MACs are reported as ``added_macs``.
+    # "last_stage": the backbone's last conv stage itself (no added layer, no extra MACs, its pretrained
+    # classifier kept; a zero-cost variant, not in the paper).
+    target_layer: str = "added"
+    filters: int | None = None  # N of the added layer; None: round(12.8 K), the paper's ratio (128 for 10 classes)
     assignment: str = "bernoulli"  # "bernoulli" (Eq. 5-7) or "gumbel" (Table 4 ablation)
     gumbel_temperature: float = 0.01  # Table 4
     cluster_index: str = "pseudo"  # "pseudo" (Eq. 8-10) or "label" (leaks y: the trivial solution, Fig. 4)
@@ -59,6 +61,8 @@ class PicnnSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in PRECISION_CHOICES:
             raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
+        if self.target_layer not in TARGET_LAYERS:
+            raise ValueError(f"target_layer must be one of {TARGET_LAYERS}, got {self.target_layer!r}")
         if self.filters is not None and self.filters < 1:
             raise ValueError(f"filters must be >= 1, got {self.filters}")
 

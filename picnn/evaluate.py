@@ -166,6 +166,7 @@ def evaluate_picnn(model: PicnnNet, split: ImageTensors, *, assignment: str = "b
     metrics["added_macs"] = metrics["macs"] - metrics["backbone_macs"]
     metrics["mac_change_percent"] = 100.0 * metrics["added_macs"] / metrics["backbone_macs"]
     metrics["added_target_conv"] = bool(model.added_target_conv)
+    metrics["target_layer"] = "added" if model.added_target_conv else "last_stage"
     metrics["filters"] = int(model.filters)
     metrics["params"] = parameter_count(model)
     metrics["expected_cluster_size"] = p.sum(dim=1).tolist()  # sum_i p_{y,i} per class

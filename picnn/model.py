@@ -5,9 +5,9 @@ Discrimination pathway: y1 = classifier(GAP(H)) (Eq. 1). Interpretation pathway:
 Because z is constant over space, GAP(H ⊙ z) = GAP(H) ⊙ z: the mask is applied to the pooled features,
 which gives the same y2 without a second pass over the feature maps.
 
-Target layer (``resolve_target``): by default the backbone's last conv stage (no added layer, the same MACs
-as the plain network, its pretrained classifier kept) whenever it has at least K channels; an added 3x3 conv
-only when N is asked for explicitly and differs from that width, or when the backbone is narrower than K.
+Target layer (``resolve_target``): by default the paper's configuration, an added 3x3 conv of round(12.8 K)
+filters (128 for CIFAR-10) and a new classifier, whose MACs count; ``target_layer="last_stage"`` uses the
+backbone's last conv stage itself (no added layer, the plain network's MACs, its pretrained classifier kept).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from common.backbones import Backbone
 from common.precision import full_precision
 
-from .config import ASSIGNMENTS, CLUSTER_INDEX
+from .config import ASSIGNMENTS, CLUSTER_INDEX, TARGET_LAYERS
 from .sampling import bernoulli_assignment, gumbel_assignment, pseudo_label
 
 FILTER_TO_CLASS_RATIO = 12.8  # the paper's N / K: 128 filters for 10 classes
@@ -32,21 +32,27 @@ def default_target_filters(num_classes: int, ratio: float = FILTER_TO_CLASS_RATI
     return max(num_classes, round(ratio * num_classes))
 
 
-def resolve_target(feature_channels: int, num_classes: int, filters: int | None = None) -> tuple[int, bool]:
+def resolve_target(feature_channels: int, num_classes: int, filters: int | None = None,
+                   target_layer: str = "added") -> tuple[int, bool]:
     """(N, added): the target layer's width and whether a target conv is added after the backbone.
 
-    ``filters=None``: the backbone's last stage (N = its width, nothing added) if it has >= K channels, else
-    an added conv of ``default_target_filters(K)``. An explicit ``filters`` adds a conv unless it equals the
-    backbone's width.
+    ``"added"`` (the paper's): a conv of ``filters`` filters, ``default_target_filters(K)`` when None.
+    ``"last_stage"``: the backbone's last stage, N = its width (``filters`` must then be None or that width).
     """
-    if filters is None:
-        if feature_channels >= num_classes:
-            return int(feature_channels), False
-        return default_target_filters(num_classes), True
-    filters = int(filters)
+    if target_layer not in TARGET_LAYERS:
+        raise ValueError(f"target_layer must be one of {TARGET_LAYERS}, got {target_layer!r}")
+    if target_layer == "last_stage":
+        if filters is not None and int(filters) != feature_channels:
+            raise ValueError(f"target_layer 'last_stage' has the backbone's {feature_channels} filters, not "
+                             f"filters={filters}; drop filters or use target_layer 'added'")
+        if feature_channels < num_classes:
+            raise ValueError(f"the backbone's last stage has {feature_channels} channels, fewer than the "
+                             f"{num_classes} classes; use target_layer 'added'")
+        return int(feature_channels), False
+    filters = default_target_filters(num_classes) if filters is None else int(filters)
     if filters < 1:
         raise ValueError(f"the target layer needs at least one filter, got {filters}")
-    return filters, filters != feature_channels
+    return filters, True
 
 
 class TargetConv(nn.Module):
@@ -95,15 +101,16 @@ class PathwayOutput:
 class PicnnNet(nn.Module):
     """A backbone with PICNN's target layer, classifier and correspondence matrix.
 
-    The target layer follows ``resolve_target``: when it is the backbone's last feature map, the backbone's
-    own (pretrained) classifier is kept and the network costs exactly the backbone's MACs; otherwise a
-    ``TargetConv`` of width N and a new classifier are added. ``forward`` is the discrimination pathway
-    (pixels in [0, 1] -> logits).
+    The target layer follows ``resolve_target``: by default a ``TargetConv`` of width N and a new classifier
+    are added (the paper's configuration); with ``target_layer="last_stage"`` the backbone's last feature map
+    is the target, its own (pretrained) classifier is kept and the network costs exactly the backbone's MACs.
+    ``forward`` is the discrimination pathway (pixels in [0, 1] -> logits).
     """
 
-    def __init__(self, backbone: Backbone, num_classes: int, filters: int | None = None):
+    def __init__(self, backbone: Backbone, num_classes: int, filters: int | None = None,
+                 target_layer: str = "added"):
         super().__init__()
-        filters, added = resolve_target(backbone.feature_channels, num_classes, filters)
+        filters, added = resolve_target(backbone.feature_channels, num_classes, filters, target_layer)
         self.backbone = backbone
         self.num_classes = num_classes
         self.filters = filters

@@ -38,10 +38,11 @@ class TrainReport:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def build_picnn(backbone: str, num_classes: int, filters: int | None = None, weights: str | None = None
-                ) -> PicnnNet:
-    """A PICNN model on the named common backbone, optionally loading the backbone's pretrained weights."""
-    return PicnnNet(build_backbone(backbone, num_classes, weights), num_classes, filters)
+def build_picnn(backbone: str, num_classes: int, filters: int | None = None, weights: str | None = None, *,
+                target_layer: str = "added") -> PicnnNet:
+    """A PICNN model on the named common backbone, optionally loading the backbone's pretrained weights;
+    ``target_layer`` / ``filters`` as in ``PicnnSettings`` (default: an added conv of round(12.8 K) filters)."""
+    return PicnnNet(build_backbone(backbone, num_classes, weights), num_classes, filters, target_layer)
 
 
 def make_optimizer(model: PicnnNet, settings: PicnnSettings) -> torch.optim.Adam:
@@ -173,7 +174,10 @@ def load_model(run: RunDir, device: torch.device | str = "cpu") -> tuple[PicnnNe
                                 "to completion first")
     blob = load_checkpoint(run.model_path, map_location="cpu")
     meta = blob["meta"]
-    model = build_picnn(meta["backbone"], meta["num_classes"], meta["filters"])
+    # Runs saved before target_layer existed name the architecture by added_target_conv alone.
+    target_layer = meta.get("target_layer") or ("added" if meta.get("added_target_conv", True) else "last_stage")
+    filters = meta.get("filters") if target_layer == "added" else None
+    model = build_picnn(meta["backbone"], meta["num_classes"], filters, target_layer=target_layer)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), meta
 

@@ -63,9 +63,10 @@ def test_evaluate_and_explain(trained_run, tmp_path):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert 0 <= metrics["acc2"] <= 100 and 0 <= metrics["acc3_argmax"] <= 100
     assert metrics["mis_samples"] == 100 and metrics["split"].startswith("test (")  # no weights: val from train
-    # The default target layer is the backbone's last stage: the plain network's MACs exactly.
-    assert metrics["filters"] == 64 and not metrics["added_target_conv"]
-    assert metrics["macs"] == metrics["backbone_macs"] and metrics["mac_change_percent"] == 0.0
+    # The default target layer is the paper's added conv of 128 filters; its MACs are counted.
+    assert metrics["filters"] == 128 and metrics["added_target_conv"] and metrics["target_layer"] == "added"
+    assert metrics["added_macs"] == 64 * 128 * 9 * 64 + (128 - 64) * 10  # 3x3 conv on 8x8, wider classifier
+    assert metrics["macs"] == metrics["backbone_macs"] + metrics["added_macs"]
     figure = tmp_path / "fig.png"
     assert main(["explain", "--run", str(trained_run), "--out", str(figure), "--images", "2"]) == 0
     assert figure.stat().st_size > 1000
@@ -96,12 +97,22 @@ def test_an_asked_for_layer_states_its_macs(tmp_path):
     assert metrics["added_macs"] == 64 * 32 * 9 * 64 + (32 - 64) * 10  # 3x3 conv on 8x8, smaller classifier
 
 
+def test_the_last_stage_variant_adds_no_layer_and_no_macs(tmp_path):
+    out = tmp_path / "last"
+    assert main(["train", *SCRATCH, "--target-layer", "last_stage", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["settings"]["target_layer"] == "last_stage"
+    assert main(["evaluate", "--run", str(out), "--draws", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["filters"] == 64 and not metrics["added_target_conv"] and metrics["target_layer"] == "last_stage"
+    assert metrics["macs"] == metrics["backbone_macs"] and metrics["mac_change_percent"] == 0.0
+
+
 def test_overhead_times_both_models_on_the_same_batches(tmp_path, capsys):
     out = tmp_path / "overhead.json"
     assert main(["overhead", "--dataset", "digits", "--batch-size", "8", "--steps", "2", "--warmup", "1",
                  "--device", "cpu", "--from-scratch", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["timed_steps"] == 2 and result["batch_size"] == 8 and not result["added_target_conv"]
+    assert result["timed_steps"] == 2 and result["batch_size"] == 8 and result["added_target_conv"]
     assert result["picnn_step_seconds"] > 0 and result["plain_step_seconds"] > 0
 
 
@@ -176,7 +187,7 @@ def test_run_method_returns_the_benchmark_contract(digits, tmp_path):
     result = run_method(start, digits, Budget(epochs=1, max_batches=2), tmp_path, device="cpu",
                         settings={"batch_size": 16, "eval_draws": 1, "mis_samples": 40, "control": True})
     metrics = result.metrics
-    assert metrics["split"] == digits.test_split_name and metrics["mac_change_percent"] == 0.0
+    assert metrics["split"] == digits.test_split_name and metrics["filters"] == 128 and metrics["added_macs"] > 0
     # The lambda = 0 control: same architecture, batches and images, trained alongside.
     control = json.loads((tmp_path / "control" / "metrics.json").read_text())
     assert control["lam"] == 0.0 and control["macs"] == metrics["macs"]

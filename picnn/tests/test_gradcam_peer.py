@@ -49,7 +49,7 @@ def _check_against_peer(model: PicnnNet, images: torch.Tensor, targets: torch.Te
 
 def test_cluster_grad_cam_matches_captum_on_a_tiny_net():
     torch.manual_seed(0)
-    model = PicnnNet(TinyBackbone(num_classes=4, width=16), 4)
+    model = PicnnNet(TinyBackbone(num_classes=4, width=16), 4, target_layer="last_stage")
     with torch.no_grad():  # a P whose argmax clusters give every class a proper subset of the 16 filters
         model.correspondence.logits.copy_(torch.nn.functional.one_hot(torch.arange(16) % 4, 4).T * 3.0)
     images, targets = torch.rand(4, 3, 12, 12), torch.tensor([0, 1, 2, 3])
@@ -77,7 +77,7 @@ def test_cluster_grad_cam_matches_captum_on_the_pretrained_resnet20():
     if not (root / WEIGHTS).is_file():
         pytest.skip(f"DATA_ROOT holds no {WEIGHTS}")
     torch.manual_seed(0)
-    model = PicnnNet(build_backbone("resnet20", 10, root / WEIGHTS), 10)  # target: the last stage, 64 filters
+    model = PicnnNet(build_backbone("resnet20", 10, root / WEIGHTS), 10, target_layer="last_stage")  # 64 filters
     assert not model.added_target_conv
     real = _cifar_images(root)
     if real is None:  # the weights without the images: smooth seeded noise

@@ -15,7 +15,7 @@ CLASSES = 4
 
 def _final_l_int(cluster_index: str, steps: int = 150) -> float:
     torch.manual_seed(0)
-    model = PicnnNet(TinyBackbone(CLASSES, width=16), CLASSES, filters=16)
+    model = PicnnNet(TinyBackbone(CLASSES, width=16), CLASSES, target_layer="last_stage")
     optimizer = torch.optim.Adam([
         {"params": [p for n, p in model.named_parameters() if not n.startswith("correspondence")], "lr": 1e-2},
         {"params": model.correspondence.parameters(), "lr": 0.1},
