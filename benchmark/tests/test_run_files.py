@@ -261,3 +261,21 @@ def test_a_bad_drib_setting_creates_nothing(setting: str, tmp_path: Path, capsys
     err = capsys.readouterr().err.strip()
     assert setting.split("=")[0] in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_an_undefined_credibility_is_null_with_its_reason(tmp_path: Path) -> None:
+    from drib.verification import credibility_controls
+
+    info = torch.ones(4, 8)  # every channel carries the same bits: the oracle is no better than random
+    selected = torch.zeros(4, 8, dtype=torch.bool)
+    selected[:, :3] = True
+    _, summary = credibility_controls(info, selected, selected[0])
+    assert summary["credibility_oracle"] == pytest.approx(summary["credibility_random"])
+    atomic_write_json(summary, tmp_path / "metrics.json")
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["credibility_normalised"] is None
+    assert "oracle" in written["credibility_normalised_reason"]
+    # defined: no reason key
+    info[:, :3] = 5.0
+    _, summary = credibility_controls(info, selected, selected[0])
+    assert summary["credibility_normalised"] == pytest.approx(1.0) and "credibility_normalised_reason" not in summary
