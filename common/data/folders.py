@@ -71,10 +71,11 @@ class FolderListing:
         """SHA-256 over every file's path below the folder, size and bytes, in listing order: any change of
         content, name or class (a file moved or swapped between classes) changes it."""
         digest = hashlib.sha256()
+        prefix = len(os.path.join(str(self.folder), ""))  # files are listed as folder/<class>/<name>
         for path in progress(self.files, f"hashing {self.folder}", total=len(self.files)):
             with open(path, "rb") as handle:
                 data = handle.read()
-            name = os.fsencode(os.path.relpath(path, self.folder))
+            name = os.fsencode(path[prefix:])
             digest.update(len(name).to_bytes(4, "little") + name + len(data).to_bytes(8, "little"))
             digest.update(data)
         return digest.hexdigest()
