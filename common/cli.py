@@ -198,6 +198,8 @@ def command_scope(args: argparse.Namespace, prog: str) -> Iterator[None]:
     file gives (``common.run.rebuild_hint``): train the ``--run`` directory again, or re-run the command."""
     command = getattr(args, "command", None)
     run, out = getattr(args, "run", None), getattr(args, "out", None) if hasattr(args, "wait") else None
+    if isinstance(run, list | tuple):  # a command comparing several runs (--run given more than once)
+        run = run[0] if len(run) == 1 else None
     if run is not None:
         hint = (f"delete it and train the run again ({prog} train --out {run}, with the flags recorded in "
                 f"{Path(run) / 'config.json'})")
