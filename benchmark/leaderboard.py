@@ -19,7 +19,7 @@ from tabulate import tabulate
 from common.run import CheckpointError, atomic_write_text, read_json
 
 from .explain_metrics import COLUMNS as EXPLANATION_COLUMNS
-from .explain_metrics import FAITHFULNESS
+from .explain_metrics import FAITHFULNESS, GRIDPG, SANITY
 from .jobs import Context, Job, read_metrics
 from .metrics import COLUMNS
 from .presets import COMPRESSING, EPOCH_USE
@@ -49,10 +49,14 @@ DISPLAY: dict[str, tuple[str, float, int]] = {
     "own_deletion_lift": ("own del. lift ↑", 1.0, 3),
     "own_insertion_lift": ("own ins. lift ↑", 1.0, 3),
     "own_road_lift": ("own ROAD lift ↑", 1.0, 3),
-    "own_sanity_spearman": ("own sanity ρ ↓", 1.0, 2),
-    "gradcam_sanity_spearman": ("Grad-CAM sanity ρ ↓", 1.0, 2),
-    "random_sanity_spearman": ("random sanity ρ", 1.0, 2),
-    "centre_sanity_spearman": ("centre sanity ρ", 1.0, 2),
+    **{f"{e}_{m}": (f"{label} {what}", 1.0, d)
+       for e, label in (("own", "own"), ("gradcam", "Grad-CAM"), ("random", "random"), ("centre", "centre"))
+       for m, what, d in (("gridpg", "GridPG ↑", 3), ("gridpg_se", "GridPG SE", 3),
+                          ("sanity_spearman", "sanity ρ same image", 2), ("sanity_spearman_se", "sanity ρ SE", 2),
+                          ("sanity_floor", "sanity floor", 2), ("sanity_floor_se", "sanity floor SE", 2),
+                          ("sanity_depends", "depends on weights", 2))},
+    "gridpg_mosaics": ("GridPG mosaics", 1.0, 0),
+    "gridpg_qualified": ("GridPG qualified images", 1.0, 0),
     "drift_spearman": ("drift ρ ↑", 1.0, 2),
     "drift_top10": ("drift top-10% ↑", 1.0, 2),
     "mis": ("MIS", 1.0, 4),
@@ -117,8 +121,9 @@ def with_control_rows(runs: pd.DataFrame) -> pd.DataFrame:
         for m in FAITHFULNESS:
             if f"{control}_{m}" in rows:
                 rows[f"own_{m}"] = rows[f"{control}_{m}"]
-        if f"{control}_sanity_spearman" in rows:
-            rows["own_sanity_spearman"] = rows[f"{control}_sanity_spearman"]
+        for m in (*GRIDPG, *SANITY):
+            if f"{control}_{m}" in rows:
+                rows[f"own_{m}"] = rows[f"{control}_{m}"]
         if {"random_deletion_auc", "random_insertion_auc", "random_road_gap"} <= set(rows.columns):
             rows["own_deletion_lift"] = rows["random_deletion_auc"] - rows["own_deletion_auc"]
             rows["own_insertion_lift"] = rows["own_insertion_auc"] - rows["random_insertion_auc"]
@@ -214,8 +219,18 @@ def timing_too_short(spec: Any) -> bool:
     return spec.latency_repeats * spec.latency_rounds < MIN_TIMED_CALLS
 
 
+def _se_note(row: pd.Series, column: str) -> str:
+    """" (SE x)": the mean over seeds of a column's standard error over images, when it has one."""
+    se = row.get(f"{column}_se_mean")
+    if se is None or not isinstance(se, float) or not math.isfinite(se) or not math.isfinite(row[f"{column}_mean"]):
+        return ""
+    return f" (SE {se * DISPLAY[column][1]:.{DISPLAY[column][2]}f})"
+
+
 def markdown_table(board: pd.DataFrame, columns: Sequence[str] = COLUMNS, with_target: bool = False,
                    blank: Sequence[str] = ()) -> str:
+    """Columns ending in ``_se`` are shown inside their base column's cell as "(SE x)", not on their own."""
+    columns = [c for c in columns if not (c.endswith("_se") and c[:-3] in columns)]
     headers = ["method", "seeds", *(["target MAC red. %"] if with_target else []), *(DISPLAY[c][0] for c in columns),
                "error"]
     body = []
@@ -223,7 +238,8 @@ def markdown_table(board: pd.DataFrame, columns: Sequence[str] = COLUMNS, with_t
         seeds = f"{row['seeds_finished']}/{row['seeds_total']}"
         if row["status"] != "ok":
             seeds += f" ({row['status']})"
-        cells = ["–" if c in blank else _cell(row[f"{c}_mean"], row[f"{c}_std"], *DISPLAY[c][1:]) for c in columns]
+        cells = ["–" if c in blank else _cell(row[f"{c}_mean"], row[f"{c}_std"], *DISPLAY[c][1:])
+                 + _se_note(row, c) for c in columns]
         error = str(row["error"])
         target = [row.get("on_target", "–")] if with_target else []
         body.append([row["method"], seeds, *target, *cells, error[:160] + ("…" if len(error) > 160 else "")])
@@ -296,9 +312,18 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
 _INTERPRETABILITY_NOTE = (
     "Interpretability columns: faithfulness of each row's own explanation (tiled deletion / insertion on a"
     " blurred canvas, ROAD gap), the same metrics for Grad-CAM and for random and centred maps on the same"
-    " model, the own map's lift over the random map, the randomisation sanity test (ρ after all weights are"
-    " random) and Grad-CAM drift from the start. The two control rows explain the baseline model with a random"
-    " and a centred map: a method's own map that does not beat them is no better than noise or centre bias.\n")
+    " model, the own map's lift over the random map, and Grad-CAM drift from the start. The two control rows"
+    " explain the baseline model with a random and a centred map: a method's own map that does not beat them is"
+    " no better than noise or centre bias.\n\n"
+    "- GridPG: on seeded 2 x 2 mosaics of held-out images of four distinct classes that the start classifies"
+    " correctly alone, the share of positive attribution inside the cell whose class is explained (mean over"
+    " cells, SE over cells); random and centre maps score 0.25 by construction, so only a map above them by"
+    " more than two SE localises the object rather than the image centre.\n"
+    "- Sanity ρ same image / sanity floor: Spearman correlation of the trained model's map with the map of the"
+    " same model with every weight reset (project reset `kaiming`), beside the correlation with the reset"
+    " map of another image (the floor, what any two maps of this explainer share); read ρ against the floor,"
+    " not against 0: depends on weights = 1 where ρ is within two SE of the floor and below 1, and a map"
+    " that keeps ρ = 1 (random, centre) is blind to the weights.\n")
 
 
 def _header(ctx: Context, runs: pd.DataFrame) -> str:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from common.backbones import Backbone
 from common.data import BatchLoader, DatasetSplits
 from common.deploy import deepcopy_module, deploy
-from common.explain import mis, pooled_activations, saliency_to_unit
+from common.explain import build_mosaics, mis, pooled_activations, saliency_to_unit
 from common.macs import count_macs, count_params
 from common.method import MethodResult
 from common.precision import resolve_precision
@@ -31,7 +31,7 @@ from common.speed import class_mixed_images, time_side_by_side
 from common.training import evaluate_top1
 
 from .explain_metrics import COLUMNS as EXPLANATION_COLUMNS
-from .explain_metrics import explanation_columns
+from .explain_metrics import explanation_columns, gridpg_mosaic_count
 from .presets import MetricSpec
 
 SALIENCY_CHUNK = 32
@@ -218,8 +218,13 @@ def evaluate_result(result: MethodResult, start: nn.Module, data: DatasetSplits,
     def maps_of(fn: Callable[[Tensor, Tensor], Tensor], what: str) -> Tensor:
         return _chunked_maps(fn, images, labels, what)
 
+    # GridPG mosaics: seeded, from test images the start classifies correctly alone (the same for every row)
+    count = gridpg_mosaic_count(spec)
+    pool = subset_indices(len(data.test), max(10 * count, 100), spec.subset_seed)
+    mosaics = build_mosaics(start, data.test.images[pool], data.test.labels[pool], count, seed=spec.subset_seed,
+                            indices=pool)
     explained, own_maps = explanation_columns(model, start, cam_layer, find_cam_layer(start), result.saliency,
-                                              maps_of, images, labels, spec)
+                                              maps_of, images, labels, spec, mosaics)
     metrics.update(explained)
     # Decoupling and the baseline have no explainer of their own: theirs is the common Grad-CAM.
     metrics["own_explainer"] = "method" if result.saliency is not None else "gradcam"
@@ -239,6 +244,10 @@ def evaluate_result(result: MethodResult, start: nn.Module, data: DatasetSplits,
     metrics["train_seconds"] = float(result.train_seconds)
     metrics.update(_scalar_extras(result.metrics))
     optional = ("dynamic_filter_share", "mis")  # NaN when the method gives none / MIS is switched off
+    if "own_gridpg_reason" in metrics:  # the own explanation cannot run on a mosaic: the row says why
+        optional += ("own_gridpg", "own_gridpg_se")
+    if "gridpg_reason" in metrics:
+        optional += tuple(c for c in EXPLANATION_COLUMNS if "gridpg" in c)
     bad = [k for k in COLUMNS if k in metrics and isinstance(metrics[k], float) and not math.isfinite(metrics[k])
            and k not in optional]
     if bad:
