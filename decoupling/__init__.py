@@ -91,20 +91,38 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     outcome = train_decoupled(model, objective, data, budget, run, config, device, seed)
     save_decoupled(model, run.model_path, name, data.num_classes, config.reduction, config.init_bias,
                    config.controller_init)
-    policy = resolve_precision(config.precision, device)
+    # The deployed network runs fp32: states, top-1 and MACs are measured in the precision it runs.
+    policy = resolve_precision("fp32", device, channels_last=False)
     model.set_precision(policy)
     val = BatchLoader(data.val, 256, train=False, device=device)
     states = filter_states(collect_paths(model, val))  # raw gates (Eq. 5), as the paper counts them
     # The deployed network: filter states frozen on training images (silent removed, energetic always on).
-    model.freeze_states(calibration_codes(model, data.train, config.calibration_images, device, seed))
+    codes = calibration_codes(model, data.train, config.calibration_images, device, seed)
+    model.freeze_states(codes)
     dense_macs = float(count_macs(start, size))
+    extra: dict[str, Any] = {}
+    if config.static_twin:  # the control: one fixed set of filters for every input (decoupling/twin.py)
+        from .twin import TWIN_DIR, finetune_static_twin, static_twin
+
+        extra = {"decoupled_val_top1": evaluate_top1(model, val),
+                 "decoupled_val_macs_mean": mean_dynamic_macs(model, val)}
+        model = static_twin(model, codes, config.static_twin_threshold)
+        if config.static_twin_finetune:
+            twin_run = RunDir(Path(out_dir) / TWIN_DIR)
+            _, twin_seconds = finetune_static_twin(model, data, budget, twin_run, config, device, seed)
+            outcome.train_seconds += twin_seconds
+            save_decoupled(model, twin_run.model_path, name, data.num_classes, config.reduction, config.init_bias,
+                           config.controller_init)
+        model.set_precision(policy)
+        extra["variant"] = "static twin" + (" (fine-tuned)" if config.static_twin_finetune else " (as is)")
     macs = mean_dynamic_macs(model, val)
-    metrics = {"val_top1": evaluate_top1(model, val, precision=policy), "val_macs_mean": macs,
+    metrics = {"val_top1": evaluate_top1(model, val), "val_macs_mean": macs, **extra,
                "macs_dense": dense_macs, "val_mac_reduction": 1.0 - macs / dense_macs,
                "target_mac_reduction": config.target_mac_reduction, "gate_offset": outcome.gate_offset,
                **{f"{k}_filters": v for k, v in states.fractions.items()},
                "train_steps": outcome.steps, "stopped_by_time": outcome.stopped_by_time,
                "precision": policy.describe()}
+    share = 0.0 if config.static_twin else states.fractions["dynamic"]
     return MethodResult(model=model, saliency=None, dynamic_forward=model.dynamic_forward,
-                        mis_layer=model.backbone.cam_layer(), dynamic_filter_share=states.fractions["dynamic"],
+                        mis_layer=model.backbone.cam_layer(), dynamic_filter_share=share,
                         metrics=metrics, train_seconds=outcome.train_seconds)

@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adv-classifiers", default="random_forest,adaboost,gradient_boosting",
                           help="detectors, comma-separated")
 
+    twin = sub.add_parser("static-twin", help="the static twin of a trained run (every dynamic filter fixed to its "
+                          "majority state), as it is and fine-tuned for the run's budget; writes "
+                          "RUN/static_twin/metrics.json")
+    _run_flags(twin)
+    twin.add_argument("--calibration-images", type=int, default=2000,
+                      help="class-mixed training images the states are counted on (default 2000, as evaluate)")
+    twin.add_argument("--threshold", type=float, default=0.5,
+                      help="a filter is on in the twin where it fires on more than this share (default 0.5)")
+    twin.add_argument("--no-finetune", action="store_true", help="only the twin as it is (no training)")
+
     explain = sub.add_parser("explain", help="figures of filter states, calculation paths and an occlusion")
     _run_flags(explain)
     explain.add_argument("--out", dest="figure", required=True,
@@ -183,6 +193,47 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _static_twin(args: argparse.Namespace) -> int:
+    from common.macs import count_macs
+    from common.method import Budget
+    from common.run import RunDir, atomic_write_json
+
+    from .config import DecouplingSettings
+    from .evaluate import calibration_codes
+    from .model import save_decoupled
+    from .twin import TWIN_DIR, finetune_static_twin, static_twin, twin_report
+
+    run, model, dense, data, device, precision = _load_run(args)
+    config = run.read_config()
+    settings = DecouplingSettings.from_dict(config.get("settings", {}))
+    if precision != settings.precision:
+        settings = dataclasses.replace(settings, precision=precision)
+    codes = calibration_codes(model, data.train, args.calibration_images, device, 0)  # as evaluate draws them
+    twin = static_twin(model, codes, args.threshold)
+    model.freeze_states(codes)  # the deployed network: energetic and silent frozen, the rest dynamic
+    dense_macs = float(count_macs(dense.to(device), (3, *data.image_size)))
+    metrics = {"test_split": data.test_split_name, "val_source": data.val_source, "calibration_images": len(codes),
+               "threshold": args.threshold, "as_is": twin_report(model, twin, data.test, data.val, device, dense_macs)}
+    out = RunDir(run.path / TWIN_DIR)
+    if not args.no_finetune:
+        budget = Budget(config["epochs"], config.get("seconds"), config.get("max_batches"))
+        steps, seconds = finetune_static_twin(twin, data, budget, out, settings, device, config.get("seed", 0))
+        save_decoupled(twin, out.model_path, config["backbone"], data.num_classes, settings.reduction,
+                       settings.init_bias, settings.controller_init)
+        metrics["finetuned"] = twin_report(model, twin, data.test, data.val, device, dense_macs)
+        metrics["finetune_steps"], metrics["finetune_seconds"] = steps, seconds
+    atomic_write_json(metrics, out.metrics_path)
+    for key in ("as_is", "finetuned"):
+        if key in metrics:
+            rep = metrics[key]
+            print(f"{key}: decoupled {rep['decoupled']['top1']:.2f}% at {100 * rep['decoupled']['mac_reduction']:.1f}% "
+                  f"fewer MACs; twin {rep['twin']['top1']:.2f}% at {100 * rep['twin']['mac_reduction']:.1f}%; "
+                  f"paired {rep['paired_decoupled_minus_twin']['difference']:+.2f} "
+                  f"+- {rep['paired_decoupled_minus_twin']['se']:.2f} points")
+    print(f"metrics in {out.metrics_path}")
+    return 0
+
+
 def _explain(args: argparse.Namespace) -> int:
     from common.precision import resolve_precision
 
@@ -201,7 +252,8 @@ def run(argv: list[str] | None = None) -> int:
 
     args = parse_args(build_parser(), argv)
     with command_scope(args, PROG):  # train: one process per --out; run files name their rebuild
-        return {"train": _train, "evaluate": _evaluate, "explain": _explain}[args.command](args)
+        return {"train": _train, "evaluate": _evaluate, "static-twin": _static_twin,
+                "explain": _explain}[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,12 @@ class DecouplingSettings:
     # common.precision policy of every training and evaluation forward ("auto": bf16 autocast +
     # channels_last where the device has native bf16, else fp32); losses, gates, MACs and metrics stay fp32.
     precision: str = "auto"
+    # The static twin (a control, decoupling/twin.py): run_method returns the twin instead of the decoupled
+    # network, every dynamic filter fixed to its state on more than ``static_twin_threshold`` of the
+    # calibration images, fine-tuned on L_ce for the same budget when ``static_twin_finetune``.
+    static_twin: bool = False
+    static_twin_finetune: bool = True
+    static_twin_threshold: float = 0.5
     checkpoint_every: int = 200  # steps between checkpoints (and at every epoch end; common.loop)
     log_every: int = 50  # steps between log lines (the loop checks the loss on every step)
 
@@ -97,6 +103,10 @@ class DecouplingSettings:
         fraction("target_ratio", self.target_ratio)
         fraction("finetune_fraction", self.finetune_fraction, high_open=True)
         fraction("target_mac_reduction", self.target_mac_reduction, high_open=True)
+        fraction("static_twin_threshold", self.static_twin_threshold, high_open=True)
+        for name in ("static_twin", "static_twin_finetune"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("lambda_m", "lambda_k", "lambda_s", "weight_decay", "momentum"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):

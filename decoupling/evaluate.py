@@ -102,6 +102,32 @@ def speed_report(model: DecoupledNet, dense: nn.Module, images: Tensor, batch_si
     return report
 
 
+@torch.no_grad()
+def deployed_predictions(model: DecoupledNet, split: ImageTensors, device: torch.device, batch_size: int = 256
+                         ) -> tuple[Tensor, Tensor, float]:
+    """(predicted classes, per-sample MACs, agreement) of the deployed network on ``split``, in the precision
+    it runs (fp32). For a CIFAR ResNet the predictions are those of ``execution.FastDecoupledResNet`` itself;
+    the MACs (and, for other backbones, the predictions) come from ``dynamic_forward`` in fp32, and
+    ``agreement`` is the share of inputs on which the two forms predict the same class (1.0 when they are
+    one form). The states must be frozen (``freeze_states`` or ``freeze_to_majority``)."""
+    from .execution import deploy_decoupled
+
+    kept = model.precision
+    model.set_precision(resolve_precision("fp32", device, channels_last=False))
+    fast = deploy_decoupled(model) if type(model.backbone).__name__ == "CifarResNet" else None
+    preds, own, macs = [], [], []
+    try:
+        for x, _ in progress(BatchLoader(split, batch_size, train=False, device=device), "deployed: top-1, MACs"):
+            logits, per_sample = model.dynamic_forward(x)
+            own.append(logits.argmax(1).cpu())
+            macs.append(per_sample.cpu())
+            preds.append(fast(x.cpu()).argmax(1) if fast is not None else own[-1])
+    finally:
+        model.set_precision(kept)
+    pred, reference = torch.cat(preds), torch.cat(own)
+    return pred, torch.cat(macs), float((pred == reference).double().mean())
+
+
 def state_metrics(states: FilterStates) -> dict[str, Any]:
     fractions = states.fractions
     return {"energetic_filters": fractions["energetic"], "silent_filters": fractions["silent"],
@@ -125,22 +151,16 @@ def evaluate_model(model: DecoupledNet, dense: nn.Module, test: ImageTensors, va
     gates on ``test``, parameter counts."""
     size = tuple(test.images.shape[1:])
     model.to(device).eval()
-    correct, macs = 0, []
-    for x, y in progress(BatchLoader(test, batch_size, train=False, device=device), "test: top-1, MACs"):
-        logits, per_sample = model.dynamic_forward(x)
-        correct += int((logits.argmax(1) == y).sum())
-        macs.append(per_sample)
-    metrics: dict[str, Any] = {"top1": 100.0 * correct / len(test)}
+    # Top-1 of the deployed network in the precision it runs (fp32), not of a bf16 forward.
+    pred, macs, agreement = deployed_predictions(model, test, device, batch_size)
+    metrics: dict[str, Any] = {"top1": 100.0 * float((pred == test.labels.cpu()).double().mean()),
+                               "top1_form": "deployed network, fp32", "deployed_agreement": agreement}
     if val is not None and len(val):
-        correct_val, macs_val = 0, []
-        for x, y in BatchLoader(val, batch_size, train=False, device=device):
-            logits, per_sample = model.dynamic_forward(x)
-            correct_val += int((logits.argmax(1) == y).sum())
-            macs_val.append(per_sample)
-        metrics["val_top1"] = 100.0 * correct_val / len(val)
-        metrics["val_macs_mean"] = float(torch.cat(macs_val).mean())
+        pred_val, macs_val, _ = deployed_predictions(model, val, device, batch_size)
+        metrics["val_top1"] = 100.0 * float((pred_val == val.labels.cpu()).double().mean())
+        metrics["val_macs_mean"] = float(macs_val.mean())
     macs_dense = count_macs(dense.to(device), size)
-    metrics["macs_mean"] = float(torch.cat(macs).mean())
+    metrics["macs_mean"] = float(macs.mean())
     metrics["macs_dense"] = float(macs_dense)
     metrics["mac_reduction"] = 1.0 - metrics["macs_mean"] / macs_dense
     if "val_macs_mean" in metrics:
@@ -191,8 +211,10 @@ def evaluate_run(model: DecoupledNet, dense: nn.Module, data, device: torch.devi
         raise ValueError(f"report_split must be 'test' or 'val', got {report_split!r}")
     split = data.test if report_split == "test" else data.val
     policy = resolve_precision(precision, device)
-    model.set_precision(policy)
+    # The states are frozen on fp32 paths: the deployed network runs fp32.
+    model.set_precision(resolve_precision("fp32", device, channels_last=False))
     codes = calibration_codes(model, data.train, calibration_images, device, seed)
+    model.set_precision(policy)
     model.freeze_states(codes)
     metrics: dict[str, Any] = {"test_split": data.test_split_name, "val_source": data.val_source,
                                "report_split": report_split, "calibration_images": len(codes),

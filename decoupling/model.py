@@ -26,7 +26,7 @@ from common.macs import ChannelActivity, LayerShape, count_macs, dynamic_macs, l
 from common.precision import Precision, full_precision, resolve_precision
 from common.sparse import bn_affine, conv_bn_subset, group_rows
 
-from .semhash import improved_semhash
+from .semhash import improved_semhash, random_half_rows
 
 CONTROLLER_INITS = ("authors", "open")
 
@@ -65,8 +65,67 @@ class ArchitectureController(nn.Module):
             nn.init.constant_(self.fc2.bias, init_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        s = x.mean(dim=(2, 3))
+        s = global_average_pool(x)
         return self.fc2(F.relu(self.fc1(s)))
+
+
+class _GlobalAveragePool(torch.autograd.Function):
+    """s = GAP(x) accumulated and returned in fp32 for a bf16 or fp32 map, without an fp32 copy of the map
+    and its backward cast. The same s and ds/dx as ``x.float().mean((2, 3))`` at a fraction of the cost
+    (training profile, README)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)  # for its shape, dtype and layout only: no copy is made
+        return x.mean(dim=(2, 3), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        share = (grad / (x.shape[2] * x.shape[3])).to(x.dtype)[:, :, None, None]
+        # dense in x's own layout: autograd adds it to x's other gradients, and adding a broadcast or a
+        # differently laid out map is several times slower than adding two maps of one layout
+        return torch.empty_like(x).copy_(share.expand_as(x))
+
+
+def global_average_pool(x: Tensor) -> Tensor:
+    """GAP over the spatial axes of a B x C x H x W map, in fp32 (B x C)."""
+    return _GlobalAveragePool.apply(x)
+
+
+class _MaskAndPool(torch.autograd.Function):
+    """(Y * z, GAP((Y)_+)) in one node: the layer output of Eq. 1 and the y^l of Eq. 10. Autograd on the two
+    separate expressions runs a ReLU backward on a broadcast gradient, a mean backward that materialises
+    it and an accumulation of the two gradients of Y, each a pass over the full map; here one pass forms
+    dY = dout * z + 1(Y > 0) dy / HW. Same values and gradients (tested against autograd)."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        zc = z.to(out.dtype)[:, :, None, None]
+        ctx.save_for_backward(out, z)
+        return out * zc, F.relu(out).mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, grad_masked: Tensor | None, grad_pooled: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        out, z = ctx.saved_tensors
+        zc = z.to(out.dtype)[:, :, None, None]
+        grad_out = grad_z = None
+        if grad_pooled is not None and ctx.needs_input_grad[0]:
+            # dy / HW broadcast into a dense map of out's layout, then the ReLU step (a ReLU backward on the
+            # broadcast gradient itself is 7x slower on this CPU in bf16 channels_last)
+            share = (grad_pooled / (out.shape[2] * out.shape[3])).to(out.dtype)[:, :, None, None]
+            grad_out = torch.ops.aten.threshold_backward(torch.empty_like(out).copy_(share.expand_as(out)), out, 0)
+        if grad_masked is not None:
+            if ctx.needs_input_grad[0]:
+                grad_out = grad_masked * zc if grad_out is None else grad_out.addcmul_(grad_masked, zc)
+            if ctx.needs_input_grad[1]:
+                grad_z = (grad_masked * out).sum(dim=(2, 3)).to(z.dtype)
+        return grad_out, grad_z
+
+
+def mask_and_pool(out: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(out * z, GAP((out)_+)) for a B x N x H x W map and a B x N mask, with one fused backward."""
+    return _MaskAndPool.apply(out, z)
 
 
 class GatedConvBN(nn.Module):
@@ -98,6 +157,9 @@ class GatedConvBN(nn.Module):
         # physically and run the energetic ones densely. Empty = not frozen.
         self.register_buffer("always_on", torch.zeros(0, dtype=torch.bool), persistent=True)
         self.register_buffer("always_off", torch.zeros(0, dtype=torch.bool), persistent=True)
+        # Samples that take the binary v2 in Eq. 3 (bool B), drawn once per forward by ``DecoupledNet`` and
+        # shared by every gated layer; None: this layer draws its own (a layer used on its own).
+        self.hard_rows: Tensor | None = None
         self.last_logits: Tensor | None = None
         self.last_mask: Tensor | None = None
         self.last_pooled: Tensor | None = None
@@ -143,8 +205,8 @@ class GatedConvBN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         noisy = self.training and not self.hard_gates
         with full_precision(x.device):  # the gates are fp32 under any precision policy (common.precision)
-            logits = self.controller(x.float())
-            z = improved_semhash(logits, noisy)
+            logits = self.controller(x)  # GAP in fp32 (global_average_pool)
+            z = improved_semhash(logits, noisy, hard_rows=self.hard_rows if noisy else None)
         if not noisy and self.always_on.numel():
             z = torch.where(self.always_on, torch.ones_like(z), torch.where(self.always_off, torch.zeros_like(z), z))
         self.last_logits, self.last_mask = logits, z
@@ -152,9 +214,7 @@ class GatedConvBN(nn.Module):
             out = self._gathered_forward(x, z)
             self.last_pooled = None
         else:
-            out = self.bn(self.conv(x))
-            self.last_pooled = F.relu(out).mean(dim=(2, 3))
-            out = out * z[:, :, None, None].to(out.dtype)
+            out, self.last_pooled = mask_and_pool(self.bn(self.conv(x)), z)
         self.last_map = out.detach() if self.keep_maps else None
         return out
 
@@ -241,7 +301,18 @@ class DecoupledNet(nn.Module):
             return self(self.precision.prepare_inputs(x)).float()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.backbone(x)
+        if not self.training:
+            return self.backbone(x)
+        # Eq. 3: "we randomly use z = v1 for half of the training samples and z = v2 for the rest": one draw
+        # per sample for the whole network, so a sample is either binary or soft in every gated layer.
+        rows = random_half_rows(x.shape[0], x.device)
+        for layer in self.gated_layers:
+            layer.hard_rows = rows
+        try:
+            return self.backbone(x)
+        finally:
+            for layer in self.gated_layers:
+                layer.hard_rows = None
 
     @property
     def layer_names(self) -> list[str]:
@@ -286,6 +357,29 @@ class DecoupledNet(nn.Module):
             layer.freeze_states(block.all(dim=0), ~block.any(dim=0))
         if codes is not None and start != codes.shape[1]:
             raise ValueError(f"paths have {codes.shape[1]} entries, the network has {start} gated filters")
+
+    @torch.no_grad()
+    def freeze_to_majority(self, codes: Tensor, threshold: float = 0.5) -> None:
+        """The static twin's states: every filter on for more than ``threshold`` of the inputs of ``codes``
+        (inputs x sum N^l, 0/1) is always on, every other one always off; no filter is left dynamic, so the
+        network computes one fixed set of filters for every input."""
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"the majority threshold must lie in [0, 1), got {threshold}")
+        if codes.shape[1] != sum(self.layer_channels):
+            raise ValueError(f"paths have {codes.shape[1]} entries, the network has {sum(self.layer_channels)} "
+                             "gated filters")
+        rates = (codes > 0).double().mean(dim=0)
+        start = 0
+        for layer in self.gated_layers:
+            on = rates[start:start + layer.channels] > threshold
+            start += layer.channels
+            layer.freeze_states(on, ~on)
+
+    def clear_records(self) -> None:
+        """Drop what the last forward left in the gated layers (tensors of a training graph cannot be
+        deep-copied, e.g. by ``execution.deploy_decoupled``)."""
+        for layer in self.gated_layers:
+            layer.last_logits = layer.last_mask = layer.last_pooled = layer.last_map = None
 
     def controller_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.gated_layers for p in layer.controller.parameters()]
