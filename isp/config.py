@@ -59,7 +59,15 @@ class ISPSettings:
     # paper's own p above. Set: p = 1 - target x MACs(model) / T_all, channel groups coarser than the target
     # allows are refined, and the hard gates are calibrated by logit order to land on the target (README).
     target_mac_reduction: float | None = None
-    interpretation_units: str = "image"  # C_x compared in units of the image side ("pixels": as predicted)
+    # C_x of Eq. 10 compared as the selector's raw (c_z, c_t, sigma) in pixels, the units of the paper's
+    # gamma1 = 0.5 ("image": divided by the image side, the earlier default: gamma1 weighs ~1/1000 as much).
+    interpretation_units: str = "pixels"
+    # "eq10": the paper's objective; "authors": the authors' code's (10 x MSE of the RBF parameters in pixels
+    # + gamma2 R_res, no cross-entropy; classification_weight, gamma1 and the units are then unused).
+    gate_objective: str = "eq10"
+    # Every this many gate steps, each loss term's gradient norm / share w.r.t. the gate logits is measured on
+    # the step's batch and logged (gates.pt and metrics.json keep the history); 0 = never.
+    gradient_share_every: int = 10
     # Fine-tuning: SGD momentum 0.9, weight decay 1e-4, start lr 0.1, batch 128 (reference: steps at 50%, 75%).
     finetune_batch: int = 128
     finetune_lr: float = 0.1
@@ -90,6 +98,11 @@ class ISPSettings:
             raise ValueError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
         if self.interpretation_units not in ("image", "pixels"):
             raise ValueError(f"interpretation_units must be 'image' or 'pixels', got {self.interpretation_units!r}")
+        if self.gate_objective not in ("eq10", "authors"):
+            raise ValueError(f"gate_objective must be 'eq10' or 'authors', got {self.gate_objective!r}")
+        if isinstance(self.gradient_share_every, bool) or not isinstance(self.gradient_share_every, int) \
+                or self.gradient_share_every < 0:
+            raise ValueError(f"gradient_share_every must be an integer >= 0, got {self.gradient_share_every!r}")
         if self.finetune_schedule not in ("cosine", "step"):
             raise ValueError(f"finetune_schedule must be 'cosine' or 'step', got {self.finetune_schedule!r}")
         if self.channel_group != "auto" and (isinstance(self.channel_group, bool)

@@ -81,28 +81,36 @@ def resource_loss(macs: Tensor, target: float) -> Tensor:
     return torch.log(torch.clamp(macs, min=target) / target)
 
 
+INTERPRETATION_UNITS = ("pixels", "image")
+GATE_OBJECTIVES = ("eq10", "authors")
+# The authors' code (reference-code notes, ISP "Gate search"): 10 x MSE of the RBF parameters, no cross-entropy.
+AUTHORS_MSE_WEIGHT = 10.0
+
+
 @dataclass
 class GateLossWeights:
     classification: float = 1.0
     gamma1: float = 0.5
     gamma2: float = 2.0
     target_ratio: float = 0.5  # p
-    interpretation_units: str = "image"  # "image": RBF parameters / image side; "pixels": as predicted
+    interpretation_units: str = "pixels"  # "pixels": C_x as predicted (paper); "image": / image side
+    objective: str = "eq10"  # "eq10": the paper's Eq. 10; "authors": 10 MSE(C_x) + gamma2 R_res, no CE
 
 
 def comparable_code(code: Tensor, decoder: SelectorDecoder, units: str) -> Tensor:
     """The explanation code in the units the interpretation term of Eq. 10 compares.
 
-    "pixels": (c_z, c_t, sigma) as predicted. "image": divided by (H, W, max(H, W)), so the squared distance is
-    O(0.01-0.1) like the other two terms; in pixel units it is O(10-100) and gamma1 = 0.5 drowns the resource
-    term (no gate closes). REAL-X codes are compared as Bernoulli parameters, averaged over the pixels.
+    "pixels" (the paper's): (c_z, c_t, sigma) as the selector predicts them, the units gamma1 = 0.5 of the
+    supplementary was chosen for. "image": divided by (H, W, max(H, W)) (the earlier default of this package),
+    which shrinks the squared distance by about H W and the term's weight with it. REAL-X codes are compared as
+    Bernoulli parameters, averaged over the pixels.
     """
     if decoder.kind == "realx":
         return torch.sigmoid(code).flatten(1) / math.sqrt(code[0].numel())
     if units == "pixels":
         return code
     if units != "image":
-        raise ValueError(f"interpretation_units must be 'image' or 'pixels', got {units!r}")
+        raise ValueError(f"interpretation_units must be one of {INTERPRETATION_UNITS}, got {units!r}")
     height, width = decoder.shape.image_size
     return code / code.new_tensor([height, width, max(height, width)])
 
@@ -113,11 +121,54 @@ def interpretation_loss(target_codes: Tensor, codes: Tensor, decoder: SelectorDe
             ).pow(2).flatten(1).sum(1).mean()
 
 
+def gate_loss_terms(logits: Tensor, labels: Tensor, target_codes: Tensor, codes: Tensor,
+                    decoder: SelectorDecoder, macs: Tensor, target_macs: float, weights: GateLossWeights
+                    ) -> dict[str, Tensor]:
+    """The weighted terms of the gate-search objective, by name ("classification", "interpretation",
+    "resource"); a term with zero weight is left out.
+
+    "eq10": CE + gamma1 ||C_x - f_sel||^2 (in ``interpretation_units``) + gamma2 R_res (paper Eq. 10).
+    "authors": 10 MSE(C_x, f_sel) in pixels (the mean over the three parameters and the batch) + gamma2 R_res,
+    the authors' code's search (no classification loss; its resource weight is 1, here gamma2)."""
+    if weights.objective not in GATE_OBJECTIVES:
+        raise ValueError(f"gate objective must be one of {GATE_OBJECTIVES}, got {weights.objective!r}")
+    terms: dict[str, Tensor] = {}
+    if weights.objective == "authors":
+        terms["interpretation"] = AUTHORS_MSE_WEIGHT * F.mse_loss(comparable_code(codes, decoder, "pixels"),
+                                                                  comparable_code(target_codes, decoder, "pixels"))
+    else:
+        if weights.classification:
+            terms["classification"] = weights.classification * F.cross_entropy(logits, labels)
+        if weights.gamma1:
+            terms["interpretation"] = weights.gamma1 * interpretation_loss(target_codes, codes, decoder,
+                                                                           weights.interpretation_units)
+    terms["resource"] = weights.gamma2 * resource_loss(macs, target_macs)
+    return terms
+
+
 def pruning_loss(logits: Tensor, labels: Tensor, target_codes: Tensor, codes: Tensor, decoder: SelectorDecoder,
                  macs: Tensor, target_macs: float, weights: GateLossWeights) -> Tensor:
     """Eq. 10: L(f(x; W, v), y) + gamma1 ||C_x - f_sel(x; beta, v)||^2 + gamma2 R_res(T(v), p T_all)
-    (gamma1 = 0: the steering ablation, pruning by accuracy and resources only)."""
-    loss = weights.classification * F.cross_entropy(logits, labels)
-    if weights.gamma1:
-        loss = loss + weights.gamma1 * interpretation_loss(target_codes, codes, decoder, weights.interpretation_units)
-    return loss + weights.gamma2 * resource_loss(macs, target_macs)
+    (gamma1 = 0: the steering ablation, pruning by accuracy and resources only), or the authors' form
+    (``gate_loss_terms``)."""
+    terms = gate_loss_terms(logits, labels, target_codes, codes, decoder, macs, target_macs, weights)
+    return torch.stack(list(terms.values())).sum()
+
+
+def gradient_shares(terms: dict[str, Tensor], parameter: Tensor) -> dict[str, dict[str, float]]:
+    """Each loss term's gradient w.r.t. ``parameter`` (the gate logits theta): its L2 norm, its share of the
+    summed norms, and its cosine with the total gradient (how much of the step it steers). The graph is kept,
+    so the caller can still back-propagate the total."""
+    grads = {}
+    for name, term in terms.items():
+        (grad,) = torch.autograd.grad(term, parameter, retain_graph=True, allow_unused=True)
+        grads[name] = torch.zeros_like(parameter) if grad is None else grad.detach()
+    total = torch.stack(list(grads.values())).sum(0)
+    norm_sum = sum(float(g.norm()) for g in grads.values())
+    out = {}
+    for name, grad in grads.items():
+        norm = float(grad.norm())
+        cosine = float(F.cosine_similarity(grad.flatten(), total.flatten(), dim=0)) if norm and total.norm() else 0.0
+        out[name] = {"grad_norm": norm, "share": norm / norm_sum if norm_sum else 0.0, "cosine_with_total": cosine,
+                     "value": float(terms[name].detach())}
+    return out

@@ -12,9 +12,9 @@ finite before it is written.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.backbones import Backbone, build_backbone, list_backbones
-from common.data import BatchLoader, DatasetSplits, ImageTensors
+from common.backbones import Backbone, build_backbone
+from common.data import BatchLoader, DatasetSplits
 from common.loop import LoopState, TrainLoop, batch_stream, require_finite
 from common.method import Budget
 from common.precision import Precision, resolve_precision
 from common.run import RunDir, atomic_torch_save, atomic_write_json, load_checkpoint, read_json, seed_everything
 from common.training import evaluate_top1
 
+# The run's model files (artefacts.py); their names stay importable from here (isp.train.save_backbone).
+from .artefacts import identify_backbone, images_as_float, load_backbone, load_decoder, save_backbone, save_decoder
 from .config import STAGE_SHARES, ISPSettings
+from .evaluate import evaluate_run
 from .hardware import resolve_channel_group
-from .losses import GateLossWeights, kl_to_classifier, pruning_loss, selector_loss
+from .losses import GateLossWeights, gate_loss_terms, gradient_shares, kl_to_classifier, selector_loss
 from .model import (
     ChannelGates,
     GateInjector,
@@ -45,7 +48,7 @@ from .model import (
     prunable_target_ratio,
 )
 from .rbf import mask_input, rbf_bernoulli, sample_mask, sample_random_rbf_params
-from .selector import DecoderShape, SelectorDecoder, decoder_shape, forward_with_stages
+from .selector import SelectorDecoder, decoder_shape, forward_with_stages
 from .slim import keep_from_json, keep_to_json, kept_indices, slim_copy, slim_vs_gated
 
 # The setting to lower when a stage's loss or weights become non-finite (the loop's one-line error ends with it).
@@ -254,10 +257,14 @@ def subset_batches(subset: PruningSubset, batch_size: int, start_step: int, seed
 def search_gates(run: RunDir, classifier: Backbone, decoder: SelectorDecoder, sites: list[PrunableSite],
                  gates: ChannelGates, macs: PrunableMacs, subset: PruningSubset, steps: int, *, batch_size: int,
                  lr: float, weights: GateLossWeights, seed: int, seconds: float | None, log,
-                 save_every: int = 200, policy: Precision | None = None) -> LoopState:
-    """Eq. 10: min_theta CE(f(x; W, v), y) + gamma1 ||C_x - f_sel(x; beta, v)||^2 + gamma2 R_res(T(v), p T_all).
-    W (classifier) and beta (decoder) are frozen; only the gate logits theta learn. The network runs under
-    ``policy``; gate values, T(v) and the loss are fp32."""
+                 save_every: int = 200, policy: Precision | None = None, share_every: int = 0) -> LoopState:
+    """Eq. 10: min_theta CE(f(x; W, v), y) + gamma1 ||C_x - f_sel(x; beta, v)||^2 + gamma2 R_res(T(v), p T_all)
+    (or the authors' form, ``losses.gate_loss_terms``). W (classifier) and beta (decoder) are frozen; only the
+    gate logits theta learn. The network runs under ``policy``; gate values, T(v) and the loss are fp32.
+
+    Every ``share_every`` steps (0: never) each term's gradient w.r.t. theta is measured on the step's batch
+    (``losses.gradient_shares``) and appended to ``state.extra["gradient_shares"]`` (resumable, logged): how
+    much of the search the explanation actually carries."""
     policy = policy or fp32_policy()
     freeze(classifier)
     freeze(decoder)
@@ -275,13 +282,36 @@ def search_gates(run: RunDir, classifier: Backbone, decoder: SelectorDecoder, si
         with injector, policy.autocast():
             logits, stages = forward_with_stages(classifier, x)
             code = decoder.code(stages, explained)
-        loss = pruning_loss(logits.float(), y, codes, code.float(), decoder, macs(values), target_macs, weights)
+        terms = gate_loss_terms(logits.float(), y, codes, code.float(), decoder, macs(values), target_macs, weights)
+        loss = torch.stack(list(terms.values())).sum()
+        if share_every and i % share_every == 0:
+            shares = gradient_shares(terms, gates.theta)
+            loop_state.extra.setdefault("gradient_shares", []).append({"step": i, **shares})
+            if log:
+                log.info("gates step %d: gradient share w.r.t. theta " + ", ".join(
+                    f"{k} {v['share']:.3f} (|g| {v['grad_norm']:.2e}, value {v['value']:.4f})"
+                    for k, v in shares.items()), i)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return loss
 
+    loop_state = loop.state
     return loop.run(step, batches=lambda start: subset_batches(subset, batch_size, start, seed))
+
+
+def summarise_shares(history: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean gradient share (and norm) of each term w.r.t. theta over the first tenth, the last tenth and the
+    whole of a search's measured steps (``search_gates``'s ``gradient_shares`` history)."""
+    tenth = max(1, len(history) // 10)
+    out = {}
+    for part, rows in (("first", history[:tenth]), ("last", history[-tenth:]), ("all", history)):
+        names = sorted({k for r in rows for k in r if k != "step"})
+        out[part] = {name: {"share": sum(r[name]["share"] for r in rows if name in r) / len(rows),
+                            "grad_norm": sum(r[name]["grad_norm"] for r in rows if name in r) / len(rows)}
+                     for name in names}
+        out[part]["steps"] = [rows[0]["step"], rows[-1]["step"]]
+    return out
 
 
 def finetune(run: RunDir, model: Backbone, loader: BatchLoader, val_loader: BatchLoader, steps: int, *, lr: float,
@@ -338,14 +368,6 @@ def subset_indices(n: int, fraction: float, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]
 
 
-def images_as_float(split: ImageTensors, device: torch.device) -> Tensor:
-    return split.images.to(device).float().div_(255.0)
-
-
-def clone_backbone(model: Backbone) -> Backbone:
-    return copy.deepcopy(model)
-
-
 STAGES = ("predictor", "selector", "targets", "gates", "slim", "finetune", "evaluate")
 # The slim network must compute what the gated one computes; float32 reorderings stay far below this.
 SLIM_TOLERANCE = 1e-3
@@ -353,56 +375,6 @@ SLIM_TOLERANCE = 1e-3
 
 class StageOrderError(RuntimeError):
     """A single stage was requested before the stages it depends on have written their artefacts."""
-
-
-def identify_backbone(model: Backbone) -> str:
-    """The registry name whose architecture has exactly ``model``'s parameter names and shapes."""
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    num_classes = model.classifier.out_features
-    for name in list_backbones():
-        candidate = build_backbone(name, num_classes).state_dict()
-        if {k: tuple(v.shape) for k, v in candidate.items()} == own:
-            return name
-    raise ValueError(f"{type(model).__name__} matches no registered backbone; ISP needs one of {list_backbones()}")
-
-
-def save_backbone(path: Path, name: str, model: Backbone, keep: dict[str, list[int]] | None, *,
-                  fix: str = "check the classifier's weights (--weights)") -> None:
-    """A (possibly slim) backbone as registry name + kept channels + state dict: rebuildable, no pickled code.
-    Non-finite weights are refused (``fix``: the setting to change) and nothing is written."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    require_finite(state, f"isp {path.name}", fix)
-    atomic_torch_save({"backbone": name, "num_classes": model.classifier.out_features, "keep": keep,
-                       "state_dict": state}, path)
-
-
-def load_backbone(path: Path, device: torch.device | str = "cpu",
-                  input_size: tuple[int, int, int] = (3, 32, 32)) -> Backbone:
-    blob = load_checkpoint(path)
-    model = build_backbone(blob["backbone"], blob["num_classes"])
-    if blob["keep"] is not None:
-        model = slim_copy(model, keep_from_json(prunable_sites(model, input_size), blob["keep"]), input_size)
-    model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval()
-
-
-def save_decoder(path: Path, decoder: SelectorDecoder, *, fix: str = "lower --set selector_lr") -> None:
-    """The selector's decoder; non-finite weights are refused and nothing is written."""
-    state = decoder.state_dict()
-    require_finite(state, f"isp {path.name}", fix)
-    atomic_torch_save({"kind": decoder.kind, "shape": asdict(decoder.shape),
-                       "centre_margin": getattr(decoder.head, "centre_margin", None),
-                       "state_dict": state}, path)
-
-
-def load_decoder(path: Path, device: torch.device | str = "cpu") -> SelectorDecoder:
-    blob = load_checkpoint(path)
-    shape = blob["shape"]
-    shape = DecoderShape(list(shape["stage_channels"]), [tuple(s) for s in shape["stage_sizes"]],
-                         tuple(shape["image_size"]), shape["num_classes"])
-    decoder = SelectorDecoder(shape, blob["kind"], centre_margin=blob["centre_margin"] or 2.0)
-    decoder.load_state_dict(blob["state_dict"])
-    return decoder.to(device).eval()
 
 
 class Pipeline:
@@ -453,10 +425,10 @@ class Pipeline:
             return None
         return STAGE_SHARES.get(stage, 0.0) * self.budget.seconds
 
-    def _loader(self, batch: int, train: bool = True, split: str = "train") -> BatchLoader:
+    def loader(self, batch: int, train: bool = True, split: str = "train") -> BatchLoader:
         return BatchLoader(getattr(self.data, split), batch, train=train, device=self.device, seed=self.seed)
 
-    def _require(self, stage: str) -> Path:
+    def require(self, stage: str) -> Path:
         path = self.path(stage)
         if not path.is_file():
             raise StageOrderError(f"stage {stage!r} has not been run in {self.run_dir.path} ({path.name} is missing);"
@@ -486,7 +458,7 @@ class Pipeline:
             predictor.load_state_dict(self.classifier.state_dict())
         predictor.to(self.device)
         self.log.info("precision: %s", self.policy.describe())
-        loader = self._loader(s.predictor_batch)
+        loader = self.loader(s.predictor_batch)
         state = train_predictor(self.run_dir, self.classifier, predictor, loader,
                                        self._steps("predictor", len(loader)), lr=s.predictor_lr,
                                        weight_decay=s.predictor_weight_decay, kind=s.selector,
@@ -498,10 +470,10 @@ class Pipeline:
 
     def _stage_selector(self) -> None:
         s = self.settings
-        predictor = load_backbone(self._require("predictor"), self.device, self.input_size)
+        predictor = load_backbone(self.require("predictor"), self.device, self.input_size)
         shape = decoder_shape(self.classifier, self.image_size, self.data.num_classes)
         decoder = SelectorDecoder(shape, s.selector, s.centre_margin, s.sigma_bias).to(self.device)
-        loader = self._loader(s.selector_batch)
+        loader = self.loader(s.selector_batch)
         state = train_selector(self.run_dir, self.classifier, predictor, decoder, loader,
                                       self._steps("selector", len(loader)), lr=s.selector_lr,
                                       weight_decay=s.selector_weight_decay, lambda1=s.lambda1,
@@ -526,7 +498,7 @@ class Pipeline:
         return images_as_float(self.data.val.subset(indices), self.device)
 
     def _stage_targets(self) -> None:
-        decoder = load_decoder(self._require("selector"), self.device)
+        decoder = load_decoder(self.require("selector"), self.device)
         indices = subset_indices(len(self.data.train), self.settings.subset_fraction, self.seed)
         images = images_as_float(self.data.train.subset(indices), self.device)
         codes, explained = explanation_targets(self.classifier, decoder, images, policy=self.policy)
@@ -536,12 +508,12 @@ class Pipeline:
                           self.path("targets"))
 
     def _subset(self) -> PruningSubset:
-        blob = load_checkpoint(self._require("targets"))
+        blob = load_checkpoint(self.require("targets"))
         split = self.data.train.subset(blob["indices"])
         return PruningSubset(images_as_float(split, self.device), split.labels.to(self.device),
                                     blob["codes"].to(self.device), blob["explained"].to(self.device))
 
-    def _gates(self) -> tuple[list, ChannelGates, PrunableMacs]:
+    def gate_setup(self) -> tuple[list, ChannelGates, PrunableMacs]:
         sites = prunable_sites(self.classifier, self.input_size)
         channels = [s.channels for s in sites]
         macs = PrunableMacs(self.classifier, sites, self.input_size)
@@ -559,16 +531,22 @@ class Pipeline:
 
     def _stage_gates(self) -> None:
         s = self.settings
-        decoder = load_decoder(self._require("selector"), self.device)
+        decoder = load_decoder(self.require("selector"), self.device)
         subset = self._subset()
-        sites, gates, macs = self._gates()
+        sites, gates, macs = self.gate_setup()
         per_epoch = max(1, len(subset.labels) // s.gate_batch)
         p = self.target_ratio(macs)
-        weights = GateLossWeights(s.classification_weight, s.gamma1, s.gamma2, p, s.interpretation_units)
+        weights = GateLossWeights(s.classification_weight, s.gamma1, s.gamma2, p, s.interpretation_units,
+                                  s.gate_objective)
         state = search_gates(self.run_dir, self.classifier, decoder, sites, gates, macs, subset,
-                                    self._steps("gates", per_epoch), batch_size=s.gate_batch, lr=s.gate_lr,
-                                    weights=weights, seed=self.seed, seconds=self._seconds("gates"), log=self.log,
-                                    save_every=min(s.checkpoint_every, per_epoch), policy=self.policy)
+                             self._steps("gates", per_epoch), batch_size=s.gate_batch, lr=s.gate_lr,
+                             weights=weights, seed=self.seed, seconds=self._seconds("gates"), log=self.log,
+                             save_every=min(s.checkpoint_every, per_epoch), policy=self.policy,
+                             share_every=s.gradient_share_every)
+        shares = state.extra.get("gradient_shares", [])
+        if shares:
+            self.log.info("gates: mean gradient share w.r.t. theta over the search %s",
+                          summarise_shares(shares)["all"])
         require_finite(gates.theta, "isp gates.pt (the gate logits theta)", lr_fix("gates", s.gate_lr))
         hard = gates.hard()
         threshold_ratio = float(macs(hard)) / macs.total
@@ -582,17 +560,19 @@ class Pipeline:
         atomic_torch_save({"theta": gates.theta.detach().cpu(), "keep": keep, "prunable_kept_ratio": ratio,
                            "threshold_prunable_kept_ratio": threshold_ratio, "target_ratio_p": p,
                            "calibrated": s.target_mac_reduction is not None, "channel_groups": gates.groups,
-                           "prunable_macs_total": macs.total}, self.path("gates"))
+                           "prunable_macs_total": macs.total, "gradient_shares": shares,
+                           "gradient_share_summary": summarise_shares(shares) if shares else None},
+                          self.path("gates"))
         self._record_seconds("gates", state.seconds)
 
     def _stage_slim(self) -> None:
-        blob = load_checkpoint(self._require("gates"))
+        blob = load_checkpoint(self.require("gates"))
         sites = prunable_sites(self.classifier, self.input_size)
         keep = keep_from_json(sites, blob["keep"])
         slim = slim_copy(self.classifier, keep, self.input_size)
         hard = [torch.zeros(s.channels, device=self.device).index_fill_(0, k.to(self.device), 1.0)
                 for s, k in zip(sites, keep)]
-        x, _ = next(iter(self._loader(64, train=False, split="val")))
+        x, _ = next(iter(self.loader(64, train=False, split="val")))
         difference = slim_vs_gated(self.classifier, slim, sites, hard, x)
         if difference > SLIM_TOLERANCE:
             raise RuntimeError(f"the slim network differs from the gated one by {difference:.2e} (> "
@@ -603,11 +583,11 @@ class Pipeline:
 
     def _stage_finetune(self) -> None:
         s = self.settings
-        model = load_backbone(self._require("slim"), self.device, self.input_size)
+        model = load_backbone(self.require("slim"), self.device, self.input_size)
         for p in model.parameters():
             p.requires_grad_(True)
-        loader = self._loader(s.finetune_batch)
-        val_loader = self._loader(256, train=False, split="val")
+        loader = self.loader(s.finetune_batch)
+        val_loader = self.loader(256, train=False, split="val")
         steps = self._steps("finetune", len(loader))
         val_every = max(1, round(s.val_every_epochs * len(loader)))
         state = finetune(self.run_dir, model, loader, val_loader, steps, lr=s.finetune_lr,
@@ -620,16 +600,36 @@ class Pipeline:
         self._record_seconds("finetune", state.seconds)
 
     def _stage_evaluate(self) -> None:
-        from .evaluate import evaluate_run
-
         metrics = evaluate_run(self)
         self.run_dir.write_metrics(metrics)
 
     # --- products ----------------------------------------------------------------------------------------
     def final_model(self) -> Backbone:
-        return load_backbone(self._require("finetune"), self.device, self.input_size)
+        return load_backbone(self.require("finetune"), self.device, self.input_size)
 
     def decoder(self) -> SelectorDecoder:
-        return load_decoder(self._require("selector"), self.device)
+        return load_decoder(self.require("selector"), self.device)
 
 
+def reopen_pipeline(run_path: str | Path, data_root: str | None = None, device_name: str | None = None,
+                    precision: str | None = None) -> Pipeline:
+    """The ``Pipeline`` of an existing run directory (its config.json), e.g. to evaluate or study it; ``precision``
+    changes how it is evaluated, not how it was trained."""
+    from common.data import load_dataset
+    from common.run import pick_device
+
+    if not (Path(run_path) / "config.json").is_file():
+        raise FileNotFoundError(f"{run_path} is not a run directory (no config.json); train into it first")
+    run = RunDir(run_path)
+    config = run.read_config()
+    device = pick_device(device_name)
+    root = data_root if data_root is not None else config.get("data_root")
+    data = load_dataset(config["dataset"], root, val_source=config.get("val_source", "train"))
+    budget = Budget(**config["budget"])
+    classifier = build_backbone(config["backbone"], data.num_classes)
+    settings = ISPSettings.from_dict(config["settings"])
+    if precision is not None:
+        settings = dataclasses.replace(settings, precision=precision)
+    # The run's classifier.pt is the source of truth; this instance only supplies the architecture.
+    return Pipeline(run.path, classifier, data, budget, settings, device, config.get("seed", 0),
+                    backbone_name=config["backbone"])

@@ -120,3 +120,35 @@ def test_cli_compare_paired_reports_differences_and_kept_channels(tiny_run, caps
     assert paired["gradcam_drift_after_finetune.spearman"]["mean_difference"] == 0.0
     drift = result["runs"]["a"]["selector_drift_before_finetune"]
     assert -1.0 <= drift["spearman"] <= 1.0 and drift["code_l2_px"] >= 0.0
+
+
+def test_gate_search_reports_each_terms_gradient_share(tiny_run):
+    out, *_, result = tiny_run
+    summary = result.metrics["gate_gradient_share_summary"]
+    assert result.metrics["interpretation_units"] == "pixels" and result.metrics["gate_objective"] == "eq10"
+    terms = {k for k in summary["all"] if k != "steps"}
+    assert terms == {"classification", "interpretation", "resource"}
+    assert sum(summary["all"][t]["share"] for t in terms) == pytest.approx(1.0)
+    assert "gradient share w.r.t. theta" in (out / "log.txt").read_text()
+
+
+def test_cli_manipulation_check_needs_three_unsteered_and_compares_against_their_spread(tiny_run, capsys):
+    out, *_ = tiny_run
+    assert main(["compare", "--run", str(out), "--unsteered", str(out), "--device", "cpu"]) == 2
+    assert ">= 3 --unsteered" in capsys.readouterr().err
+    assert main(["compare", "--run", f"a={out}", "--unsteered", f"u0={out}", "--unsteered", f"u1={out}",
+                 "--unsteered", f"u2={out}", "--images", "8", "--split", "val", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    check = result["manipulation_check"]
+    term = result["runs"]["a"]["interpretation_term_images"]
+    assert term > 0.0 and check["interpretation_term_images"]["unsteered_min"] == term
+    assert check["works"] is False  # a run against itself is not below its own spread
+    assert result["runs"]["a"]["split"].startswith("validation")
+
+
+def test_help_names_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("train", "evaluate", "explain", "sweep", "blocks", "speed", "report", "compare"):
+        assert command in text
