@@ -142,3 +142,33 @@ def test_validation_choice_returns_the_best_decoder_not_the_last(trained, tmp_pa
     assert again["loss"] == pytest.approx(min(losses), abs=1e-5)
     if losses.index(min(losses)) == 0:
         assert all(torch.equal(v, start[k]) for k, v in decoder.state_dict().items())
+
+
+def test_selector_centre_follows_one_object_moved_across_the_frame(trained):
+    """The same grey image with the same red patch, moved step by step across the frame (along the rows, then
+    along the columns): the predicted centre must track the patch on the moving axis (not a fixed prior near
+    the middle) and stay put on the other."""
+    classifier, decoder, _ = trained
+    g = torch.Generator().manual_seed(11)
+    grey = (torch.rand(1, SIZE, SIZE, generator=g) * 0.4 + 0.2).repeat(3, 1, 1)
+    offsets = list(range(2, SIZE - PATCH - 1))  # patch corner 2..11: centres 4..13
+    for axis in (0, 1):
+        images = []
+        for k in offsets:
+            x = grey.clone()
+            i, j = (k, 6) if axis == 0 else (6, k)
+            x[:, i:i + PATCH, j:j + PATCH] = 0.0
+            x[0, i:i + PATCH, j:j + PATCH] = 1.0
+            images.append(x)
+        x = (torch.stack(images) * 255).round() / 255
+        with torch.no_grad():
+            logits, stages = forward_with_stages(classifier, x)
+            code = decoder.eval().code(stages, logits.argmax(1))
+        truth = torch.tensor(offsets, dtype=torch.float) + PATCH / 2
+        moving, fixed = code[:, axis], code[:, 1 - axis]
+        corr = torch.corrcoef(torch.stack([moving, truth]))[0, 1]
+        print("axis", axis, "centres", [round(v, 1) for v in moving.tolist()], "corr", float(corr))
+        assert corr > 0.9
+        assert moving.max() - moving.min() > 0.6 * (truth.max() - truth.min())  # it travels with the object
+        assert (moving - truth).abs().median() < 2.0
+        assert fixed.std() < moving.std() / 2
