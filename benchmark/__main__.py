@@ -6,11 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.cli import add_budget_arguments, add_common_arguments, apply_overrides, main_guard, parse_args
+from common.cli import (
+    add_budget_arguments,
+    add_common_arguments,
+    apply_overrides,
+    check_positive,
+    main_guard,
+    parse_args,
+)
 
 from .jobs import Context
 from .presets import get_preset, list_presets
-from .runner import LAUNCHERS, failure_summary, plan_jobs, run_preset
+from .runner import LAUNCHERS, SUBMITIT_CLUSTERS, failure_summary, plan_jobs, run_preset
 from .start import StartError
 
 PROG = "python -m benchmark"
@@ -47,8 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replace-changed", action="store_true",
                         help="re-run (deleting) the runs in OUT/PRESET made under a different config")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                        help="local: in this process; submitit: one job array (Slurm, or local subprocesses)")
+                        help="local: on this machine (see --workers); submitit: one job array (Slurm, or local "
+                             "subprocesses)")
     parser.add_argument("--slurm-partition", help="submitit only: Slurm partition")
+    parser.add_argument("--submitit-cluster", choices=SUBMITIT_CLUSTERS,
+                        help="submitit only: slurm, or local (processes on this machine, every job of the array "
+                             "at once); default: slurm when srun exists, else local")
+    parser.add_argument("--workers", type=int,
+                        help="local launcher: jobs side by side, one single-thread process each (default: one "
+                             "per core for CPU presets, else 1; 1: one after another in this process at --threads)")
     parser.add_argument("--aggregate-only", action="store_true",
                         help="do not train; rewrite the leaderboard from the finished runs")
     return parser
@@ -62,11 +76,17 @@ def _run(argv: list[str] | None) -> int:
     preset = apply_overrides(preset, args.set, frozen_keys=("name", "settings", "start"))
     if not preset.seeds or not preset.methods:
         raise ValueError("--seeds and --methods need at least one entry each")
-    options = {"slurm_partition": args.slurm_partition} if args.slurm_partition else None
+    check_positive(args.workers, "--workers")
+    options = {"slurm_partition": args.slurm_partition} if args.slurm_partition else {}
+    if args.submitit_cluster:
+        options["cluster"] = args.submitit_cluster
+    # --threads alone keeps the jobs in this process at that count; beside --workers it is each worker's count
+    workers = 1 if args.workers is None and args.threads is not None else args.workers
     paths = run_preset(preset, out, data_root=args.data_root, weights_dir=args.weights_dir,
                        device=args.device, launcher=args.launcher, launcher_options=options,
                        skip_training=args.aggregate_only, replace_changed=args.replace_changed,
-                       val_source=args.val_source, download=args.download, wait=args.wait)
+                       val_source=args.val_source, download=args.download, wait=args.wait, workers=workers,
+                       threads=args.threads or 1)
     if not paths:  # a torchrun rank other than 0
         return 0
     print(paths["md"].read_text())

@@ -77,6 +77,7 @@ class Context:
     device: str | None = None
     val_source: str | None = None  # None / "auto": test-half from published weights, train from scratch
     download: bool = False
+    parallel_jobs: int = 1  # jobs of this run side by side (their load at a job's start is expected, not a warning)
 
     def run_dir(self, job: Job) -> Path:
         return self.results_dir / "runs" / job.name
@@ -88,6 +89,32 @@ class Context:
         if self.val_source in (None, "auto"):
             return default_val_source(self.preset.start.kind == "weights")
         return self.val_source
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def busy_machine_warning(threads: int, siblings: int = 0) -> str | None:
+    """Why this job's timings will be slow, when other processes hold the cores at its start, else None.
+
+    Busy means the 1-minute load, less the ``siblings`` single-thread jobs of this same run, exceeds the cores
+    left once this job's ``threads`` are counted: beside another torch process OpenMP threads oversubscribe
+    the cores and small-op training slows down several times (the figures stay the same, the seconds do not)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        return None
+    cores = usable_cores()
+    if load - siblings <= cores - threads:
+        return None
+    ours = f" ({siblings} of it expected from this run's other jobs)" if siblings else ""
+    return (f"machine busy at job start: 1-minute load {load:.2f} on {cores} core(s){ours}, this job uses "
+            f"{threads} thread(s); its train and latency seconds will be slower than on an idle machine")
 
 
 def read_metrics(ctx: Context, job: Job) -> dict[str, Any] | None:
@@ -173,7 +200,12 @@ def run_job(job: Job, ctx: Context, registry: Registry | None = None,
     run.write_config(job_config(ctx, job))
     run.write_environment(device)
     log = run.logger("benchmark")
-    log.info("job %s of preset %s on %s (pid %d)", job.name, ctx.preset.name, device, os.getpid())
+    threads = torch.get_num_threads()
+    log.info("job %s of preset %s on %s (pid %d, %d torch thread(s))", job.name, ctx.preset.name, device,
+             os.getpid(), threads)
+    busy = busy_machine_warning(threads, siblings=(ctx.parallel_jobs - 1) * threads)
+    if busy:
+        log.warning(busy)
     began = time.perf_counter()
     try:
         if job.method not in registry:

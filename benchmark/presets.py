@@ -27,6 +27,8 @@ METHODS = ("baseline", "drib", "picnn", "picnn-lambda0", "decoupling", "isp", *R
 # fraction of the dense start's MACs removed, mean per sample for dynamic models) in its settings. The other
 # rows (the baseline, PICNN and its control) do not remove MACs and run once, shown beside every target.
 COMPRESSING = ("drib", "decoupling", "isp", *REFERENCES)
+# ``Preset.workers`` value for "one single-thread worker process per core" (CPU presets).
+PER_CORE = 0
 # Budget fairness: every row gets the same epochs in total; what each spends them on (shown under the table).
 EPOCH_USE = {
     "baseline": "all epochs: cross-entropy fine-tuning of the dense start",
@@ -132,6 +134,10 @@ class Preset:
     recipe_epochs: bool = False  # keep the recipes' own stage lengths (paper preset) instead of the budget
     metrics: MetricSpec = field(default_factory=MetricSpec)
     description: str = ""
+    # Jobs at once, each in its own single-thread worker process (PER_CORE: one per core on a CPU device, 1 on
+    # a GPU); 1: one after another in this process at its thread count. Not part of a run's identity: N
+    # workers give the figures of a 1-thread serial run.
+    workers: int = 1
 
     def budget(self) -> Budget:
         """The one budget every method of this preset gets."""
@@ -141,6 +147,8 @@ class Preset:
         bad = [t for t in self.targets if not 0 < float(t) < 1]
         if bad:
             raise ValueError(f"targets must be fractions of MACs removed in (0, 1), got {list(self.targets)}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers must be a positive integer (0: one per core), got {self.workers!r}")
 
     def method_settings(self, method: str, target: float | None = None) -> dict[str, Any]:
         """The settings handed to ``run_method``.
@@ -224,6 +232,7 @@ def _static_presets() -> dict[str, Preset]:
                            latency_repeats=5, latency_rounds=2),
         description="embedded digits, ResNet-20 briefly trained from scratch as the start, 3 batches, MAC targets"
                     " 30% and 50%",
+        workers=PER_CORE,
     )
     # The main job: one seed at the 50% target. Budget: 1 epoch per row is what fits the hour on 2 cores (3
     # epochs measured at about 100 minutes; benchmark/README.md); L1-norm pruning at 50% needs more than 8
@@ -236,6 +245,7 @@ def _static_presets() -> dict[str, Preset]:
         start=StartSpec("weights", "resnet20-12fca82f.th"), epochs=1.0, batch_size=128, max_batches=None,
         seeds=(0,), targets=(0.5,), settings=FINETUNE_FALLBACK, recipe="{backbone}_{dataset}_cpu",
         metrics=cpu_metrics,
+        workers=PER_CORE,
         description="pretrained ResNet-20, 1 epoch per row, MAC target 50%, seed 0, 2 CPU cores",
     )
     cifar_cpu_full = replace(

@@ -99,7 +99,8 @@ def test_corrupt_metrics_is_a_failed_row_and_the_cli_exits_non_zero(results_with
     monkeypatch.setattr(jobs, "default_registry", lambda: fakes)
     argv = ["--preset", "smoke", "--out", str(results_with_start), "--methods", "copy,broken", "--device", "cpu",
             "--set", "metrics.mis_images=0", "--set", "metrics.latency_batches=1", "--set",
-            "metrics.latency_repeats=1", "--set", "metrics.explain_images=2", "--set", "metrics.figure_images=1"]
+            "metrics.latency_repeats=1", "--set", "metrics.explain_images=2", "--set", "metrics.figure_images=1",
+            "--workers", "1"]  # in this process: the patched registry does not reach spawned workers
     assert main([*argv, "--aggregate-only"]) == 1
     err = capsys.readouterr().err
     assert "2 job(s) failed" in err and "copy-seed0" in err and "broken-seed0" in err

@@ -16,7 +16,8 @@ from .fakes import broken, interrupted, registry_of, static_copy
 
 CHEAP = ["--preset", "smoke", "--device", "cpu", "--set", "targets=0.5", "--set", "metrics.mis_images=0",
          "--set", "metrics.latency_batches=1", "--set", "metrics.latency_repeats=1",
-         "--set", "metrics.explain_images=2", "--set", "metrics.figure_images=1"]
+         "--set", "metrics.explain_images=2", "--set", "metrics.figure_images=1",
+         "--workers", "1"]  # in this process: the patched registry does not reach spawned workers
 
 
 def _use(monkeypatch: pytest.MonkeyPatch, **entries: object) -> None:
