@@ -74,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a filter is on in the twin where it fires on more than this share (default 0.5)")
     twin.add_argument("--no-finetune", action="store_true", help="only the twin as it is (no training)")
 
+    speed = sub.add_parser("speed", help="CPU time of the deployed network against the dense start, and the MACs "
+                           "it executes against the reported ones; writes RUN/speed.json")
+    _run_flags(speed)
+    speed.add_argument("--calibration-images", type=int, default=2000, help="as evaluate (default 2000)")
+    speed.add_argument("--latency-images", type=int, default=256, help="class-mixed held-out images timed")
+    speed.add_argument("--speed-repeats", type=int, default=21, help="timed repetitions per batch size")
+
+    cost = sub.add_parser("cost", help="training cost: Decoupling steps (Eq. 12) against cross-entropy steps of the "
+                          "same backbone, interleaved in one process, and the post-training calibration")
+    cost.add_argument("--config", required=True, help="JSON recipe (backbone, dataset, settings)")
+    add_common_arguments(cost, weights=True, overrides=True, val_source=True, data=True)
+    add_precision_argument(cost, default=None)
+    cost.add_argument("--steps", type=int, default=20, help="timed steps of each, interleaved (default 20)")
+
     explain = sub.add_parser("explain", help="figures of filter states, calculation paths and an occlusion")
     _run_flags(explain)
     explain.add_argument("--out", dest="figure", required=True,
@@ -234,6 +248,56 @@ def _static_twin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speed(args: argparse.Namespace) -> int:
+    from common.precision import resolve_precision
+    from common.run import atomic_write_json
+
+    from .evaluate import calibration_codes, speed_report, timing_images
+
+    run, model, dense, data, device, _precision = _load_run(args)
+    if type(model.backbone).__name__ != "CifarResNet":
+        raise ValueError("the deployed fast execution exists for the CIFAR ResNets only")
+    model.set_precision(resolve_precision("fp32", device, channels_last=False))
+    model.freeze_states(calibration_codes(model, data.train, args.calibration_images, device, 0))
+    images = timing_images(data.test, min(args.latency_images, len(data.test)), 0)
+    calibration = timing_images(data.train, min(200, len(data.train)), 2)
+    batches = tuple(b for b in (1, 128) if b <= len(images))
+    report = {"split": data.test_split_name, **speed_report(model.cpu(), dense.cpu(), images, batches,
+                                                            args.speed_repeats, calibration)}
+    atomic_write_json(report, run.path / "speed.json")
+    for b in batches:
+        print(f"batch {b}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in report[f"ms_all_b{b}"].items())
+              + f"; speedup {report[f'speedup_b{b}']:.2f}x")
+    print(f"MACs per image: reported {report['macs_reported_per_image'] / 1e6:.3f} M, executed "
+          + ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in report["macs_executed_per_image"].items()))
+    print(f"speed in {run.path / 'speed.json'}")
+    return 0
+
+
+def _cost(args: argparse.Namespace) -> int:
+    from common.data import load_dataset
+    from common.run import pick_device
+
+    from .config import DecouplingSettings, load_recipe
+    from .cost import training_cost
+
+    recipe = load_recipe(args.config)
+    settings = apply_overrides(DecouplingSettings.from_dict(recipe.get("settings", {})), args.set)
+    if args.precision is not None:
+        settings = dataclasses.replace(settings, precision=args.precision)
+    settings = DecouplingSettings.from_dict(settings.to_dict()).resolved(recipe["backbone"])
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    weights = require_weights(args)
+    data = load_dataset(recipe["dataset"], args.data_root,
+                        val_source=resolve_val_source(args.val_source, pretrained=weights is not None))
+    report = training_cost(recipe["backbone"], None if weights is None else str(weights), data, settings,
+                           pick_device(args.device), args.steps, args.seed)
+    for key, value in report.items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
 def _explain(args: argparse.Namespace) -> int:
     from common.precision import resolve_precision
 
@@ -252,7 +316,7 @@ def run(argv: list[str] | None = None) -> int:
 
     args = parse_args(build_parser(), argv)
     with command_scope(args, PROG):  # train: one process per --out; run files name their rebuild
-        return {"train": _train, "evaluate": _evaluate, "static-twin": _static_twin,
+        return {"train": _train, "evaluate": _evaluate, "static-twin": _static_twin, "speed": _speed, "cost": _cost,
                 "explain": _explain}[args.command](args)
 
 

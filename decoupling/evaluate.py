@@ -61,14 +61,18 @@ def speed_report(model: DecoupledNet, dense: nn.Module, images: Tensor, batch_si
     on the timed ones."""
     from common.deploy import deploy
 
-    from .execution import deploy_decoupled, fold_dense, traced_masked
+    from .execution import deploy_decoupled, executed_macs, fold_dense, traced_masked
 
-    fast = deploy_decoupled(model)
+    fast = deploy_decoupled(model)  # gathered at batch 1, grouped by pattern in batches
+    masked = deploy_decoupled(model, batch1_gathered=False, batched="masked")
     if calibration is not None:
         for i in range(len(calibration)):
             fast(calibration[i:i + 1])
+        for i in range(0, len(calibration), 128):
+            fast(calibration[i:i + 128])
     dense = dense.cpu().eval()
-    forms: dict[str, Callable[[Tensor], Any]] = {"decoupled": fast, "dense_eager_folded": fold_dense(dense)}
+    forms: dict[str, Callable[[Tensor], Any]] = {"decoupled": fast, "decoupled_masked": masked,
+                                                 "dense_eager_folded": fold_dense(dense)}
     # The masked form traced by TorchScript (channels_last), one trace per batch size, traced on
     # calibration-shaped zeros (a trace records shapes, not values).
     try:
@@ -99,6 +103,17 @@ def speed_report(model: DecoupledNet, dense: nn.Module, images: Tensor, batch_si
         report[f"speedup_b{b}"] = row[dense_name]["seconds"] / row[own_name]["seconds"]
         report[f"ms_all_b{b}"] = {n: 1000 * v["seconds"] for n, v in row.items()}
     report["pattern_cache_entries"] = sum(fast.cache_sizes())
+    # Executed against reported MACs on the largest timed batch: counted on every convolution and matmul
+    # dispatched (execution.executed_macs), against dynamic_forward's per-sample count of the same images.
+    b = max(batch_sizes)
+    x = images[torch.arange(b) % len(images)]
+    _, reported = model.cpu().dynamic_forward(x)
+    report["macs_check_batch"] = b
+    report["macs_reported_per_image"] = float(reported.mean())
+    report["macs_executed_per_image"] = {name: executed_macs(fn, x) / b for name, fn in
+                                         (("grouped", fast), ("masked", masked), ("dense", fold_dense(dense)))}
+    report["macs_executed_batch1_per_image"] = sum(executed_macs(fast, x[i:i + 1]) for i in range(8)) / 8
+    report["macs_reported_batch1_per_image"] = float(reported[:8].mean())
     return report
 
 
@@ -114,7 +129,8 @@ def deployed_predictions(model: DecoupledNet, split: ImageTensors, device: torch
 
     kept = model.precision
     model.set_precision(resolve_precision("fp32", device, channels_last=False))
-    fast = deploy_decoupled(model) if type(model.backbone).__name__ == "CifarResNet" else None
+    # the masked batched form: the same network as the grouped one (tested), in fewer calls
+    fast = deploy_decoupled(model, batched="masked") if type(model.backbone).__name__ == "CifarResNet" else None
     preds, own, macs = [], [], []
     try:
         for x, _ in progress(BatchLoader(split, batch_size, train=False, device=device), "deployed: top-1, MACs"):

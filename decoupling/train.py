@@ -153,6 +153,26 @@ def calibrate_gate_offset(model: DecoupledNet, images: ImageTensors, target_redu
     return offset
 
 
+def decoupling_step(model: DecoupledNet, objective: DecouplingObjective, optimizer: torch.optim.Optimizer,
+                    precision: Precision, x: Tensor, y: Tensor, size: tuple[int, int, int],
+                    finetune_params: list[torch.nn.Parameter] | None = None) -> tuple[Any, Any]:
+    """One optimisation step of Eq. 12 (or, with ``finetune_params``, of L_ce on those parameters under hard
+    gates); returns (the loss terms, the path record)."""
+    finetuning = finetune_params is not None
+    model.set_hard_gates(finetuning)
+    with precision.autocast():
+        logits, record = model.forward_with_paths(precision.prepare_inputs(x))
+    macs = model.expected_macs(record.masks, size) if objective.target_mac_reduction is not None else None
+    terms = objective(logits, y, record.masks, record.pooled, macs)
+    optimizer.zero_grad(set_to_none=True)
+    if finetuning:  # frozen controllers: their grads stay None, so SGD leaves them (and their decay) be
+        terms.ce.backward(inputs=finetune_params)
+    else:
+        terms.total.backward()
+    optimizer.step()
+    return terms, record
+
+
 def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: DatasetSplits, budget: Budget,
                     run: RunDir, settings: DecouplingSettings, device: torch.device, seed: int = 0,
                     logger: logging.Logger | None = None) -> TrainOutcome:
@@ -189,17 +209,8 @@ def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: D
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         finetuning = step >= finetune_from
-        model.set_hard_gates(finetuning)
-        with precision.autocast():
-            logits, record = model.forward_with_paths(precision.prepare_inputs(x))
-        macs = model.expected_macs(record.masks, size) if objective.target_mac_reduction is not None else None
-        terms = objective(logits, y, record.masks, record.pooled, macs)
-        optimizer.zero_grad(set_to_none=True)
-        if finetuning:  # frozen controllers: their grads stay None, so SGD leaves them (and their decay) be
-            terms.ce.backward(inputs=backbone_params)
-        else:
-            terms.total.backward()
-        optimizer.step()
+        terms, record = decoupling_step(model, objective, optimizer, precision, x, y, size,
+                                        backbone_params if finetuning else None)
         done = step + 1
         if done % settings.log_every == 0 or done == total_steps:
             last = terms.as_floats()
