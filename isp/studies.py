@@ -422,14 +422,19 @@ def report_command(args: argparse.Namespace) -> None:
 def compare_command(args: argparse.Namespace) -> None:
     from common.speed import class_mixed_images
 
+    measured: dict[str, dict] = {}  # a run named in two roles (--paired and --unsteered) is measured once
+
     def summaries(specs: list[str]) -> dict[str, dict]:
         rows = {}
         for spec in specs:
             name, path = named(spec) if "=" in spec else (Path(spec).name, spec)
-            pipeline = reopen_pipeline(path, args.data_root, args.device, args.precision)
-            split = pipeline.data.test if args.split == "test" else pipeline.data.val
-            images = class_mixed_images(split, args.images, seed=0).to(pipeline.device)
-            rows[name] = run_summary(pipeline, images, args.split)
+            key = str(Path(path).resolve())
+            if key not in measured:
+                pipeline = reopen_pipeline(path, args.data_root, args.device, args.precision)
+                split = pipeline.data.test if args.split == "test" else pipeline.data.val
+                images = class_mixed_images(split, args.images, seed=0).to(pipeline.device)
+                measured[key] = run_summary(pipeline, images, args.split)
+            rows[name] = dict(measured[key])
         return rows
 
     if args.unsteered and len(args.unsteered) < MIN_UNSTEERED:  # before any run is reopened
