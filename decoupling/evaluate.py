@@ -112,8 +112,9 @@ def speed_report(model: DecoupledNet, dense: nn.Module, images: Tensor, batch_si
     report["macs_reported_per_image"] = float(reported.mean())
     report["macs_executed_per_image"] = {name: executed_macs(fn, x) / b for name, fn in
                                          (("grouped", fast), ("masked", masked), ("dense", fold_dense(dense)))}
-    report["macs_executed_batch1_per_image"] = sum(executed_macs(fast, x[i:i + 1]) for i in range(8)) / 8
-    report["macs_reported_batch1_per_image"] = float(reported[:8].mean())
+    n = min(8, b)
+    report["macs_executed_batch1_per_image"] = sum(executed_macs(fast, x[i:i + 1]) for i in range(n)) / n
+    report["macs_reported_batch1_per_image"] = float(reported[:n].mean())
     return report
 
 

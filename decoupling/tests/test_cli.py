@@ -106,3 +106,34 @@ def test_run_method_contract(tmp_path):
     assert 0.0 <= result.dynamic_filter_share <= 1.0
     assert result.train_seconds > 0 and "val_top1" in result.metrics
     assert (tmp_path / "model.pt").is_file()
+
+
+def test_static_twin_and_speed_commands(trained_run, capsys):
+    out, _ = trained_run
+    assert main(["static-twin", "--run", str(out), "--device", "cpu", "--calibration-images", "64"]) == 0
+    metrics = json.loads((out / "static_twin" / "metrics.json").read_text())
+    for key in ("as_is", "finetuned"):
+        twin = metrics[key]["twin"]
+        assert 0 <= twin["top1"] <= 100 and 0 <= twin["mac_reduction"] < 1
+        assert set(metrics[key]["paired_decoupled_minus_twin"]) == {"difference", "se", "disagree"}
+    assert metrics["finetune_steps"] == 2 and (out / "static_twin" / "model.pt").is_file()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["stage"] == "decoupling"  # the run is untouched
+    assert main(["speed", "--run", str(out), "--device", "cpu", "--latency-images", "16", "--speed-repeats", "1",
+                 "--calibration-images", "64"]) == 0
+    speed = json.loads((out / "speed.json").read_text())
+    assert speed["ms_decoupled_b1"] > 0
+    assert abs(speed["macs_executed_batch1_per_image"] / speed["macs_reported_batch1_per_image"] - 1) < 0.05
+
+
+def test_run_method_static_twin(tmp_path):
+    data = load_dataset("digits")
+    result = run_method(build_backbone("resnet20", data.num_classes), data, Budget(epochs=1, max_batches=1),
+                        tmp_path, device=torch.device("cpu"),
+                        settings={"batch_size": 32, "precision": "fp32", "static_twin": True,
+                                  "calibration_images": 64})
+    assert result.metrics["variant"] == "static twin (fine-tuned)" and result.dynamic_filter_share == 0.0
+    _, paths = result.model.paths(data.test.images[:6].float() / 255)
+    assert torch.equal(paths, paths[:1].expand_as(paths))  # one path for every input
+    _, macs = result.dynamic_forward(data.test.images[:6].float() / 255)
+    assert torch.allclose(macs, macs[:1].expand_as(macs))
+    assert (tmp_path / "static_twin" / "model.pt").is_file() and (tmp_path / "model.pt").is_file()
