@@ -21,6 +21,7 @@ from common.run import RunDir
 
 from .config import NOT_IDENTITY, BottleneckConfig, DecisionConfig, DRIBConfig, TrainConfig, run_identity
 from .decision import DecisionGate, gumbel_softmax_select
+from .dynamism import collect_decisions, dynamism_metrics
 from .mac_target import achieved_reduction
 from .model import DynamicNetwork, default_gate_sites
 from .sparse_inference import channel_skipping, deploy, sparse_forward
@@ -45,16 +46,30 @@ __all__ = [
 
 
 def dynamic_filter_share(net: DynamicNetwork, batches) -> float:
-    """Share of gated filters that are on for some inputs and off for others (argmax decisions)."""
-    ever_on = [torch.zeros(g.site.channels, dtype=torch.bool) for g in net.gated]
-    ever_off = [torch.zeros(g.site.channels, dtype=torch.bool) for g in net.gated]
-    for masks in (net.channel_masks(x) for x, _ in batches):
-        for k, mask in enumerate(masks):
-            active = (mask != 0).cpu()
-            ever_on[k] |= active.any(0)
-            ever_off[k] |= (~active).any(0)
-    dynamic = sum(int((on & off).sum()) for on, off in zip(ever_on, ever_off))
-    return dynamic / sum(len(on) for on in ever_on)
+    """Share of gated filters whose state varies: on for at least 5% of the inputs and off for at least 5%
+    (argmax decisions; `drib.dynamism.dynamic_channels`). A filter that one odd image switches is not
+    counted."""
+    images = torch.cat([x.float() if x.dtype != torch.uint8 else x.float() / 255 for x, _ in batches])
+    return float(dynamism_metrics(collect_decisions(net, images))["dynamic_filter_share"])
+
+
+VARIANTS = ("dynamic", "static")
+
+
+def variant_settings(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Split settings["variant"] off the DRIB config: "dynamic" (DRIB, default) or "static", the control of
+    the same recipe with one code-book row per gated layer (m = 1): the importance-pruned start trained with
+    the same steps, regulariser, calibration to the same MAC target and fine-tuning share, where the heads
+    have nothing to choose. Returns (variant, the nested config dict)."""
+    config = {k: v for k, v in settings.items() if k not in ("backbone", "variant")}
+    variant = str(settings.get("variant", "dynamic"))
+    if variant not in VARIANTS:
+        raise ValueError(f"settings['variant'] must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if variant == "static":
+        decision = dict(config.get("decision") or {})
+        decision.update(actions=1, codebook_init="importance")
+        config["decision"] = decision
+    return variant, config
 
 
 def _backbone_name(start: Backbone, settings: dict[str, Any]) -> str:
@@ -77,12 +92,17 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
 
     settings: a nested DRIB config ({"decision": {...}, "bottleneck": {...}, "train": {...}}, optionally the
     shared top-level "target_mac_reduction") plus an optional "backbone" name (otherwise recognised from
-    the architecture).
+    the architecture) and an optional "variant": "dynamic" (default) or "static" (the `drib-static`
+    control row: one code-book row per layer, see `variant_settings`).
+
+    metrics["dynamism"]: the figures of `drib.dynamism` on the validation split; dynamic_filter_share:
+    gated channels on for >= 5% of the validation images and off for >= 5%.
     """
     settings = dict(settings or {})
     device = torch.device(device)
     backbone_name = _backbone_name(start, settings)
-    config = DRIBConfig.from_dict({k: v for k, v in settings.items() if k != "backbone"})
+    variant, nested = variant_settings(settings)
+    config = DRIBConfig.from_dict(nested)
     out_dir = Path(out_dir)
     run = RunDir(out_dir)
     # A directory of another config is refused (its model and checkpoint are not this run's).
@@ -104,12 +124,16 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
                "mac_reduction": achieved_reduction(net, val_images),
                "target_mac_reduction": config.target_mac_reduction,
                "bottleneck_layer": attribution_site(net, config.bottleneck.site).name,
-               "val_source": data.val_source}
+               "val_source": data.val_source, "variant": variant}
+    # dynamism over the whole validation split (class-interleaved), labels for the class probe
+    dynamism = dynamism_metrics(collect_decisions(net, data.val.images.float() / 255), data.val.labels, seed=seed)
+    metrics["dynamism"] = {k: v for k, v in dynamism.items() if k != "definitions"}
+    metrics["dynamism_definitions"] = dynamism["definitions"]
 
     def dynamic_forward(images: Tensor) -> tuple[Tensor, Tensor]:
         return sparse_forward(net, images.to(device))
 
     return MethodResult(model=net, saliency=saliency_function(net, trained.stats, config.bottleneck),
                         dynamic_forward=dynamic_forward, mis_layer=net.backbone.cam_layer(),
-                        dynamic_filter_share=dynamic_filter_share(net, val_loader), metrics=metrics,
+                        dynamic_filter_share=float(dynamism["dynamic_filter_share"]), metrics=metrics,
                         train_seconds=seconds)

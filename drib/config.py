@@ -26,7 +26,12 @@ class DecisionConfig:
     # keeps the channels with the largest E[ReLU(BN out)] x ||consumer weights|| on training images (row 0
     # exactly, the others with a log-normal jitter so the actions differ), as many as the MAC / density
     # target allows, from the first step (for short runs).
+    # "clusters" (deviation, for dynamic decisions at short budgets; `DynamicNetwork.init_by_clusters`): row
+    # r < init_clusters keeps the channels most important on the r-th spherical k-means cluster of the heads'
+    # inputs, and head row r is that cluster's centroid, so each cluster starts on its own row.
     codebook_init: str = "ones"
+    init_clusters: int = 8  # K of "clusters" (at most m)
+    init_specificity: float = 0.0  # "clusters": gamma of importance x (cluster / overall importance)^gamma
     init_jitter: float = 0.5  # std of the log-normal jitter of the importance ranking (rows 1..m-1)
     init_images: int = 1024  # training images that measure the importance
     codebook_max: float = 5.0  # G_l is clamped to [0, codebook_max] after every update (Wang et al.)
@@ -37,6 +42,10 @@ class DecisionConfig:
     lam: float = 0.5  # weight of the sparsity regulariser
     gate_lr: float = 0.01  # Adam on heads and code books
     alternate: bool = True  # Wang et al.: gate step, then a second forward for the backbone step
+    # Deviation (0 = off, Wang et al.): usage-balance term of mixture-of-experts routers (Switch Transformer),
+    # balance x m x sum_r f_r P_r per gated layer (f_r: share of the batch sent to row r, P_r: mean probability
+    # of row r), added to the gates' loss; minimal (1) when the batch spreads evenly over the rows.
+    balance: float = 0.0
 
 
 @dataclass
@@ -159,8 +168,17 @@ class DRIBConfig:
             raise ValueError("decision.actions (m) must be >= 1")
         if not (d.tau_start > 0 and d.tau_end > 0):
             raise ValueError("Gumbel temperatures must be > 0")
-        if d.codebook_init not in ("ones", "importance"):
-            raise ValueError(f"decision.codebook_init must be 'ones' or 'importance', got {d.codebook_init!r}")
+        if d.codebook_init not in ("ones", "importance", "clusters"):
+            raise ValueError("decision.codebook_init must be 'ones', 'importance' or 'clusters', got "
+                             f"{d.codebook_init!r}")
+        if not (isinstance(d.init_specificity, int | float) and math.isfinite(d.init_specificity)
+                and d.init_specificity >= 0):
+            raise ValueError(f"decision.init_specificity must be a finite number >= 0, got {d.init_specificity!r}")
+        if d.init_clusters < 1:
+            raise ValueError(f"decision.init_clusters must be >= 1, got {d.init_clusters!r}")
+        if isinstance(d.balance, bool) or not isinstance(d.balance, int | float) or not math.isfinite(d.balance) \
+                or d.balance < 0:
+            raise ValueError(f"decision.balance must be a finite number >= 0, got {d.balance!r}")
         if d.regulariser not in ("macs", "density"):
             raise ValueError(f"decision.regulariser must be 'macs' or 'density', got {d.regulariser!r}")
         if not 0 < d.target <= 1:

@@ -53,6 +53,7 @@ class DecisionGate(nn.Module):
         self.forced: Tensor | None = None  # B x C_out masks that replace the decision (in-the-loop verification)
         self.selection: Tensor | None = None  # B x m one-hot of the last forward
         self.mask: Tensor | None = None  # B x C_out, G_l[i] per sample
+        self.probs: Tensor | None = None  # B x m softmax of A(x) of the last training forward (usage balance)
         self.project_()
 
     @property
@@ -79,6 +80,7 @@ class DecisionGate(nn.Module):
         logits = self.action_logits(x)
         if self.training:
             hard, soft = gumbel_softmax_select(logits, self.tau)
+            self.probs = F.softmax(logits, dim=-1)
             # Straight-through, written so that the forward value is exactly G_l[i] (skipped channels are
             # exact zeros): the code book gets the selected row's gradient, the head gets it through `soft`.
             codebook = self.effective_codebook()

@@ -1,5 +1,9 @@
 """`python -m drib evaluate`: DRIB's own metrics -> RUN/metrics.json.
 
+* dynamism (`drib.dynamism`: per-layer usage perplexity, top-row share, rows serving >= 5%, mask
+  difference of two random images, channels dynamic both ways, class probe beside shuffled labels) and the
+  static twin (`drib.static`: every layer fixed to its most used row on class-mixed training images), top-1
+  and MACs, on the whole reported test split;
 * top-1 and mean MACs on the whole reported test split (the held-out test half for a run from published
   weights), with the pre-sliced channel-skipping computation (`sparse_inference.deploy`);
 * on a fixed subset of that split (a seeded permutation; per-sample IBA is costly): tiled deletion /
@@ -31,7 +35,10 @@ from common.explain import (
 from common.macs import count_params
 from common.run import progress
 
+from .dynamism import collect_decisions, dynamism_metrics, goal_met
+from .model import DynamicNetwork
 from .sparse_inference import deploy, sparse_forward, supports_deploy
+from .static import STATIC_IMAGES, class_mixed_images, head_macs, most_used_rows, static_twin
 from .train import TrainedDRIB, ensure_statistics
 from .verification import ib_saliency, verified_forward, verify, with_beta
 
@@ -50,9 +57,10 @@ def attribution_subset(data: DatasetSplits, size: int, seed: int = 0) -> tuple[T
 
 @torch.no_grad()
 def accuracy_and_macs(trained: TrainedDRIB, data: DatasetSplits, device: torch.device,
-                      batch_size: int = 256) -> dict[str, float]:
-    """Top-1 and per-sample MACs of the channel-skipping computation over the whole test split."""
-    net = trained.net.eval()
+                      batch_size: int = 256, net: DynamicNetwork | None = None) -> dict[str, float]:
+    """Top-1 and per-sample MACs of the channel-skipping computation over the whole test split (of
+    ``trained.net``, or of ``net``, e.g. its static twin)."""
+    net = (trained.net if net is None else net).eval()
     correct, macs = 0, []
     loader = BatchLoader(data.test, batch_size, train=False, device=device)
     for x, y in progress(loader, "test (channel skipping)", total=len(loader)):
@@ -60,12 +68,12 @@ def accuracy_and_macs(trained: TrainedDRIB, data: DatasetSplits, device: torch.d
         correct += int((logits.argmax(1) == y).sum())
         macs.append(sample_macs)
     all_macs = torch.cat(macs)
-    dense = trained.net.dense_backbone_macs()
+    dense = net.dense_backbone_macs()
     mean = float(all_macs.mean())
     return {"top1": 100.0 * correct / len(data.test), "macs_mean": mean, "macs_std": float(all_macs.std()),
             "macs_dense": float(dense), "mac_reduction": (dense - mean) / dense,
             "mac_reduction_paper_formula": (dense - mean) / mean,
-            "params": count_params(trained.net), "params_backbone": count_params(trained.net.backbone)}
+            "params": count_params(net), "params_backbone": count_params(net.backbone)}
 
 
 def _faithfulness(scorer, images: Tensor, maps: Tensor, targets: Tensor, points: int) -> dict[str, float]:
@@ -109,7 +117,7 @@ def credibility_metrics(trained: TrainedDRIB, images: Tensor, labels: Tensor, da
     the config's beta) against the plain decisions, on the same images."""
     net = trained.net.eval()
     cfg = trained.config.bottleneck
-    static = _static_mask(trained, data, device)
+    static = _static_mask(trained, static_rows(trained, data, seed))
     sweep: dict[str, Any] = {}
     bits_at_config: Tensor | None = None
     for beta in betas:
@@ -138,23 +146,42 @@ def credibility_metrics(trained: TrainedDRIB, images: Tensor, labels: Tensor, da
     return out
 
 
-@torch.no_grad()
-def _static_mask(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, images: int = 1000) -> Tensor:
-    """The most frequent selection at the credibility layer on the first ``images`` validation images (the
-    static control); the split is class-interleaved (common.data), so they hold every class in its share."""
+def static_rows(trained: TrainedDRIB, data: DatasetSplits, seed: int = 0) -> list[int]:
+    """Per gated layer, the most used code-book row (by channel set) on class-mixed training images."""
+    return most_used_rows(trained.net, class_mixed_images(data.train.images, STATIC_IMAGES, seed))
+
+
+def _static_mask(trained: TrainedDRIB, rows: list[int]) -> Tensor:
+    """The static control of credibility: the credibility layer's most used row (class-mixed images)."""
     from .verification import bottleneck_site
 
-    net = trained.net.eval()
-    gated = bottleneck_site(net, trained.config.bottleneck.credibility_site)
-    counts = torch.zeros(gated.gate.actions, dtype=torch.long)
-    seen = 0
-    for x, _ in BatchLoader(data.val, 250, train=False, device=device):
-        net(x)
-        counts += torch.bincount(gated.gate.selection.argmax(1).cpu(), minlength=gated.gate.actions)  # type: ignore
-        seen += len(x)
-        if seen >= images:
-            break
-    return gated.gate.effective_codebook().detach()[int(counts.argmax())]
+    gated = bottleneck_site(trained.net, trained.config.bottleneck.credibility_site)
+    index = next(k for k, g in enumerate(trained.net.gated) if g is gated)
+    return gated.gate.effective_codebook().detach()[rows[index]]
+
+
+@torch.no_grad()
+def dynamism_on_test(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, seed: int = 0
+                     ) -> dict[str, Any]:
+    """The dynamism figures (drib.dynamism) over the whole reported test split, with the goal's verdicts."""
+    images = data.test.images.float() / 255.0
+    metrics = dynamism_metrics(collect_decisions(trained.net.eval(), images), data.test.labels, seed=seed)
+    metrics["goal"] = goal_met(metrics)
+    return metrics
+
+
+def static_twin_metrics(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, rows: list[int]
+                        ) -> dict[str, Any]:
+    """Top-1 and MACs on the test split of the same network with every layer fixed to its most used row;
+    ``macs_mean_without_heads``: a static network does not run the decision heads."""
+    twin = static_twin(trained.net, rows)
+    out: dict[str, Any] = accuracy_and_macs(trained, data, device, net=twin)
+    heads = head_macs(twin)
+    out["macs_mean_without_heads"] = out["macs_mean"] - heads
+    out["mac_reduction_without_heads"] = (out["macs_dense"] - out["macs_mean_without_heads"]) / out["macs_dense"]
+    out["rows"] = dict(zip((g.site.name for g in trained.net.gated), rows))
+    out["rows_counted_on"] = f"{STATIC_IMAGES} class-mixed training images (seeded permutation)"
+    return out
 
 
 def evaluate(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, subset: int = 200,
@@ -165,6 +192,9 @@ def evaluate(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, su
                                "test_split": data.test_split_name, "val_source": data.val_source}
     metrics.update(accuracy_and_macs(trained, data, device))
     metrics["target_mac_reduction"] = trained.config.target_mac_reduction
+    metrics["dynamism"] = dynamism_on_test(trained, data, device, seed)
+    metrics["dynamic_filter_share"] = metrics["dynamism"]["dynamic_filter_share"]
+    metrics["static_twin"] = static_twin_metrics(trained, data, device, static_rows(trained, data, seed))
     if ensure_statistics(trained, data, device, seed):
         metrics["bottleneck_statistics"] = "re-estimated at evaluation (model.pt lacked the configured sites)"
     cfg = trained.config.bottleneck

@@ -30,3 +30,18 @@ def sparsity_loss(net: DynamicNetwork, masks: list[Tensor], config: DRIBConfig) 
 def information_bottleneck_loss(logits: Tensor, labels: Tensor, capacity_mean: Tensor, beta: float) -> Tensor:
     """Eq. 6 as IBA optimises it: cross-entropy of the target + beta * mean capacity (nats per element)."""
     return F.cross_entropy(logits, labels) + beta * capacity_mean
+
+
+def balance_loss(net: DynamicNetwork) -> Tensor:
+    """Deviation (decision.balance): the usage-balance term of mixture-of-experts routers (Fedus et al.,
+    Switch Transformer), m x sum_r f_r P_r averaged over the gated layers, f_r the share of the batch whose
+    hard choice is row r and P_r the mean probability of row r (the gradient flows through P). It is 1 when
+    the rows are used evenly and m when every sample goes to one row."""
+    terms = []
+    for g in net.gated:
+        gate = g.gate
+        if gate.probs is None or gate.selection is None:
+            raise RuntimeError("balance_loss needs a training forward (Gumbel decisions) first")
+        share = gate.selection.detach().float().mean(0)
+        terms.append(gate.actions * (share * gate.probs.float().mean(0)).sum())
+    return torch.stack(terms).mean()

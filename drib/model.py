@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.backbones import Backbone, GateSite
@@ -212,15 +213,22 @@ class DynamicNetwork(nn.Module):
         return low
 
     @torch.no_grad()
-    def channel_importance(self, images: Tensor, batch_size: int = 256) -> list[Tensor]:
-        """Per gated layer, importance_j = E[ReLU(BN output_j)] x ||consumer weights reading channel j||:
-        how much channel j feeds the next layer on these images (gates open)."""
-        sums = [torch.zeros(g.site.channels, device=images.device) for g in self.gated]
+    def layer_features(self, images: Tensor, batch_size: int = 256, layers: list[int] | None = None
+                       ) -> tuple[list[Tensor], list[Tensor]]:
+        """Per gated layer (all, or ``layers``) and image, the head's input GAP(ReLU(x_{l-1})) (N x C_in) and
+        the mean ReLU of the BN output before its mask (N x C_out), the other gates deciding as they are."""
+        chosen = [self.gated[i] for i in (range(len(self.gated)) if layers is None else layers)]
+        heads: list[list[Tensor]] = [[] for _ in chosen]
+        outputs: list[list[Tensor]] = [[] for _ in chosen]
         handles = []
-        for k, g in enumerate(self.gated):
-            def record(module, inputs, output, k=k):
-                sums[k] += torch.relu(output).mean(dim=(2, 3)).sum(dim=0)
-            handles.append(g.site.bn.register_forward_hook(record, prepend=True))
+        for k, g in enumerate(chosen):
+            def record_in(module, inputs, k=k):
+                heads[k].append(F.adaptive_avg_pool2d(torch.relu(inputs[0]), 1).flatten(1).float())
+
+            def record_out(module, inputs, output, k=k):
+                outputs[k].append(torch.relu(output).mean(dim=(2, 3)).float())
+            handles.append(g.site.conv.register_forward_pre_hook(record_in, prepend=True))
+            handles.append(g.site.bn.register_forward_hook(record_out, prepend=True))
         was_training = self.training
         self.eval()
         try:
@@ -230,26 +238,96 @@ class DynamicNetwork(nn.Module):
             self.train(was_training)
             for handle in handles:
                 handle.remove()
-        importance = []
-        for total, g in zip(sums, self.gated):
-            consumer = g.site.consumer
-            if isinstance(consumer, nn.Conv2d | nn.Linear):
-                weight = consumer.weight.flatten(2) if consumer.weight.dim() > 2 else consumer.weight[..., None]
-                norms = weight.pow(2).sum(dim=(0, 2)).sqrt()
-            else:
-                norms = torch.ones_like(total)
-            importance.append(total / len(images) * norms.to(total))
-        return importance
+        return [torch.cat(h) for h in heads], [torch.cat(o) for o in outputs]
+
+    def consumer_norms(self, gated: GatedSite) -> Tensor:
+        """||weights of the consumer reading channel j|| per channel of a gated layer (ones if none)."""
+        consumer = gated.site.consumer
+        if isinstance(consumer, nn.Conv2d | nn.Linear):
+            weight = consumer.weight.flatten(2) if consumer.weight.dim() > 2 else consumer.weight[..., None]
+            return weight.detach().pow(2).sum(dim=(0, 2)).sqrt()
+        return torch.ones(gated.site.channels, device=gated.site.bn.weight.device)
+
+    @torch.no_grad()
+    def channel_importance(self, images: Tensor, batch_size: int = 256) -> list[Tensor]:
+        """Per gated layer, importance_j = E[ReLU(BN output_j)] x ||consumer weights reading channel j||:
+        how much channel j feeds the next layer on these images (gates open)."""
+        _, outputs = self.layer_features(images, batch_size)
+        return [out.mean(0) * self.consumer_norms(g).to(out) for out, g in zip(outputs, self.gated)]
 
     @torch.no_grad()
     def init_codebooks(self, importance: list[Tensor], config: DecisionConfig, seed: int = 0) -> float:
         """Importance initialisation of every code book (see DecisionConfig.codebook_init); returns the
         share of channels each row keeps."""
-        keep = config.target if config.regulariser == "density" else self.keep_fraction_for(config.target)
+        keep = self.keep_share(config)
         generator = torch.Generator().manual_seed(seed)
         for g, scores in zip(self.gated, importance):
             g.gate.init_by_importance_(scores, round(keep * g.site.channels), config.init_jitter, generator)
         return keep
 
+    def keep_share(self, config: DecisionConfig) -> float:
+        return config.target if config.regulariser == "density" else self.keep_fraction_for(config.target)
+
+    @torch.no_grad()
+    def init_by_clusters(self, images: Tensor, config: DecisionConfig, seed: int = 0) -> dict[str, list[float]]:
+        """Deviation (codebook_init "clusters"): per gated layer, spherical k-means of the heads' inputs
+        GAP(ReLU(x_{l-1})) on ``images`` into K = min(init_clusters, m) clusters; head row r < K is cluster r's
+        unit centroid, so argmax A(x) (Eq. 2, bias-free unit rows as in Wang et al.) sends each image to the row
+        of its cluster; code-book row r keeps the channels most important on cluster r's images. Rows >= K
+        start as in "importance" (whole-set ranking + jitter) with their random heads. With
+        ``init_specificity`` gamma > 0 a cluster's score is importance x (importance / overall importance)^gamma,
+        so rows differ more. Returns the cluster shares per layer."""
+        keep = self.keep_share(config)
+        generator = torch.Generator().manual_seed(seed)
+        shares: dict[str, list[float]] = {}
+        for index, g in enumerate(self.gated):
+            # layer by layer: the features of layer l are those the already initialised layers < l give
+            heads, outputs = self.layer_features(images, layers=[index])
+            x, out = heads[0], outputs[0]
+            gate = g.gate
+            k = min(config.init_clusters, gate.actions)
+            centroids, assign = spherical_kmeans(x, k, generator)
+            norms = self.consumer_norms(g).to(out)
+            overall = out.mean(0) * norms
+            gate.init_by_importance_(overall.cpu(), round(keep * g.site.channels), config.init_jitter, generator)
+            count = max(1, min(g.site.channels, round(keep * g.site.channels)))
+            for r in range(k):
+                members = assign == r
+                scores = (out[members].mean(0) if members.any() else out.mean(0)) * norms
+                # specificity gamma: favour the channels more important on this cluster than on all images
+                scores = scores * (scores / overall.clamp_min(1e-12)) ** config.init_specificity
+                row = torch.zeros(g.site.channels, device=gate.codebook.device)
+                row[scores.topk(count).indices.to(row.device)] = 1.0
+                gate.codebook[r] = row
+                gate.head.weight[r] = centroids[r].to(gate.head.weight)
+            gate.project_()
+            shares[g.site.name] = torch.bincount(assign, minlength=k).double().div(len(assign)).tolist()
+        return shares
+
     def _name(self, module: nn.Module) -> str:
         return BACKBONE_PREFIX + self.backbone.module_name(module)
+
+
+def spherical_kmeans(x: Tensor, k: int, generator: torch.Generator, iterations: int = 30
+                     ) -> tuple[Tensor, Tensor]:
+    """k unit centroids of the rows of ``x`` by cosine similarity (k-means++ seeding, Lloyd steps) and each
+    row's cluster (the argmax of centroid . x, which is what a bias-free head with unit rows computes)."""
+    z = F.normalize(x.float().cpu(), dim=1)
+    n = len(z)
+    first = int(torch.randint(n, (1,), generator=generator))
+    centroids = [z[first]]
+    for _ in range(1, k):
+        distance = (1 - (z @ torch.stack(centroids).T).max(dim=1).values).clamp_min(0)
+        weights = distance if float(distance.sum()) > 0 else torch.ones(n)
+        centroids.append(z[int(torch.multinomial(weights, 1, generator=generator))])
+    c = torch.stack(centroids)
+    for _ in range(iterations):
+        assign = (z @ c.T).argmax(dim=1)
+        new = torch.zeros_like(c).index_add_(0, assign, z)
+        empty = new.norm(dim=1) == 0
+        new[empty] = c[empty]
+        new = F.normalize(new, dim=1)
+        if torch.allclose(new, c):
+            break
+        c = new
+    return c, (z @ c.T).argmax(dim=1)

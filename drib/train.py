@@ -34,7 +34,7 @@ from common.run import RunDir, atomic_torch_save, load_checkpoint, seed_everythi
 
 from .bottleneck import FeatureStats, estimate_statistics_sites
 from .config import DRIBConfig
-from .losses import sparsity_loss
+from .losses import balance_loss, sparsity_loss
 from .mac_target import calibrate_codebooks, decision_target_for
 from .model import DynamicNetwork
 from .verification import attribution_site, credibility_site
@@ -179,6 +179,8 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
         ce = F.cross_entropy(logits.float(), y)  # losses in fp32 (common.precision)
         reg = sparsity_loss(net, [m.float() for m in net.masks()], config)
         loss = ce + d.lam * reg
+        if d.balance > 0 and not finetuning:  # deviation: usage balance of the rows (gates only)
+            loss = loss + d.balance * balance_loss(net)
         gate_opt.zero_grad(set_to_none=True)
         backbone_opt.zero_grad(set_to_none=True)
         if finetuning:
@@ -324,6 +326,12 @@ def train_run(start: Backbone, backbone_name: str, data: DatasetSplits, budget: 
         keep = net.init_codebooks(net.channel_importance(images), config.decision, seed)
         run.logger("drib").info("code books initialised by importance: each action keeps %.3f of the channels",
                                 keep)
+    elif config.decision.codebook_init == "clusters":
+        pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+        images = data.train.subset(pick[: config.decision.init_images]).images.to(device).float() / 255
+        shares = net.init_by_clusters(images, config.decision, seed)
+        run.logger("drib").info("code books and heads initialised by clusters: largest cluster share per layer %s",
+                                ", ".join(f"{max(v):.2f}" for v in shares.values()))
     outcome = train(net, data, budget, out_dir, config, device, seed)
     require_finite(net.state_dict(), "drib: the selected weights", DIVERGED_FIX)
     stats = feature_statistics(net, data, config, device, seed)

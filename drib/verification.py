@@ -13,10 +13,12 @@ Two bottleneck sites (both must be cuts of the network: `bottleneck.check_cut` r
 
 Credibility of a channel set S at layer l, for one image: I_j = bits channel j lets through (capacity
 summed over positions), cred(S) = sum_{j in S} I_j / sum_j I_j. It is reported for the decision's own S
-beside four controls of the same image: a random subset of |S| channels (expected share |S| / C), another
-image's selection, the most frequent (static) selection, and the oracle, the top-|S| channels by I_j. The
+beside four controls of the same image: a random subset of |S| channels (expected share |S| / C), the
+selection of another image drawn among those whose selection differs (the share that do is reported), the
+most used row over class-mixed training images (static), and the oracle, the top-|S| channels by I_j. The
 decisions are "accepted" only if their credibility beats random, another image's and the static selection
-by more than two standard errors of the paired difference.
+by more than two standard errors of the paired difference; every control also gets a size-corrected score
+(0 = a random set of its size, 1 = the best set of its size), tested the same way.
 
 In-the-loop verification (the paper's Fig. 2, `BottleneckConfig.verify_threshold`): a decision whose
 credibility is below the threshold is replaced by the dense layer or by the most credible code-book row that
@@ -187,29 +189,86 @@ def _beats(own: Tensor, control: Tensor) -> dict[str, float | bool]:
     return {"difference": mean, "standard_error": se, "beats": bool(len(diff) > 1 and mean > 2 * se)}
 
 
-def credibility_controls(info: Tensor, selected: Tensor, static: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Per-image credibility of ``selected`` (B x C bool) under channel bits ``info`` (B x C) and of its four
-    controls: "random" (expected share of a random |S|-subset, |S| / C), "other" (the next image's
-    selection), "static" (``static``, C bool), "oracle" (top-|S| channels by bits). The summary holds the
-    means, paired tests (own minus control, mean > 2 standard errors), the normalised score
-    (own - random) / (oracle - random) and the verdict (accepted iff it beats random, other and static)."""
-    static = static.to(selected.device)
-    c = selected.shape[1]
-    rows: dict[str, list[float]] = {k: [] for k in ("own", "random", "other", "static", "oracle")}
+def _other_differing(selected: Tensor, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """For each image, another image whose selection differs from its own (seeded pick among them; -1 if
+    none), and the share of the other images whose selection differs (per image)."""
     n = len(selected)
+    ids = torch.unique(selected.to(torch.uint8).cpu(), dim=0, return_inverse=True)[1]
+    generator = torch.Generator().manual_seed(seed + 5)
+    partner = torch.full((n,), -1, dtype=torch.long)
+    pool = torch.zeros(n, dtype=torch.float64)
     for i in range(n):
+        candidates = torch.nonzero(ids != ids[i]).flatten()
+        pool[i] = len(candidates) / max(1, n - 1)
+        if len(candidates):
+            partner[i] = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
+    return partner, pool
+
+
+def credibility_controls(info: Tensor, selected: Tensor, static: Tensor, seed: int = 0
+                         ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Per-image credibility of ``selected`` (B x C bool) under channel bits ``info`` (B x C) and of its four
+    controls: "random" (expected share of a random |S|-subset, |S| / C), "other" (the selection of another
+    image whose selection differs from this one's; NaN when every image has the same), "static" (``static``,
+    C bool: the most used row over class-mixed images), "oracle" (top-|S| channels by bits).
+
+    The summary holds the means, paired tests (own minus control, mean > 2 standard errors), the normalised
+    score (own - random) / (oracle - random) and the verdict (accepted iff it beats random, other and static).
+    Because the controls need not keep |S| channels, each set T also gets a size-corrected score,
+    (cred(T) - |T| / C) / (oracle_|T| - |T| / C): 0 for a random set of that size, 1 for the best set of that
+    size ("credibility_sized_*", tested the same way; "credibility_accepted_sized").
+    """
+    static = static.to(selected.device)
+    n, c = selected.shape
+    partner, pool = _other_differing(selected, seed)
+    # oracle share of the best k channels, for every k (B x (C + 1))
+    total = info.sum(1, keepdim=True)
+    ranked = info.sort(dim=1, descending=True).values.cumsum(1) / total.clamp_min(1e-30)
+    best_of = torch.cat([torch.zeros(n, 1, dtype=ranked.dtype, device=ranked.device), ranked], dim=1)
+    rows: dict[str, list[float]] = {k: [] for k in ("own", "random", "other", "static", "oracle",
+                                                     "sized_own", "sized_other", "sized_static")}
+    sizes: dict[str, list[float]] = {"own": [], "other": [], "static": []}
+
+    def sized(i: int, share: float, k: int) -> float:
+        chance, top = k / c, float(best_of[i, k])
+        return (share - chance) / (top - chance) if top - chance > 1e-9 else float("nan")
+
+    for i in range(n):
+        has_info = float(info[i].sum()) > 0
         k = int(selected[i].sum())
-        rows["own"].append(_share(info[i], selected[i]))
-        rows["random"].append(k / c if float(info[i].sum()) > 0 else float("nan"))
-        rows["other"].append(_share(info[i], selected[(i + 1) % n]) if n > 1 else float("nan"))
-        rows["static"].append(_share(info[i], static))
-        top = torch.zeros(c, dtype=torch.bool, device=info.device)
-        top[info[i].topk(k).indices] = True
-        rows["oracle"].append(_share(info[i], top))
-    out = {k: torch.tensor(v) for k, v in rows.items()}
+        own = _share(info[i], selected[i])
+        rows["own"].append(own)
+        rows["random"].append(k / c if has_info else float("nan"))
+        rows["oracle"].append(float(best_of[i, k]) if has_info else float("nan"))
+        rows["sized_own"].append(sized(i, own, k) if has_info else float("nan"))
+        sizes["own"].append(k)
+        sets = {"static": static}
+        if partner[i] >= 0:
+            sets["other"] = selected[int(partner[i])]
+        for name in ("other", "static"):
+            if name not in sets or not has_info:
+                rows[name].append(float("nan"))
+                rows[f"sized_{name}"].append(float("nan"))
+                sizes[name].append(float("nan"))
+                continue
+            chosen = sets[name]
+            share, size = _share(info[i], chosen), int(chosen.sum())
+            rows[name].append(share)
+            rows[f"sized_{name}"].append(sized(i, share, size))
+            sizes[name].append(size)
+    out = {k: torch.tensor(v, dtype=torch.float64) for k, v in rows.items()}
     summary: dict[str, Any] = {f"credibility_{k}": float(torch.nanmean(v)) for k, v in out.items()}
     tests = {name: _beats(out["own"], out[name]) for name in ("random", "other", "static")}
     summary["credibility_tests"] = tests
+    summary["credibility_tests_sized"] = {
+        "random": _beats(out["sized_own"], torch.zeros_like(out["sized_own"])),
+        "other": _beats(out["sized_own"], out["sized_other"]),
+        "static": _beats(out["sized_own"], out["sized_static"])}
+    summary["credibility_set_sizes"] = {k: float(torch.nanmean(torch.tensor(v, dtype=torch.float64)))
+                                        for k, v in sizes.items()}
+    summary["credibility_other_differs_share"] = float((partner >= 0).double().mean())
+    summary["credibility_other_pool_share"] = float(pool.mean())
+    summary["credibility_static_equals_own_share"] = float((selected == static[None]).all(1).double().mean())
     gain = float(torch.nanmean(out["oracle"]) - torch.nanmean(out["random"]))
     summary["credibility_normalised"] = (float(torch.nanmean(out["own"]) - torch.nanmean(out["random"])) / gain
                                          if gain > 0 else float("nan"))
@@ -218,6 +277,7 @@ def credibility_controls(info: Tensor, selected: Tensor, static: Tensor) -> tupl
             "undefined: the oracle's mean credibility does not exceed the random control's (oracle - random = "
             f"{gain:.3g}), so (own - random) / (oracle - random) has no scale")
     summary["credibility_accepted"] = all(bool(t["beats"]) for t in tests.values())
+    summary["credibility_accepted_sized"] = all(bool(t["beats"]) for t in summary["credibility_tests_sized"].values())
     return out, summary
 
 
@@ -238,7 +298,7 @@ def verify(net: DynamicNetwork, images: Tensor, stats: dict[str, FeatureStats], 
         mode = int(torch.mode(actions.cpu()).values)
         static_mask = gated.gate.effective_codebook().detach()[mode]
     info, shortcut = channel_bits(net, images, targets, stats, config, seed)
-    out, summary = credibility_controls(info, masks != 0, static_mask != 0)
+    out, summary = credibility_controls(info, masks != 0, static_mask != 0, seed)
     out.update({"bits": info, "shortcut_bits": shortcut, "masks": masks, "predictions": predictions})
     summary["credibility_branch_share"] = float((info.sum(1) / (info.sum(1) + shortcut.to(info)).clamp_min(1e-12)
                                                  ).mean())
