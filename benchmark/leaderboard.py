@@ -92,6 +92,13 @@ def collect_runs(ctx: Context, jobs: Sequence[Job]) -> pd.DataFrame:
         if column not in runs:
             runs[column] = np.nan
     runs["target"] = pd.to_numeric(runs["target"], errors="coerce")
+    # An undefined figure is written as null (common.run.atomic_write_json): a column of numbers and nulls
+    # reads back as objects; make it numeric again, with NaN for the nulls.
+    for column in runs.columns:
+        values = runs[column].dropna()
+        if runs[column].dtype == object and len(values) < len(runs[column]) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            runs[column] = pd.to_numeric(runs[column], errors="coerce")
     return _with_mis_control(_with_delta(runs))
 
 
