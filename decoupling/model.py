@@ -157,6 +157,7 @@ class GatedConvBN(nn.Module):
         # physically and run the energetic ones densely. Empty = not frozen.
         self.register_buffer("always_on", torch.zeros(0, dtype=torch.bool), persistent=True)
         self.register_buffer("always_off", torch.zeros(0, dtype=torch.bool), persistent=True)
+        self._static = False  # every filter frozen on or off (a static twin)
         # Samples that take the binary v2 in Eq. 3 (bool B), drawn once per forward by ``DecoupledNet`` and
         # shared by every gated layer; None: this layer draws its own (a layer used on its own).
         self.hard_rows: Tensor | None = None
@@ -171,6 +172,7 @@ class GatedConvBN(nn.Module):
         if always_on is None or always_off is None:
             self.always_on = torch.zeros(0, dtype=torch.bool, device=self.always_on.device)
             self.always_off = torch.zeros(0, dtype=torch.bool, device=self.always_off.device)
+            self._static = False
             return
         if always_on.shape != (self.channels,) or always_off.shape != (self.channels,):
             raise ValueError(f"{self.name}: frozen states need {self.channels} flags each")
@@ -178,6 +180,7 @@ class GatedConvBN(nn.Module):
             raise ValueError(f"{self.name}: a filter cannot be both energetic and silent")
         self.always_on = always_on.to(self.always_on.device, torch.bool)
         self.always_off = always_off.to(self.always_off.device, torch.bool)
+        self._static = bool((self.always_on | self.always_off).all())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in ("always_on", "always_off"):  # the frozen states may be empty or not in the file
@@ -187,6 +190,7 @@ class GatedConvBN(nn.Module):
                 state_dict[prefix + key] = torch.zeros(0, dtype=torch.bool)
                 setattr(self, key, torch.zeros(0, dtype=torch.bool))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._static = bool(self.always_on.numel()) and bool((self.always_on | self.always_off).all())
 
     @property
     def channels(self) -> int:
@@ -204,6 +208,15 @@ class GatedConvBN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         noisy = self.training and not self.hard_gates
+        if self.training and not noisy and self._static:
+            # Training a static twin (every filter frozen on or off): the controller's output would be
+            # overridden and L_kl is not trained, so neither runs; the same output and gradients.
+            z = self.always_on.to(torch.float32).expand(x.shape[0], -1)
+            self.last_logits, self.last_mask, self.last_pooled = None, z, None
+            out = self.bn(self.conv(x))
+            out = out * z[:, :, None, None].to(out.dtype)
+            self.last_map = out.detach() if self.keep_maps else None
+            return out
         with full_precision(x.device):  # the gates are fp32 under any precision policy (common.precision)
             logits = self.controller(x)  # GAP in fp32 (global_average_pool)
             z = improved_semhash(logits, noisy, hard_rows=self.hard_rows if noisy else None)

@@ -114,3 +114,21 @@ def test_paired_difference_and_its_standard_error():
     assert report["difference"] == pytest.approx(50.0)
     assert report["se"] == pytest.approx(100 * torch.tensor([0.0, 1, 0, 1]).std().item() / 2)
     assert report["disagree"] == 0.5
+
+
+def test_training_a_static_twin_skips_its_controllers_with_the_same_output_and_gradients():
+    model = _planted().eval()
+    _, codes = model.paths(torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(4)))
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for skip in (True, False):
+        twin = static_twin(model, codes)
+        for layer in twin.gated_layers:
+            layer._static = skip  # False: the controller and the fused op run, their output overridden
+        twin.train()
+        twin.set_hard_gates(True)
+        twin(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in twin.backbone.named_parameters()
+                      if p.grad is not None and ".controller." not in n})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4) for k in grads[0])
