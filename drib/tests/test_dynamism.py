@@ -181,3 +181,15 @@ def test_planted_two_kinds_are_routed_to_different_rows_that_keep_their_channels
     assert masks[kinds][:, 3:].float().mean() > 0.9 and masks[kinds][:, :3].float().mean() < 0.1
     metrics = dynamism_metrics(_decisions([masks]), kinds.long())
     assert metrics["probe_top1"] > 95 and metrics["layers"]["l0"]["top_row_share"] < 0.6
+
+
+def test_static_variant_is_one_row_per_layer_and_a_bad_variant_is_refused():
+    from drib import variant_settings
+
+    variant, nested = variant_settings({"variant": "static", "backbone": "resnet20", "target_mac_reduction": 0.5,
+                                        "decision": {"lam": 0.5}})
+    assert variant == "static" and nested["decision"] == {"lam": 0.5, "actions": 1, "codebook_init": "importance"}
+    assert nested["target_mac_reduction"] == 0.5 and "backbone" not in nested
+    assert variant_settings({})[0] == "dynamic"
+    with pytest.raises(ValueError, match="variant"):
+        variant_settings({"variant": "frozen"})
