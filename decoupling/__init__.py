@@ -27,7 +27,7 @@ from common.run import RunDir, seed_everything
 from common.training import evaluate_top1
 
 from .config import DecouplingSettings, resolve_settings
-from .evaluate import calibration_codes, mean_dynamic_macs
+from .evaluate import calibration_codes, class_mixed_indices, mean_dynamic_macs
 from .losses import DecouplingObjective, kl_divergence_loss, mutual_information_loss, sparsity_loss
 from .model import ArchitectureController, DecoupledNet, GatedConvBN, load_decoupled, save_decoupled
 from .paths import collect_paths, decision_tree, filter_states, hopkins_statistic, occlusion_analysis
@@ -106,7 +106,15 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
 
         extra = {"decoupled_val_top1": evaluate_top1(model, val),
                  "decoupled_val_macs_mean": mean_dynamic_macs(model, val)}
-        model = static_twin(model, codes, config.static_twin_threshold)
+        threshold = config.static_twin_threshold
+        if config.static_twin_match_macs:  # equal cost: the decoupled network's mean MACs on the calibration images
+            from .twin import macs_matched_threshold
+
+            calibration = data.train.subset(class_mixed_indices(data.train.labels, len(codes), seed))
+            target = mean_dynamic_macs(model, BatchLoader(calibration, 256, train=False, device=device))
+            threshold = macs_matched_threshold(model, codes, target, size)
+            extra["static_twin_threshold"] = threshold
+        model = static_twin(model, codes, threshold)
         if config.static_twin_finetune:
             twin_run = RunDir(Path(out_dir) / TWIN_DIR)
             _, twin_seconds = finetune_static_twin(model, data, budget, twin_run, config, device, seed)

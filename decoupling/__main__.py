@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(twin)
     twin.add_argument("--calibration-images", type=int, default=2000,
                       help="class-mixed training images the states are counted on (default 2000, as evaluate)")
-    twin.add_argument("--threshold", type=float, default=0.5,
-                      help="a filter is on in the twin where it fires on more than this share (default 0.5)")
+    twin.add_argument("--threshold", default="0.5",
+                      help="a filter is on in the twin where it fires on more than this share (default 0.5, the "
+                           "majority), or 'macs': the threshold whose twin costs the decoupled network's mean MACs "
+                           "(written to RUN/static_twin_macs/)")
     twin.add_argument("--no-finetune", action="store_true", help="only the twin as it is (no training)")
 
     speed = sub.add_parser("speed", help="CPU time of the deployed network against the dense start, and the MACs "
@@ -208,12 +210,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _static_twin(args: argparse.Namespace) -> int:
+    from common.data import BatchLoader
     from common.macs import count_macs
     from common.method import Budget
     from common.run import RunDir, atomic_write_json
 
     from .config import DecouplingSettings
-    from .evaluate import calibration_codes
+    from .evaluate import calibration_codes, class_mixed_indices
     from .model import save_decoupled
     from .twin import TWIN_DIR, finetune_static_twin, static_twin, twin_report
 
@@ -223,12 +226,26 @@ def _static_twin(args: argparse.Namespace) -> int:
     if precision != settings.precision:
         settings = dataclasses.replace(settings, precision=precision)
     codes = calibration_codes(model, data.train, args.calibration_images, device, 0)  # as evaluate draws them
-    twin = static_twin(model, codes, args.threshold)
+    size = (3, *data.image_size)
     model.freeze_states(codes)  # the deployed network: energetic and silent frozen, the rest dynamic
-    dense_macs = float(count_macs(dense.to(device), (3, *data.image_size)))
+    if args.threshold == "macs":  # equal cost: the decoupled network's mean MACs on the calibration images
+        from .evaluate import mean_dynamic_macs
+        from .twin import macs_matched_threshold
+
+        calibration = data.train.subset(class_mixed_indices(data.train.labels, len(codes), 0))
+        target = mean_dynamic_macs(model, BatchLoader(calibration, 256, train=False, device=device))
+        threshold, folder = macs_matched_threshold(model, codes, target, size), TWIN_DIR + "_macs"
+    else:
+        try:
+            threshold, folder = float(args.threshold), TWIN_DIR
+        except ValueError:
+            raise ValueError(f"--threshold must be a number in [0, 1) or 'macs', got {args.threshold!r}") from None
+    twin = static_twin(model, codes, threshold)
+    dense_macs = float(count_macs(dense.to(device), size))
     metrics = {"test_split": data.test_split_name, "val_source": data.val_source, "calibration_images": len(codes),
-               "threshold": args.threshold, "as_is": twin_report(model, twin, data.test, data.val, device, dense_macs)}
-    out = RunDir(run.path / TWIN_DIR)
+               "threshold": threshold, "threshold_rule": args.threshold,
+               "as_is": twin_report(model, twin, data.test, data.val, device, dense_macs)}
+    out = RunDir(run.path / folder)
     if not args.no_finetune:
         budget = Budget(config["epochs"], config.get("seconds"), config.get("max_batches"))
         steps, seconds = finetune_static_twin(twin, data, budget, out, settings, device, config.get("seed", 0))

@@ -77,6 +77,7 @@ class DecouplingSettings:
     static_twin: bool = False
     static_twin_finetune: bool = True
     static_twin_threshold: float = 0.5
+    static_twin_match_macs: bool = False  # True: the threshold whose twin costs the decoupled network's mean MACs
     checkpoint_every: int = 200  # steps between checkpoints (and at every epoch end; common.loop)
     log_every: int = 50  # steps between log lines (the loop checks the loss on every step)
 
@@ -104,7 +105,7 @@ class DecouplingSettings:
         fraction("finetune_fraction", self.finetune_fraction, high_open=True)
         fraction("target_mac_reduction", self.target_mac_reduction, high_open=True)
         fraction("static_twin_threshold", self.static_twin_threshold, high_open=True)
-        for name in ("static_twin", "static_twin_finetune"):
+        for name in ("static_twin", "static_twin_finetune", "static_twin_match_macs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("lambda_m", "lambda_k", "lambda_s", "weight_decay", "momentum"):

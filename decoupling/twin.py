@@ -38,6 +38,31 @@ def static_twin(model: DecoupledNet, codes: Tensor, threshold: float = 0.5) -> D
     return twin.eval()
 
 
+@torch.no_grad()
+def macs_matched_threshold(model: DecoupledNet, codes: Tensor, target_macs: float,
+                           input_size: tuple[int, int, int], steps: int = 30) -> float:
+    """The smallest firing-rate threshold whose static twin costs at most ``target_macs`` per input (the
+    decoupled network's mean): the filters the calibration images use most are kept, as a static pruning at
+    the decoupled network's cost. A static twin costs the same for every input, so one input counts it."""
+    probe = copy.deepcopy(model)
+    x = torch.zeros(1, *input_size, device=next(model.parameters()).device)
+
+    def macs_at(threshold: float) -> float:
+        probe.freeze_to_majority(torch.as_tensor(codes), threshold)
+        return float(probe.dynamic_forward(x)[1][0])
+
+    low, high = 0.0, 1.0 - 1e-9  # the twin's MACs fall as the threshold rises
+    if macs_at(low) <= target_macs:
+        return low
+    for _ in range(steps):
+        middle = 0.5 * (low + high)
+        if macs_at(middle) <= target_macs:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
 def finetune_static_twin(twin: DecoupledNet, data: DatasetSplits, budget: Budget, run: RunDir,
                          settings: DecouplingSettings, device: torch.device, seed: int = 0,
                          logger: logging.Logger | None = None) -> tuple[int, float]:

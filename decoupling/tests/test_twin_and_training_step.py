@@ -132,3 +132,19 @@ def test_training_a_static_twin_skips_its_controllers_with_the_same_output_and_g
                       if p.grad is not None and ".controller." not in n})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4) for k in grads[0])
+
+
+def test_the_macs_matched_twin_costs_at_most_the_decoupled_mean_and_close_to_it():
+    from decoupling.twin import macs_matched_threshold
+
+    model = _planted().eval()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.rand(64, 3, 32, 32, generator=gen)
+    _, codes = model.paths(x)
+    model.freeze_states(codes)
+    target = float(model.dynamic_forward(x)[1].mean())
+    threshold = macs_matched_threshold(model, codes, target, (3, 32, 32))
+    _, macs = static_twin(model, codes, threshold).dynamic_forward(x[:2])
+    assert float(macs[0]) <= target and float(macs[0]) > 0.95 * target
+    _, majority = static_twin(model, codes).dynamic_forward(x[:2])
+    assert threshold != 0.5 and not torch.equal(macs, majority)  # a different twin from the majority one
