@@ -21,8 +21,8 @@ from common.run import CheckpointError, atomic_write_text, read_json
 from .explain_metrics import COLUMNS as EXPLANATION_COLUMNS
 from .explain_metrics import FAITHFULNESS, GRIDPG, SANITY
 from .jobs import Context, Job, read_metrics
-from .metrics import COLUMNS
-from .presets import COMPRESSING, EPOCH_USE
+from .metrics import COLUMNS, unpack_correct
+from .presets import COMPRESSING, CONTROL_OF, EPOCH_USE
 
 # Reference rows: the baseline model explained by a control map, scored exactly like every method's own map.
 CONTROL_ROWS = {"control: random map": "random", "control: centre map": "centre"}
@@ -179,6 +179,156 @@ def aggregate(runs: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# The figure each method's paper is about, compared with the same figure of its control row (CONTROL_OF):
+# method -> [(column of runs, label, +1: higher is better / -1: lower is better)]. ISP's interpretation term
+# (Eq. 10) is not among its run_method metrics; its explanation distance (the selector's RBF code of the
+# pruned, fine-tuned network against the original's, on test images) and the Grad-CAM drift stand for it.
+MECHANISM_FIGURES: dict[str, list[tuple[str, str, int]]] = {
+    "drib": [("top1", "top-1 % at equal MACs ↑", 1)],
+    "decoupling": [("top1", "top-1 % at equal MACs ↑", 1)],
+    "isp": [("method.rbf_distance", "explanation distance (RBF code L2) ↓", -1),
+            ("drift_spearman", "Grad-CAM drift ρ from the start ↑", 1)],
+    "picnn": [("mis", "MIS ↑", 1)],
+}
+MECHANISM_FIELDS = ("method", "control", "difference", "se", "verdict", "pairing")
+VERDICT_SE = 2.0  # "beats its control" / "below its control" only beyond this many standard errors
+
+
+def verdict(difference: float, se: float, direction: int = 1) -> str:
+    """The mechanism table's verdict on ``difference`` (method - control) and its standard error;
+    ``direction`` -1 for a figure where lower is better."""
+    if not math.isfinite(difference):
+        return "not measured"
+    if not math.isfinite(se):
+        return "no standard error: not judged"
+    better = direction * difference
+    if better > VERDICT_SE * se:
+        return "beats its control"
+    if better < -VERDICT_SE * se:
+        return "below its control"
+    return "no measured difference"
+
+
+def _top1_difference(mine: pd.Series, theirs: pd.Series) -> tuple[float, float, str]:
+    """(top-1 difference in points, its SE, how): paired over the same test images when both runs kept their
+    per-image correctness, else a binomial SE of the difference of two independent proportions."""
+    n = mine.get("top1_images")
+    if (isinstance(mine.get("top1_correct"), str) and isinstance(theirs.get("top1_correct"), str)
+            and pd.notna(n) and n == theirs.get("top1_images")):
+        a = unpack_correct(mine["top1_correct"], int(n)).double()
+        b = unpack_correct(theirs["top1_correct"], int(n)).double()
+        d = 100.0 * (a - b)
+        return float(d.mean()), float(d.std() / math.sqrt(len(d))), f"paired over {int(n)} test images"
+    p, q = float(mine["top1"]) / 100, float(theirs["top1"]) / 100
+    n = mine.get("top1_images", np.nan)
+    if not pd.notna(n):
+        return 100 * (p - q), np.nan, "no per-image values or image count"
+    se = 100 * math.sqrt((p * (1 - p) + q * (1 - q)) / float(n))
+    return 100 * (p - q), se, f"unpaired binomial SE over {int(n)} test images"
+
+
+def mechanism_table(runs: pd.DataFrame, target: float | None) -> pd.DataFrame:
+    """One row per (method, figure) of ``MECHANISM_FIGURES`` whose method and control both ran: the means over
+    seeds of the method's and the control's figure, the paired difference (same seed; over the same test
+    images where per-image values exist) and its SE, and the verdict. One seed: the SE is the per-image one
+    (NaN without per-image values); several: mean and SE of the per-seed differences."""
+    done = runs[runs["status"] == "finished"]
+    if target is not None:
+        done = done[done["target"].isna() | np.isclose(done["target"].fillna(-1.0), target)]
+    rows = []
+    for method, figures in MECHANISM_FIGURES.items():
+        control = CONTROL_OF[method]
+        mine, theirs = done[done["method"] == method], done[done["method"] == control]
+        if not len(mine) and not len(theirs):
+            continue
+        seeds = sorted(set(mine["seed"]) & set(theirs["seed"]))
+        for column, label, direction in figures:
+            pairs = []
+            for seed in seeds:
+                a, b = mine[mine["seed"] == seed].iloc[0], theirs[theirs["seed"] == seed].iloc[0]
+                if column not in a or not (pd.notna(a[column]) and pd.notna(b[column])):
+                    continue
+                if column == "top1":
+                    diff, se, how = _top1_difference(a, b)
+                else:
+                    diff, se, how = float(a[column]) - float(b[column]), np.nan, "one value per run"
+                pairs.append((float(a[column]), float(b[column]), diff, se, how))
+            if len(pairs) > 1:
+                diffs = np.array([p[2] for p in pairs])
+                diff, se = float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(len(diffs)))
+                how = f"paired by seed, SE over {len(pairs)} seeds"
+            elif pairs:
+                diff, se, how = pairs[0][2:]
+            else:
+                diff, se, how = np.nan, np.nan, "no finished pair of the same seed"
+            rows.append({"method": method, "control_row": control, "figure": column, "label": label,
+                         "direction": direction, "seeds": len(pairs),
+                         "method_value": float(np.mean([p[0] for p in pairs])) if pairs else np.nan,
+                         "control_value": float(np.mean([p[1] for p in pairs])) if pairs else np.nan,
+                         "difference": diff, "se": se, "pairing": how, "verdict": verdict(diff, se, direction)})
+    return pd.DataFrame(rows)
+
+
+def _with_mechanism(board: pd.DataFrame, mechanism: pd.DataFrame) -> pd.DataFrame:
+    """The mechanism table on the method rows of ``board``: ``mechanism_control`` and, per figure,
+    ``mechanism.<figure>.<method|control|difference|se|verdict|pairing>`` (leaderboard.json / .csv)."""
+    board = board.copy()
+    board["mechanism_control"] = board["method"].map(CONTROL_OF)
+    for _, row in mechanism.iterrows():
+        mine = board["method"] == row["method"]
+        slug = row["figure"].removeprefix("method.")
+        for field_name, value in zip(MECHANISM_FIELDS, (row["method_value"], row["control_value"], row["difference"],
+                                                        row["se"], row["verdict"], row["pairing"])):
+            column = f"mechanism.{slug}.{field_name}"
+            if column not in board:
+                board[column] = np.nan if field_name not in ("verdict", "pairing") else None
+            board.loc[mine, column] = value
+    return board
+
+
+def mechanism_markdown(mechanism: pd.DataFrame) -> str:
+    """The mechanism table as markdown (differences: method - control)."""
+    if mechanism.empty:
+        return "No method ran beside its control row.\n"
+
+    def number(value: float) -> str:
+        return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else "–"
+
+    body = [[r["method"], r["control_row"], r["label"], str(r["seeds"]), number(r["method_value"]),
+             number(r["control_value"]), number(r["difference"]), number(r["se"]), r["pairing"], r["verdict"]]
+            for _, r in mechanism.iterrows()]
+    headers = ["method", "control row", "figure", "seeds", "method", "control", "difference", "SE", "pairing",
+               "verdict"]
+    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
+
+
+# Dynamism of the dynamic rows (method.* columns from each method's run_method metrics): DRIB's
+# drib.dynamism figures on the validation split, Decoupling's share of dynamic filters.
+DYNAMIC_ROWS = ("drib", "drib-static", "decoupling", "decoupling-static")
+DYNAMISM_COLUMNS: dict[str, tuple[str, int]] = {
+    "dynamic_filter_share": ("dyn. filter share", 3),
+    "method.dynamism.max_top_row_share": ("top-row share (max over layers) ↓", 3),
+    "method.dynamism.min_rows_over_5pct": ("rows ≥ 5% (min over layers) ↑", 0),
+    "method.dynamism.mean_usage_perplexity": ("usage perplexity (mean) ↑", 2),
+    "method.dynamism.mask_difference": ("pair mask difference ↑", 3),
+    "method.dynamism.probe_top1": ("class probe %", 1),
+    "method.dynamism.probe_shuffled_top1": ("probe, shuffled labels %", 1),
+    "method.dynamism.probe_over_shuffled": ("probe - shuffled (points) ↑", 1),
+    "method.dynamic_filters": ("dynamic filters (raw gates)", 3),
+}
+
+
+def dynamism_markdown(board: pd.DataFrame) -> str:
+    """The dynamic rows with their dynamism figures (mean ± std over seeds); "–": not measured by that method."""
+    rows = board[board["method"].isin(DYNAMIC_ROWS)]
+    if rows.empty:
+        return ""
+    headers = ["method", *(label for label, _ in DYNAMISM_COLUMNS.values())]
+    body = [[r["method"], *(_cell(r.get(f"{c}_mean", np.nan), r.get(f"{c}_std", np.nan), 1.0, d)
+                            for c, (_, d) in DYNAMISM_COLUMNS.items())] for _, r in rows.iterrows()]
+    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
+
+
 TARGET_TOLERANCE_PCT = 3.0  # a compressing row whose mean achieved MAC reduction is further off is flagged
 
 
@@ -207,7 +357,7 @@ def target_board(runs: pd.DataFrame, methods: Sequence[str], target: float | Non
     board["target"] = np.where(compressing, np.nan if target is None else target, np.nan)
     board["on_target"] = [target_check(t, a) for t, a in zip(board["target"], board["mac_reduction_pct_mean"])]
     board["table_target"] = target
-    return board
+    return _with_mechanism(board, mechanism_table(runs, target))
 
 
 def _cell(mean: float, std: float, scale: float, decimals: int) -> str:
@@ -295,7 +445,12 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
                  + markdown_table(methods_only, COST_COLUMNS, with_target=True,
                                   blank=TIMING_COLUMNS if short else ()) + "\n\n" + footnote
                  + "### Interpretability, beside its controls\n\n"
-                 + markdown_table(one, ("top1", *INTERPRETABILITY_COLUMNS)) + "\n\n")
+                 + markdown_table(one, ("top1", *INTERPRETABILITY_COLUMNS)) + "\n\n"
+                 + "### Mechanism: each method beside its own control row\n\n" + _MECHANISM_NOTE
+                 + mechanism_markdown(mechanism_table(runs, target)) + "\n")
+        dynamism = dynamism_markdown(one)
+        if dynamism:
+            text += "### Dynamism of the dynamic rows\n\n" + _DYNAMISM_NOTE + dynamism + "\n"
     text += _INTERPRETABILITY_NOTE
     extras = _method_metrics_section(board[~board["method"].isin(list(CONTROL_ROWS))])
     if extras:
@@ -308,7 +463,7 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
     _atomic_text(paths["md"], text)
     _atomic_text(paths["csv"], board.to_csv(index=False))
     _atomic_text(paths["json"], board.to_json(orient="records", indent=2) + "\n")  # NaN -> null
-    _atomic_text(paths["runs"], runs.to_csv(index=False))
+    _atomic_text(paths["runs"], runs.drop(columns=["top1_correct"], errors="ignore").to_csv(index=False))
     curves = board[~board["method"].isin(list(CONTROL_ROWS))]
     pareto_figure(curves, paths["pareto"], dense=_dense_point(runs))
     faithfulness_figure(curves, paths["faithfulness"])
@@ -316,6 +471,20 @@ def write_leaderboard(ctx: Context, jobs: Sequence[Job], methods: Sequence[str])
     return paths
 
 
+_MECHANISM_NOTE = (
+    "Each method's paper figure beside the same figure of its control row (the method with its mechanism"
+    " switched off, same budget, data, start and seed): difference = method - control, paired by seed, over the"
+    " same test images where per-image values exist; SE over seeds when there are several. \"beats its control\""
+    " / \"below its control\" only beyond two SE in the better / worse direction, else \"no measured"
+    " difference\"; a figure with one value per run and one seed has no SE and is not judged. ISP's"
+    " interpretation term (Eq. 10) is not in its run metrics: its explanation distance and the Grad-CAM drift"
+    " stand for it.\n\n")
+_DYNAMISM_NOTE = (
+    "From each method's own run metrics on the validation split: DRIB's choices per gated layer (share of"
+    " images on the most used channel set, channel sets serving >= 5% of the images, expected share of gated"
+    " channels on which two images' masks differ, a class probe from the choices beside the same probe on"
+    " shuffled labels); Decoupling's share of filters whose raw gate depends on the input. \"–\": not measured"
+    " by that method (or constant: a static control has one channel set).\n\n")
 _INTERPRETABILITY_NOTE = (
     "Interpretability columns: faithfulness of each row's own explanation (tiled deletion / insertion on a"
     " blurred canvas, ROAD gap), the same metrics for Grad-CAM and for random and centred maps on the same"

@@ -9,6 +9,7 @@ of CPU copies of the model and of the preset's start architecture, timed side by
 
 from __future__ import annotations
 
+import base64
 import math
 import platform
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -28,7 +30,7 @@ from common.method import MethodResult
 from common.precision import resolve_precision
 from common.run import progress
 from common.speed import class_mixed_images, time_side_by_side
-from common.training import evaluate_top1
+from common.training import evaluate_top1, predict_logits
 
 from .explain_metrics import COLUMNS as EXPLANATION_COLUMNS
 from .explain_metrics import explanation_columns, gridpg_mosaic_count
@@ -162,15 +164,36 @@ def _latencies(model: nn.Module, start: nn.Module, input_size: tuple[int, int, i
     return best[0], best[1], latency_form(forms["model"].deploy_info.dtype)
 
 
-def _scalar_extras(values: dict[str, Any]) -> dict[str, Any]:
-    """The method's own metrics, kept when they are plain numbers, strings or booleans."""
+# Nested method metrics whose scalar entries are kept as ``method.<section>.<key>``: DRIB's dynamism figures,
+# ISP's explanation distance and its gate-gradient shares (the other sections are per-layer detail).
+FLATTENED_SECTIONS = ("dynamism", "explanation_distance", "gate_gradient_share_summary")
+
+
+def _scalar_extras(values: dict[str, Any], prefix: str = "method.") -> dict[str, Any]:
+    """The method's own metrics, kept when they are plain numbers, strings or booleans (one level of the
+    ``FLATTENED_SECTIONS`` dicts too)."""
     extras = {}
     for key, value in values.items():
         if isinstance(value, Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, bool | int | float | str):
-            extras[f"method.{key}"] = value
+            extras[f"{prefix}{key}"] = value
+        elif isinstance(value, dict) and prefix == "method." and key in FLATTENED_SECTIONS:
+            extras.update(_scalar_extras(value, prefix=f"method.{key}."))
     return extras
+
+
+def pack_correct(correct: Tensor) -> str:
+    """Per-image correctness (bool, test-set order) as base64 of its packed bits: metrics.json stays small."""
+    return base64.b64encode(np.packbits(correct.cpu().numpy().astype(bool)).tobytes()).decode("ascii")
+
+
+def unpack_correct(text: str, count: int) -> Tensor:
+    """The inverse of :func:`pack_correct` for ``count`` images."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:count]
+    if len(bits) != count:
+        raise ValueError(f"packed correctness holds {len(bits)} images, expected {count}")
+    return torch.from_numpy(bits.astype(bool))
 
 
 def evaluate_result(result: MethodResult, start: nn.Module, data: DatasetSplits, spec: MetricSpec, *,
@@ -182,13 +205,17 @@ def evaluate_result(result: MethodResult, start: nn.Module, data: DatasetSplits,
     test_loader = BatchLoader(data.test, batch_size, train=False, device=device)
     steps = progress(range(6), "metrics", total=6)
 
-    top1 = evaluate_top1(model, test_loader, "test top-1")
+    logits, test_labels = predict_logits(model, test_loader, "test top-1")  # evaluate_top1's pass, kept per image
+    correct = logits.argmax(1) == test_labels
+    top1 = 100.0 * correct.double().mean().item()
     next(steps, None)
     dense_macs = float(count_macs(model, input_size))
     start_macs = float(count_macs(start, input_size))
     start_top1 = evaluate_top1(start.to(device).eval(), test_loader, "start top-1")  # the dense point of pareto.png
     metrics: dict[str, Any] = {"top1": top1, "start_top1": start_top1, "dense_macs": dense_macs,
-                               "start_macs": start_macs}
+                               "start_macs": start_macs,
+                               # per-image correctness behind top1: paired differences between rows
+                               "top1_correct": pack_correct(correct), "top1_images": len(correct)}
     if result.dynamic_forward is not None:
         metrics["top1_dynamic"], mean_macs = _dynamic_pass(result, test_loader)
         share = result.dynamic_filter_share

@@ -16,17 +16,32 @@ from typing import Any
 
 from common.method import Budget
 
-# Control rows that are a method with its distinctive term switched off, trained under the same budget:
-# row name -> (method package, settings that override the recipe). PICNN with lambda = 0 is the control of
-# its MIS (same architecture and images, no class-cluster loss; evaluation-protocol.md, section 2).
-CONTROL_METHODS: dict[str, tuple[str, dict[str, Any]]] = {"picnn-lambda0": ("picnn", {"lam": 0.0})}
+# Control rows: a method with its own mechanism switched off, run through the method's run_method under the
+# same budget, data, start and seed: row name -> (method package, settings that override the recipe).
+# - drib-static: the same recipe with one code-book row per gated layer (nothing to choose: a static network
+#   trained and calibrated to the same MAC target; drib.variant_settings);
+# - decoupling-static: the decoupled network with every dynamic filter fixed to its majority state, then
+#   fine-tuned on L_ce for the budget (decoupling/twin.py);
+# - isp-unsteered: the gate search without its interpretation term (gamma1 = 0); its predictor and selector
+#   are its own, trained with the same seed and settings as the isp row's;
+# - picnn-lambda0: the same pathway and images without the class-cluster loss (evaluation-protocol.md 2).
+CONTROL_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "drib-static": ("drib", {"variant": "static"}),
+    "picnn-lambda0": ("picnn", {"lam": 0.0}),
+    "decoupling-static": ("decoupling", {"static_twin": True}),
+    "isp-unsteered": ("isp", {"gamma1": 0.0}),
+}
+# Each method row -> its control row (the pairs of the leaderboard's mechanism table).
+CONTROL_OF = {"drib": "drib-static", "picnn": "picnn-lambda0", "decoupling": "decoupling-static",
+              "isp": "isp-unsteered"}
 # Reference rows (benchmark/reference_pruning.py): L1-norm and random channel pruning, then CE fine-tuning.
 REFERENCES = ("l1-prune", "random-prune")
-METHODS = ("baseline", "drib", "picnn", "picnn-lambda0", "decoupling", "isp", *REFERENCES)
+METHODS = ("baseline", "drib", "drib-static", "picnn", "picnn-lambda0", "decoupling", "decoupling-static", "isp",
+           "isp-unsteered", *REFERENCES)
 # Rows that compress: each runs once per MAC target of the preset and receives ``target_mac_reduction`` (the
 # fraction of the dense start's MACs removed, mean per sample for dynamic models) in its settings. The other
 # rows (the baseline, PICNN and its control) do not remove MACs and run once, shown beside every target.
-COMPRESSING = ("drib", "decoupling", "isp", *REFERENCES)
+COMPRESSING = ("drib", "drib-static", "decoupling", "decoupling-static", "isp", "isp-unsteered", *REFERENCES)
 # ``Preset.workers`` value for "one single-thread worker process per core" (CPU presets).
 PER_CORE = 0
 # Budget fairness: every row gets the same epochs in total; what each spends them on (shown under the table).
@@ -36,6 +51,12 @@ EPOCH_USE = {
             " MAC target); the recipe's last `finetune_fraction` of the steps fine-tunes under argmax decisions",
     "picnn": "all epochs: cross-entropy + lambda x the class-cluster loss on the added pathway",
     "picnn-lambda0": "all epochs: the same pathway and images with lambda = 0 (the MIS control)",
+    "drib-static": "the DRIB recipe's steps, regulariser, MAC calibration and fine-tuning share with one code-book"
+                   " row per layer (no decision to learn)",
+    "decoupling-static": "the decoupling row's training, then the same budget again: CE fine-tuning of the static"
+                         " twin (dynamic filters fixed to their majority state); twice the epochs of its method",
+    "isp-unsteered": "the isp row's stages and shares with gamma1 = 0 in the gate search (its own predictor and"
+                     " selector, same seed and settings as the isp row's)",
     "decoupling": "controllers and backbone together (CE + L_mi + L_kl + L_s with the sparsity target); a"
                   " recipe's `finetune_fraction` > 0 adds a CE phase under frozen controllers (see its README)",
     "isp": "30% predictor, 10% selector, 10% gate search (passes over a 5% subset), 50% fine-tuning of the"

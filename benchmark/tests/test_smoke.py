@@ -1,5 +1,6 @@
 """Done-when: ``python -m benchmark --preset smoke`` writes every output, one filled row per method and MAC
-target (every compressing row at 30% and 50%)."""
+target (every compressing row at 30% and 50%), the four control rows, the mechanism table and the dynamism
+columns of the dynamic rows."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.__main__ import main
-from benchmark.leaderboard import CONTROL_ROWS
+from benchmark.leaderboard import CONTROL_ROWS, MECHANISM_FIGURES
 from benchmark.metrics import COLUMNS
-from benchmark.presets import COMPRESSING, METHODS
+from benchmark.presets import COMPRESSING, CONTROL_METHODS, CONTROL_OF, METHODS
 
 
 def test_smoke_preset_fills_every_column_for_all_five_methods(results_with_start: Path) -> None:
@@ -44,3 +45,26 @@ def test_smoke_preset_fills_every_column_for_all_five_methods(results_with_start
     assert "## Target: 30% fewer MACs" in table and "## Target: 50% fewer MACs" in table
     # The printed table is filled too: the preset times enough calls for the latency and speedup columns.
     assert "Latency and speedup left empty" not in table
+    # Every method beside its control row: figures, paired difference, SE and a verdict in words.
+    assert set(CONTROL_METHODS) <= set(records["method"])
+    assert table.count("### Mechanism: each method beside its own control row") == 2
+    for method, figures in MECHANISM_FIGURES.items():
+        row = board.loc[method]
+        assert row["mechanism_control"] == CONTROL_OF[method]
+        for column, _, _ in figures:
+            slug = column.removeprefix("method.")
+            for field in ("method", "control", "difference"):
+                assert pd.notna(row[f"mechanism.{slug}.{field}"]), (method, slug, field)
+            assert row[f"mechanism.{slug}.verdict"] in ("beats its control", "no measured difference",
+                                                        "below its control", "no standard error: not judged")
+        assert f"| {method} " in table.split("### Mechanism")[1]
+    for method in ("drib", "decoupling"):  # top-1 paired over the same test images
+        assert pd.notna(board.loc[method, "mechanism.top1.se"])
+        assert str(board.loc[method, "mechanism.top1.pairing"]).startswith("paired over")
+    # The dynamism figures of the dynamic rows, from their run metrics.
+    assert "### Dynamism of the dynamic rows" in table
+    for method in ("drib", "drib-static"):
+        for column in ("max_top_row_share", "min_rows_over_5pct", "mask_difference"):
+            assert pd.notna(board.loc[method, f"method.dynamism.{column}_mean"]), (method, column)
+    assert board.loc["drib-static", "method.dynamism.max_top_row_share_mean"] == 1.0  # one row per layer
+    assert pd.notna(board.loc["decoupling", "method.dynamic_filters_mean"])
