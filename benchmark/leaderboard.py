@@ -261,8 +261,11 @@ def mechanism_table(runs: pd.DataFrame, target: float | None) -> pd.DataFrame:
                 diff, se, how = pairs[0][2:]
             else:
                 diff, se, how = np.nan, np.nan, "no finished pair of the same seed"
+            macs = [float(pd.to_numeric(frame["mac_reduction_pct"], errors="coerce").mean())
+                    if "mac_reduction_pct" in frame and len(frame) else np.nan for frame in (mine, theirs)]
             rows.append({"method": method, "control_row": control, "figure": column, "label": label,
                          "direction": direction, "seeds": len(pairs),
+                         "method_mac_reduction_pct": macs[0], "control_mac_reduction_pct": macs[1],
                          "method_value": float(np.mean([p[0] for p in pairs])) if pairs else np.nan,
                          "control_value": float(np.mean([p[1] for p in pairs])) if pairs else np.nan,
                          "difference": diff, "se": se, "pairing": how, "verdict": verdict(diff, se, direction)})
@@ -294,11 +297,15 @@ def mechanism_markdown(mechanism: pd.DataFrame) -> str:
     def number(value: float) -> str:
         return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else "–"
 
-    body = [[r["method"], r["control_row"], r["label"], str(r["seeds"]), number(r["method_value"]),
+    def macs(r: pd.Series) -> str:
+        a, b = r["method_mac_reduction_pct"], r["control_mac_reduction_pct"]
+        return f"{a:.1f} / {b:.1f}" if math.isfinite(a) and math.isfinite(b) else "–"
+
+    body = [[r["method"], r["control_row"], r["label"], str(r["seeds"]), macs(r), number(r["method_value"]),
              number(r["control_value"]), number(r["difference"]), number(r["se"]), r["pairing"], r["verdict"]]
             for _, r in mechanism.iterrows()]
-    headers = ["method", "control row", "figure", "seeds", "method", "control", "difference", "SE", "pairing",
-               "verdict"]
+    headers = ["method", "control row", "figure", "seeds", "MAC red. % method / control", "method", "control",
+               "difference", "SE", "pairing", "verdict"]
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark.leaderboard import dynamism_markdown, mechanism_table, target_board, verdict
+from benchmark.leaderboard import dynamism_markdown, mechanism_markdown, mechanism_table, target_board, verdict
 from benchmark.metrics import COLUMNS, pack_correct
 from benchmark.presets import COMPRESSING, CONTROL_METHODS, CONTROL_OF, METHODS, get_preset, list_presets
 from benchmark.registry import default_registry
@@ -96,6 +96,8 @@ def test_mechanism_table_pairs_per_image_and_reads_the_verdicts() -> None:
     assert table.loc[("isp", "method.rbf_distance"), "difference"] == pytest.approx(-0.2)
     assert table.loc[("isp", "method.rbf_distance"), "verdict"] == "no standard error: not judged"
     assert table.loc[("picnn", "mis"), "verdict"] == "no standard error: not judged"
+    text = mechanism_markdown(table.reset_index())
+    assert "| drib " in text and "beats its control" in text and "no measured difference" in text
 
     # the control better by 10 points on the same images: below its control
     rows[2:4] = [_run("decoupling", 0, base), _run("decoupling-static", 0, better)]
