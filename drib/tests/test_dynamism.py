@@ -81,7 +81,6 @@ def test_static_twin_equals_the_network_with_its_decisions_forced():
     assert torch.allclose(logits, forced, atol=1e-4)
     assert len(set(macs.tolist())) == 1 and head_macs(twin) > 0
     # rows are counted by channel set: the most used row is the one most images pick
-    chosen = torch.stack([g.gate.selection.argmax(1) for g in net.gated])
     net(x)
     chosen = torch.stack([g.gate.selection.argmax(1) for g in net.gated])
     for k, row in enumerate(rows):
