@@ -109,8 +109,7 @@ def finetune_static_twin(twin: DecoupledNet, data: DatasetSplits, budget: Budget
         twin.clear_records()
     require_finite(twin.state_dict(), "decoupling: the static twin's weights", FIX)
     twin.eval()
-    if logger and math.isfinite(state.seconds):
-        logger.info("static twin fine-tuned %d/%d steps in %.1f s", state.step, total_steps, state.seconds)
+    logger.info("static twin fine-tuned %d/%d steps in %.1f s", state.step, total_steps, state.seconds)
     return state.step, state.seconds
 
 
