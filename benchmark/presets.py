@@ -20,15 +20,17 @@ from common.method import Budget
 # same budget, data, start and seed: row name -> (method package, settings that override the recipe).
 # - drib-static: the same recipe with one code-book row per gated layer (nothing to choose: a static network
 #   trained and calibrated to the same MAC target; drib.variant_settings);
-# - decoupling-static: the decoupled network with every dynamic filter fixed to its majority state, then
-#   fine-tuned on L_ce for the budget (decoupling/twin.py);
+# - decoupling-static: the decoupled network with its dynamic filters fixed (on where they fire on most
+#   class-mixed training images, the firing-rate threshold bisected so the twin costs the decoupled network's mean
+#   MACs), as it is: the same training budget and MACs as its method (decoupling/twin.py);
 # - isp-unsteered: the gate search without its interpretation term (gamma1 = 0); its predictor and selector
 #   are its own, trained with the same seed and settings as the isp row's;
 # - picnn-lambda0: the same pathway and images without the class-cluster loss (evaluation-protocol.md 2).
 CONTROL_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "drib-static": ("drib", {"variant": "static"}),
     "picnn-lambda0": ("picnn", {"lam": 0.0}),
-    "decoupling-static": ("decoupling", {"static_twin": True}),
+    "decoupling-static": ("decoupling", {"static_twin": True, "static_twin_match_macs": True,
+                                         "static_twin_finetune": False}),
     "isp-unsteered": ("isp", {"gamma1": 0.0}),
 }
 # Each method row -> its control row (the pairs of the leaderboard's mechanism table).
@@ -53,8 +55,8 @@ EPOCH_USE = {
     "picnn-lambda0": "all epochs: the same pathway and images with lambda = 0 (the MIS control)",
     "drib-static": "the DRIB recipe's steps, regulariser, MAC calibration and fine-tuning share with one code-book"
                    " row per layer (no decision to learn)",
-    "decoupling-static": "the decoupling row's training, then the same budget again: CE fine-tuning of the static"
-                         " twin (dynamic filters fixed to their majority state); twice the epochs of its method",
+    "decoupling-static": "the decoupling row's training; then its dynamic filters are fixed at the equal-cost"
+                         " firing-rate threshold, no further training (the same budget as its method)",
     "isp-unsteered": "the isp row's stages and shares with gamma1 = 0 in the gate search (its own predictor and"
                      " selector, same seed and settings as the isp row's)",
     "decoupling": "controllers and backbone together (CE + L_mi + L_kl + L_s with the sparsity target); a"
