@@ -16,6 +16,7 @@ from common.cli import (
 )
 
 from .jobs import Context
+from .ladder import LADDERS, run_ladder
 from .presets import get_preset, list_presets
 from .runner import LAUNCHERS, SUBMITIT_CLUSTERS, failure_summary, plan_jobs, run_preset
 from .start import StartError
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the baseline and the four methods under one budget and write one leaderboard. "
                     "Finished runs are skipped; interrupted ones resume; runs made under another config are "
                     "never reused. Exit status 1 when a job failed (after writing the leaderboard).")
-    parser.add_argument("--preset", required=True, choices=list_presets(), help="what to run (see presets.py)")
+    parser.add_argument("--preset", required=True, choices=[*list_presets(), *LADDERS],
+                        help="what to run (presets.py; a ladder runs its base preset at several budgets, ladder.py)")
     parser.add_argument("--data-root", help="dataset root (default: $DATA_ROOT, else ./data)")
     parser.add_argument("--download", action="store_true",
                         help="fetch a missing torchvision dataset into the data root (needs internet)")
@@ -68,9 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_ladder(args: argparse.Namespace, out: str) -> int:
+    if args.epochs is not None or args.budget_seconds is not None or args.max_batches is not None or args.set:
+        raise ValueError(f"--preset {args.preset} is a budget ladder: its budgets are fixed (benchmark/ladder.py); "
+                         "drop the budget flags and --set")
+    check_positive(args.workers, "--workers")
+    workers = 1 if args.workers is None and args.threads is not None else args.workers
+    paths = run_ladder(LADDERS[args.preset], out, data_root=args.data_root, weights_dir=args.weights_dir,
+                       device=args.device, skip_training=args.aggregate_only, replace_changed=args.replace_changed,
+                       val_source=args.val_source, download=args.download, wait=args.wait, workers=workers,
+                       threads=args.threads or 1)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _run(argv: list[str] | None) -> int:
     args = parse_args(build_parser(), argv)  # seeds, threads, budget/device/--out checks first
     out = args.out or "results"
+    if args.preset in LADDERS:
+        return _run_ladder(args, out)
     preset = get_preset(args.preset, seconds=args.budget_seconds, epochs=args.epochs,
                         max_batches=args.max_batches, methods=args.methods, seeds=args.seeds)
     preset = apply_overrides(preset, args.set, frozen_keys=("name", "settings", "start"))

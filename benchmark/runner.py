@@ -126,25 +126,32 @@ def _worker_job(job: Job, ctx: Context) -> str:
 
 
 def _run_workers(jobs: Sequence[Job], ctx: Context, workers: int, threads: int) -> dict[str, str]:
-    """The jobs on ``workers`` spawned processes of ``threads`` torch threads each (spawned, not forked: a
-    forked OpenMP runtime can hang, and each worker must load torch with its thread count already set).
+    """The jobs on ``workers`` spawned processes of ``threads`` torch threads each (``_run_worker_pairs``)."""
+    return _run_worker_pairs([(job, ctx) for job in jobs], workers, threads)
+
+
+def _run_worker_pairs(pairs: Sequence[tuple[Job, Context]], workers: int, threads: int) -> dict[str, str]:
+    """(job, context) pairs on ``workers`` spawned processes of ``threads`` torch threads each (spawned, not
+    forked: a forked OpenMP runtime can hang, and each worker must load torch with its thread count already
+    set). The contexts may differ (a budget ladder's rungs) but share one dataset, decoded once per worker.
     Methods come from the default registry, which each worker builds for itself."""
-    count = min(workers, len(jobs))
-    ctx = replace(ctx, parallel_jobs=count)
+    count = min(workers, len(pairs))
+    pairs = [(job, replace(ctx, parallel_jobs=count)) for job, ctx in pairs]
     shown = progress_mode() != "off"
     outcome = {}
     with _worker_environment(threads):  # workers spawn on first submit, inside this block
         pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_start, initargs=(ctx, threads))
+                                   initializer=_worker_start, initargs=(pairs[0][1], threads))
         try:
-            futures = {pool.submit(_worker_job, job, ctx): job for job in jobs}
-            for future in progress(as_completed(futures), f"runs ({count} workers)", total=len(jobs), leave=True,
+            futures = {pool.submit(_worker_job, job, ctx): (job, ctx) for job, ctx in pairs}
+            for future in progress(as_completed(futures), f"runs ({count} workers)", total=len(pairs), leave=True,
                                    disable=not shown):
-                job = futures[future]
+                job, ctx = futures[future]
+                key = f"{ctx.preset.name}/{job.name}" if len({c.preset.name for _, c in pairs}) > 1 else job.name
                 try:
-                    outcome[job.name] = future.result()
+                    outcome[key] = future.result()
                 except BrokenProcessPool as exc:  # a worker was killed (out of memory): its rows stay pending
-                    outcome[job.name] = f"crashed: {exc}"
+                    outcome[key] = f"crashed: {exc}"
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
