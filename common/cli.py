@@ -88,8 +88,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool = True
                                  "exiting with an error naming its pid")
     if overrides:
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override one config value (dotted keys for sections, e.g. train.lr=0.05); "
-                                 "repeatable; the value is checked against the key's type")
+                            help="override one setting, e.g. lr=0.05 (a dotted key reaches into a nested "
+                                 "section, where the settings have one); repeatable; the value is checked against "
+                                 "the key's type")
     if val_source:
         parser.add_argument("--val-source", choices=VAL_SOURCE_CHOICES, default="auto",
                             help="validation split: train (hold-out of the training set), test-half (half of "
@@ -109,12 +110,25 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool = True
             add_precision_argument(parser)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, *, images: int | None = None,
+                      images_help: str = "test images to use (a class-interleaved prefix of the reported split)",
+                      out_help: str = "where to write the outputs (default: inside --run)") -> None:
+    """The flags of every ``evaluate`` and ``explain`` command, spelled alike in all four packages: ``--run``,
+    ``--out``, ``--images``, ``--device``, ``--threads``, ``--precision``, ``--data-root`` (with ``--download``)
+    and ``--val-source``."""
+    parser.add_argument("--run", required=True, help="a run directory written by this package's train command")
+    parser.add_argument("--out", default=None, help=out_help)
+    parser.add_argument("--images", type=int, default=images,
+                        help=images_help + (f" (default {images})" if images is not None else ""))
+    add_common_arguments(parser, seed=False, val_source=True, precision=True, data=True)
+
+
 def add_budget_arguments(parser: argparse.ArgumentParser, *, epochs: float | None = 1.0) -> None:
-    """``--epochs``, ``--max-batches`` and ``--budget-seconds`` (alias ``--max-seconds``)."""
+    """``--epochs``, ``--max-batches`` and ``--budget-seconds``: the one spelling of each budget flag."""
     parser.add_argument("--epochs", type=float, default=epochs,
                         help="passes over the training set" + (f" (default {epochs:g})" if epochs else ""))
     parser.add_argument("--max-batches", type=int, default=None, help="cap on batches per epoch")
-    parser.add_argument("--budget-seconds", "--max-seconds", dest="budget_seconds", type=float, default=None,
+    parser.add_argument("--budget-seconds", dest="budget_seconds", type=float, default=None,
                         help="also stop (resumably) after this many seconds of training")
 
 

@@ -51,7 +51,7 @@ def _parser(**flags: bool) -> argparse.ArgumentParser:
 @pytest.mark.parametrize(("argv", "flag"), [
     (["--epochs", "0"], "--epochs"), (["--epochs", "-1"], "--epochs"), (["--epochs", "nan"], "--epochs"),
     (["--max-batches", "0"], "--max-batches"), (["--max-batches", "-3"], "--max-batches"),
-    (["--budget-seconds", "-5"], "--budget-seconds"), (["--max-seconds", "0"], "--budget-seconds"),
+    (["--budget-seconds", "-5"], "--budget-seconds"), (["--budget-seconds", "0"], "--budget-seconds"),
     (["--threads", "0"], "--threads"),
 ])
 def test_non_positive_budgets_are_errors_naming_the_flag(argv: list[str], flag: str) -> None:
