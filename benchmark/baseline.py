@@ -21,13 +21,15 @@ from torch import nn
 
 from common.backbones import Backbone
 from common.data import BatchLoader, DatasetSplits
-from common.method import Budget, MethodResult
+from common.macs import count_macs, count_params
+from common.method import Budget, MethodResult, shared_metrics
 from common.precision import resolve_precision
 from common.run import (
     Stopwatch,
     atomic_torch_save,
     check_finite,
     load_checkpoint,
+    pick_device,
     progress,
     seed_everything,
 )
@@ -148,21 +150,33 @@ def train_cross_entropy(model: nn.Module, data: DatasetSplits, budget: Budget, w
     return TrainOutcome(state["best_val"], state["selected"], state["step"], state["elapsed"])
 
 
+def test_metrics(model: nn.Module, start: nn.Module, data: DatasetSplits, *, device: torch.device,
+                 batch_size: int = 256, target_mac_reduction: float | None = None) -> dict[str, Any]:
+    """The shared figures (``common.method.SHARED_METRIC_KEYS``) of a static row, measured on the test split."""
+    input_size = (3, *data.image_size)
+    loader = BatchLoader(data.test, batch_size, train=False, device=device)
+    return shared_metrics(top1=evaluate_top1(model.to(device).eval(), loader, "test top-1"),
+                          split=data.test_split_name, macs=float(count_macs(model, input_size)),
+                          dense_macs=float(count_macs(start, input_size)), params=count_params(model),
+                          precision="fp32", target_mac_reduction=target_mac_reduction)
+
+
 def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Path, *,
-               device: torch.device | str = "cpu", seed: int = 0,
+               device: torch.device | str | None = None, seed: int = 0,
                settings: dict[str, Any] | None = None) -> MethodResult:
     """Baseline entry with the same contract as the methods: CE fine-tuning of a copy of ``start``.
 
     ``settings``: ``lr``, ``momentum``, ``weight_decay``, ``batch_size`` (see ``CrossEntropyRecipe``) and
     ``finetune`` (False reports the start unchanged).
     """
-    device = torch.device(device)
+    device = pick_device(device)
     model = copy.deepcopy(start).to(device)
     settings = dict(settings or {})
     if not settings.pop("finetune", True) or budget.epochs <= 0:
-        return MethodResult(model=model, mis_layer=model.cam_layer(), metrics={"selected": "start"})
+        return MethodResult(model=model, mis_layer=model.cam_layer(),
+                            metrics={"selected": "start", **test_metrics(model, start, data, device=device)})
     outcome = train_cross_entropy(model, data, budget, Path(out_dir), device=device, seed=seed,
                                   recipe=CrossEntropyRecipe.from_settings(settings))
     return MethodResult(model=model, mis_layer=model.cam_layer(), train_seconds=outcome.train_seconds,
                         metrics={"val_top1": outcome.val_top1, "selected": outcome.selected,
-                                 "steps": outcome.steps})
+                                 "steps": outcome.steps, **test_metrics(model, start, data, device=device)})

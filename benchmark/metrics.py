@@ -225,6 +225,8 @@ def evaluate_result(result: MethodResult, start: nn.Module, data: DatasetSplits,
         metrics["dynamic_filter_share"] = 0.0
     metrics.update(mean_macs=mean_macs, mac_reduction_pct=100.0 * (1.0 - mean_macs / start_macs),
                    params=float(count_params(model)))
+    # the shared schema's names (common.method.SHARED_METRIC_KEYS) beside the leaderboard's columns
+    metrics.update(macs=mean_macs, mac_reduction=1.0 - mean_macs / start_macs, precision="fp32")
     next(steps, None)
 
     latency_images = class_mixed_images(data.test, max(spec.latency_batches), spec.subset_seed)

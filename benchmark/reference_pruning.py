@@ -22,8 +22,9 @@ from common.backbones import Backbone
 from common.data import DatasetSplits
 from common.macs import count_macs
 from common.method import Budget, MethodResult
+from common.run import pick_device
 
-from .baseline import CrossEntropyRecipe, train_cross_entropy
+from .baseline import CrossEntropyRecipe, test_metrics, train_cross_entropy
 
 DEFAULT_TARGET = 0.5
 TOLERANCE = 0.005  # bisection stops when the achieved MAC reduction is this close to the target
@@ -87,18 +88,18 @@ def prune_to_target(model: Backbone, target: float, importance: str, input_size:
 
 def _entry(importance: str):
     def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Path, *,
-                   device: torch.device | str = "cpu", seed: int = 0,
+                   device: torch.device | str | None = None, seed: int = 0,
                    settings: dict[str, Any] | None = None) -> MethodResult:
         settings = dict(settings or {})
         target = float(settings.pop("target_mac_reduction", DEFAULT_TARGET))
         input_size = (3, *data.image_size)
-        model, achieved = prune_to_target(start, target, importance, input_size, seed=seed)
-        device = torch.device(device)
+        model, _ = prune_to_target(start, target, importance, input_size, seed=seed)
+        device = pick_device(device)
         outcome = train_cross_entropy(model, data, budget, Path(out_dir), device=device, seed=seed,
                                       recipe=CrossEntropyRecipe.from_settings(settings))
         return MethodResult(model=model, mis_layer=model.cam_layer(), train_seconds=outcome.train_seconds,
-                            metrics={"target_mac_reduction": target, "achieved_mac_reduction": achieved,
-                                     "val_top1": outcome.val_top1, "selected": outcome.selected})
+                            metrics={"val_top1": outcome.val_top1, "selected": outcome.selected,
+                                     **test_metrics(model, start, data, device=device, target_mac_reduction=target)})
 
     run_method.__doc__ = f"{importance} channel pruning to ``target_mac_reduction``, then CE fine-tuning."
     return run_method
