@@ -1,9 +1,11 @@
 """The run directory's model files, written and read without pickled code: backbones (registry name, kept
-channels, state dict), the selector's decoder, and the images as the stages feed them. Below both the training
-stages (train.py) and the metrics (evaluate.py), so neither has to import the other's internals."""
+channels, state dict), the selector's decoder, and the images as the stages feed them; ``load_run``, the
+package's one public loader of a run's trained network. Below both the training stages (train.py) and the
+metrics (evaluate.py), so neither has to import the other's internals."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from torch import Tensor
 from common.backbones import Backbone, build_backbone, list_backbones
 from common.data import ImageTensors
 from common.loop import require_finite
-from common.run import atomic_torch_save, load_checkpoint
+from common.run import atomic_torch_save, load_checkpoint, pick_device
 
 from .model import prunable_sites
 from .selector import DecoderShape, SelectorDecoder
@@ -53,6 +55,18 @@ def load_backbone(path: Path, device: torch.device | str = "cpu",
         model = slim_copy(model, keep_from_json(prunable_sites(model, input_size), blob["keep"]), input_size)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval()
+
+
+def load_run(path: str | os.PathLike, *, device: torch.device | str | None = None) -> Backbone:
+    """The trained network of a run directory written by ``python -m isp train`` or ``run_method``: the slim,
+    fine-tuned ``model.pt`` (pixels in [0, 1] -> logits), in eval mode, on ``device`` (None:
+    ``common.run.pick_device``'s default), read with ``weights_only=True`` (no pickled code runs)."""
+    run = Path(path)
+    model = run / "model.pt"
+    if not model.is_file():
+        what = "is not a run directory" if not run.is_dir() else "holds no trained ISP network (no model.pt)"
+        raise FileNotFoundError(f"{run} {what}; train it to the end first: python -m isp train --out {run} ...")
+    return load_backbone(model, pick_device(device if device is None else str(device)))
 
 
 def save_decoder(path: Path, decoder: SelectorDecoder, *, fix: str = "lower --set selector_lr") -> None:

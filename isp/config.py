@@ -1,8 +1,13 @@
-"""Every hyperparameter of the pipeline, with the paper's values as defaults (supplementary Sec. 3)."""
+"""Every hyperparameter of the pipeline, with the paper's values as defaults (supplementary Sec. 3), and the
+recipes of ``isp/configs/`` that set some of them."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from common.method import settings_from_dict
@@ -11,7 +16,7 @@ STAGE_SHARES = {"predictor": 0.3, "selector": 0.1, "gates": 0.1, "finetune": 0.5
 
 
 @dataclass
-class ISPSettings:
+class IspSettings:
     selector: str = "rbf"  # "rbf" (ISP) or "realx" (independent per-pixel Bernoulli, for Fig. 1 / Fig. 4a)
     # Stage lengths in epochs; None takes the stage's share of the budget (STAGE_SHARES). Gate epochs are
     # passes over the pruning subset. Paper CIFAR-10: 300 / 10 / 200 / 200.
@@ -60,7 +65,7 @@ class ISPSettings:
     # allows are refined, and the hard gates are calibrated by logit order to land on the target (README).
     target_mac_reduction: float | None = None
     # C_x of Eq. 10 compared as the selector's raw (c_z, c_t, sigma) in pixels, the units of the paper's
-    # gamma1 = 0.5 ("image": divided by the image side, the earlier default: gamma1 weighs ~1/1000 as much).
+    # gamma1 = 0.5 ("image": divided by the image side: gamma1 then weighs ~1/1000 as much).
     interpretation_units: str = "pixels"
     # "eq10": the paper's objective; "authors": the authors' code's (10 x MSE of the RBF parameters in pixels
     # + gamma2 R_res, no cross-entropy; classification_weight, gamma1 and the units are then unused).
@@ -86,7 +91,7 @@ class ISPSettings:
     figure_images: int = 6
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> ISPSettings:
+    def from_dict(cls, values: dict[str, Any] | None) -> IspSettings:
         return settings_from_dict(cls, values, "ISP settings")
 
     def validate(self) -> None:
@@ -137,3 +142,34 @@ class ISPSettings:
             return float(explicit)
         share = STAGE_SHARES[stage] * budget_epochs
         return share / self.subset_fraction if stage == "gates" else share
+
+
+# The one layout of a recipe file (isp/configs/*.json), the same in every method package.
+RECIPE_KEYS = ("description", "backbone", "dataset", "epochs", "settings")
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe file: exactly ``RECIPE_KEYS``; ``settings`` are ``IspSettings`` keys (checked here), ``epochs``
+    the recipe's budget in passes over the training set, or null where its stage keys (``*_epochs``) set
+    every stage's length. A file of another layout is a one-line ``ValueError`` naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path} does not exist (recipes live in isp/configs/)")
+    try:
+        recipe = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {path} is not valid JSON: {exc}") from None
+    if not isinstance(recipe, dict) or set(recipe) != set(RECIPE_KEYS):
+        found = sorted(recipe) if isinstance(recipe, dict) else type(recipe).__name__
+        raise ValueError(f"--config {path}: a recipe holds exactly the keys {list(RECIPE_KEYS)}, found {found}")
+    for key in ("description", "backbone", "dataset"):
+        if not isinstance(recipe[key], str) or not recipe[key]:
+            raise ValueError(f"--config {path}: {key!r} must be a non-empty string, got {recipe[key]!r}")
+    epochs = recipe["epochs"]
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int | float)
+                               or not 0 < epochs < math.inf):
+        raise ValueError(f"--config {path}: 'epochs' must be a positive number or null, got {epochs!r}")
+    if not isinstance(recipe["settings"], dict):
+        raise ValueError(f"--config {path}: 'settings' must be a JSON object of ISP settings")
+    IspSettings.from_dict(recipe["settings"])  # unknown keys and bad values fail here, naming them
+    return recipe

@@ -1,4 +1,6 @@
-"""The method's own metrics (metrics.json: top-1, MACs, latency, explanation distance, selector fidelity).
+"""The run's metrics (metrics.json): the shared figures (common.method.shared_metrics: top1, split, macs,
+mac_reduction, target_mac_reduction, params, precision) and ISP's own (top-1 of the dense start and before
+fine-tuning, latency, explanation distance, selector fidelity).
 
 Imported by train.py (the evaluate stage) and never the other way: what it needs of a run comes in through the
 ``EvaluatedRun`` protocol (the ``Pipeline`` satisfies it) and the model files through artefacts.py. The
@@ -18,12 +20,13 @@ from torch import Tensor
 from common.backbones import Backbone
 from common.data import BatchLoader, DatasetSplits
 from common.macs import count_macs, count_params
+from common.method import shared_metrics
 from common.precision import Precision
 from common.run import RunDir, load_checkpoint, progress, read_json
 from common.training import evaluate_top1
 
 from .artefacts import images_as_float, load_backbone
-from .config import ISPSettings
+from .config import IspSettings
 from .model import ChannelGates, PrunableMacs, PrunableSite
 from .rbf import bernoulli_mask, mask_input
 from .selector import Selector, SelectorDecoder
@@ -33,7 +36,7 @@ from .slim import keep_from_json
 class EvaluatedRun(Protocol):
     """What ``evaluate_run`` reads of a run (train.Pipeline)."""
 
-    settings: ISPSettings
+    settings: IspSettings
     device: torch.device
     policy: Precision
     classifier: Backbone
@@ -103,7 +106,11 @@ def cpu_speed(original: Backbone, final: Backbone, images: Tensor, batch: int, t
     return {"dense": timing["dense"]["seconds"], "slim": timing["slim"]["seconds"]}
 
 
-def evaluate_run(pipeline: EvaluatedRun, max_explained: int = 2000) -> dict[str, Any]:
+# Test images (a class-interleaved prefix of the reported split) for the explanation distance and fidelity.
+EXPLAINED_IMAGES = 2000
+
+
+def evaluate_run(pipeline: EvaluatedRun, max_explained: int = EXPLAINED_IMAGES) -> dict[str, Any]:
     """Everything metrics.json reports; selection already happened on the validation split."""
     from common.speed import class_mixed_images
 
@@ -132,7 +139,7 @@ def evaluate_run(pipeline: EvaluatedRun, max_explained: int = 2000) -> dict[str,
     explained = images_as_float(pipeline.data.test, dev)[:max_explained]
     original_selector = Selector(original, decoder)
     top1 = {name: evaluate_top1(model, loader, precision=policy) for name, model, loader in (
-        ("top1_before", original, test), ("top1_after", final, test),
+        ("top1_before", original, test), ("top1", final, test),
         ("top1_after_pruning_before_finetune", slim_before_ft, test), ("val_top1_before", original, val),
         ("val_top1_after", final, val))}
     next(steps, None)
@@ -141,21 +148,19 @@ def evaluate_run(pipeline: EvaluatedRun, max_explained: int = 2000) -> dict[str,
     next(steps, None)
     fidelity = selector_fidelity(original_selector, predictor, explained)
     next(steps, None)
+    # The figures every method reports under the same names (common.method.SHARED_METRIC_KEYS), then ISP's own.
     metrics: dict[str, Any] = {
+        **shared_metrics(top1=top1.pop("top1"), split=pipeline.data.test_split_name, macs=macs_after,
+                         dense_macs=macs_before, params=count_params(final), precision=policy.name,
+                         target_mac_reduction=s.target_mac_reduction),
         "backbone": pipeline.name,
         "dataset": pipeline.data.name,
         "val_source": pipeline.data.val_source,
-        "test_split_name": pipeline.data.test_split_name,
         "selector": decoder.kind,
-        "precision": policy.describe(),
+        "precision_policy": policy.describe(),
         **top1,
         "macs_before": macs_before,
-        "macs": macs_after,
         "params_before": count_params(original),
-        "params": count_params(final),
-        "pruned_macs_ratio": 1.0 - macs_after / macs_before,
-        "mac_reduction": 1.0 - macs_after / macs_before,
-        "target_mac_reduction": s.target_mac_reduction,
         "prunable_macs_kept_ratio": float(prunable(hard)) / prunable.total,
         "target_ratio_p": gates_blob.get("target_ratio_p", s.target_ratio),
         "hard_gates_calibrated_to_target": bool(gates_blob.get("calibrated", False)),

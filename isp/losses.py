@@ -101,7 +101,7 @@ def comparable_code(code: Tensor, decoder: SelectorDecoder, units: str) -> Tenso
     """The explanation code in the units the interpretation term of Eq. 10 compares.
 
     "pixels" (the paper's): (c_z, c_t, sigma) as the selector predicts them, the units gamma1 = 0.5 of the
-    supplementary was chosen for. "image": divided by (H, W, max(H, W)) (the earlier default of this package),
+    supplementary was chosen for. "image": divided by (H, W, max(H, W)),
     which shrinks the squared distance by about H W and the term's weight with it. REAL-X codes are compared as
     Bernoulli parameters, averaged over the pixels.
     """

@@ -24,7 +24,7 @@ from common.precision import add_precision_argument, resolve_precision
 from common.run import load_checkpoint
 from common.training import evaluate_top1
 
-from .artefacts import images_as_float, load_backbone
+from .artefacts import images_as_float, load_backbone, load_run
 from .evaluate import explanation_distance, speed_against_dense
 from .losses import area_penalty, kl_to_classifier, smoothness_penalty
 from .model import prunable_sites
@@ -393,7 +393,7 @@ def speed_command(args: argparse.Namespace) -> None:
         models[name] = slim_from_widths(args.backbone, [int(w) for w in value.split(",")], data.num_classes)
     for spec in args.run:
         name, value = named(spec)
-        models[name] = load_backbone(Path(value) / "model.pt", "cpu").eval()
+        models[name] = load_run(value, device="cpu")
     images = class_mixed_images(data.test, max(args.batch), seed=0)
     bf16 = resolve_precision(args.precision, "cpu").name == "bf16"
     timing = speed_against_dense(models, images, args.batch, args.repeats, args.compile, bf16=bf16)

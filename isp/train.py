@@ -32,8 +32,8 @@ from common.training import evaluate_top1
 
 # The run's model files (artefacts.py); their names stay importable from here (isp.train.save_backbone).
 from .artefacts import identify_backbone, images_as_float, load_backbone, load_decoder, save_backbone, save_decoder
-from .config import STAGE_SHARES, ISPSettings
-from .evaluate import evaluate_run
+from .config import STAGE_SHARES, IspSettings
+from .evaluate import EXPLAINED_IMAGES, evaluate_run
 from .hardware import resolve_channel_group
 from .losses import GateLossWeights, gate_loss_terms, gradient_shares, kl_to_classifier, selector_loss
 from .model import (
@@ -381,7 +381,7 @@ class Pipeline:
     """Runs (or resumes) every stage for one classifier, dataset, budget and settings."""
 
     def __init__(self, out_dir: str | Path, classifier: Backbone, data: DatasetSplits, budget: Budget,
-                 settings: ISPSettings, device: torch.device, seed: int = 0, backbone_name: str | None = None):
+                 settings: IspSettings, device: torch.device, seed: int = 0, backbone_name: str | None = None):
         self.run_dir = RunDir(out_dir)
         self.log = self.run_dir.logger("isp")
         self.device = device
@@ -600,8 +600,13 @@ class Pipeline:
         self._record_seconds("finetune", state.seconds)
 
     def _stage_evaluate(self) -> None:
-        metrics = evaluate_run(self)
-        self.run_dir.write_metrics(metrics)
+        self.run_dir.write_metrics(self.evaluate())
+
+    def evaluate(self, explained_images: int = EXPLAINED_IMAGES) -> dict[str, Any]:
+        """metrics.json's content (evaluate.evaluate_run), seeded as the evaluate stage is, so that a re-run
+        draws the same masks; ``explained_images``: the test prefix of the explanation distance and fidelity."""
+        seed_everything(self.seed + STAGES.index("evaluate"))
+        return evaluate_run(self, max_explained=explained_images)
 
     # --- products ----------------------------------------------------------------------------------------
     def final_model(self) -> Backbone:
@@ -612,9 +617,11 @@ class Pipeline:
 
 
 def reopen_pipeline(run_path: str | Path, data_root: str | None = None, device_name: str | None = None,
-                    precision: str | None = None) -> Pipeline:
-    """The ``Pipeline`` of an existing run directory (its config.json), e.g. to evaluate or study it; ``precision``
-    changes how it is evaluated, not how it was trained."""
+                    precision: str | None = None, *, val_source: str | None = None, download: bool = False
+                    ) -> Pipeline:
+    """The ``Pipeline`` of an existing run directory (its config.json), e.g. to evaluate or study it. Each of
+    ``data_root``, ``precision`` and ``val_source`` (None or "auto": the run's own) changes how it is evaluated,
+    not how it was trained; ``download`` fetches a missing dataset."""
     from common.data import load_dataset
     from common.run import pick_device
 
@@ -624,10 +631,12 @@ def reopen_pipeline(run_path: str | Path, data_root: str | None = None, device_n
     config = run.read_config()
     device = pick_device(device_name)
     root = data_root if data_root is not None else config.get("data_root")
-    data = load_dataset(config["dataset"], root, val_source=config.get("val_source", "train"))
+    if val_source in (None, "auto"):
+        val_source = config.get("val_source", "train")
+    data = load_dataset(config["dataset"], root, val_source=val_source, download=download)
     budget = Budget(**config["budget"])
     classifier = build_backbone(config["backbone"], data.num_classes)
-    settings = ISPSettings.from_dict(config["settings"])
+    settings = IspSettings.from_dict(config["settings"])
     if precision is not None:
         settings = dataclasses.replace(settings, precision=precision)
     # The run's classifier.pt is the source of truth; this instance only supplies the architecture.

@@ -17,7 +17,7 @@ from common.data import load_dataset
 from common.loop import CHECKPOINT_FORMAT, TrainLoop
 from common.method import Budget
 from isp.__main__ import main
-from isp.config import ISPSettings
+from isp.config import IspSettings
 from isp.train import STAGES, Pipeline, load_backbone
 
 # Every stage a few steps long with a checkpoint every 2 steps (checkpoint_every), so that a kill can land
@@ -36,7 +36,7 @@ class Killed(RuntimeError):
 
 def _train(out: Path, start, data) -> Pipeline:
     """The training stages of the pipeline (evaluation left out: it trains nothing)."""
-    pipeline = Pipeline(out, start, data, Budget(1, max_batches=MAX_BATCHES), ISPSettings.from_dict(SETTINGS),
+    pipeline = Pipeline(out, start, data, Budget(1, max_batches=MAX_BATCHES), IspSettings.from_dict(SETTINGS),
                         torch.device("cpu"), seed=0)
     for stage in STAGES[:-1]:
         pipeline.run(stage)

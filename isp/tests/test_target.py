@@ -6,7 +6,7 @@ import torch
 
 from common.backbones import build_backbone
 from common.macs import count_macs
-from isp.config import ISPSettings
+from isp.config import IspSettings
 from isp.model import (
     ChannelGates,
     PrunableMacs,
@@ -74,11 +74,11 @@ def test_calibrated_hard_gates_land_on_the_target(target, block):
 
 
 def test_settings_accept_the_shared_knobs_and_reject_bad_values():
-    s = ISPSettings.from_dict({"target_mac_reduction": 0.5, "precision": "fp32"})
+    s = IspSettings.from_dict({"target_mac_reduction": 0.5, "precision": "fp32"})
     assert s.target_mac_reduction == 0.5 and s.precision == "fp32"
-    assert ISPSettings().target_mac_reduction is None and ISPSettings().precision == "auto"
+    assert IspSettings().target_mac_reduction is None and IspSettings().precision == "auto"
     for bad in (1.0, -0.1, "half", True):
         with pytest.raises(ValueError, match="target_mac_reduction"):
-            ISPSettings.from_dict({"target_mac_reduction": bad})
+            IspSettings.from_dict({"target_mac_reduction": bad})
     with pytest.raises(ValueError, match="precision"):
-        ISPSettings.from_dict({"precision": "fp16"})
+        IspSettings.from_dict({"precision": "fp16"})

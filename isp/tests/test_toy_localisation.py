@@ -15,6 +15,9 @@ from isp.rbf import rbf_bernoulli
 from isp.selector import SelectorDecoder, decoder_shape, forward_with_stages
 from isp.train import VALIDATION_SAMPLES, selector_validation, train_predictor, train_selector
 
+# Every test here shares the ~40 s toy training of the ``trained`` fixture.
+pytestmark = pytest.mark.slow
+
 SIZE, PATCH, CLASSES = 16, 4, 3
 
 
