@@ -7,7 +7,7 @@ informative of the class) + lambda_k L_kl (filter outputs aligned with the selec
 (sparse paths). The calculation paths are the objects of interpretation (``paths.py``, ``explain.py``,
 ``adversarial.py``); ``execution.py`` runs only the selected filters.
 
-``run_method`` is the benchmark entry (contract in ``common.method``).
+``run_method`` is the benchmark entry and ``load_run`` loads a trained run (contract in ``common.method``).
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ import torch
 
 from common.backbones import Backbone
 from common.data import BatchLoader, DatasetSplits
-from common.macs import count_macs
-from common.method import Budget, MethodResult
+from common.macs import count_macs, count_params
+from common.method import Budget, MethodResult, shared_metrics
 from common.precision import resolve_precision
-from common.run import RunDir, seed_everything
+from common.run import RunDir, pick_device, seed_everything
 from common.training import evaluate_top1
 
 from .config import DecouplingSettings, resolve_settings
-from .evaluate import calibration_codes, class_mixed_indices, mean_dynamic_macs
+from .evaluate import freeze_for_deployment, mean_dynamic_macs, val_split_name
 from .losses import DecouplingObjective, kl_divergence_loss, mutual_information_loss, sparsity_loss
-from .model import ArchitectureController, DecoupledNet, GatedConvBN, load_decoupled, save_decoupled
+from .model import ArchitectureController, DecoupledNet, GatedConvBN, backbone_name, load_run, save_decoupled
 from .paths import collect_paths, decision_tree, filter_states, hopkins_statistic, occlusion_analysis
 from .semhash import improved_semhash, saturating_sigmoid
-from .train import build_objective, train_decoupled
+from .train import build_objective, class_mixed_indices, train_decoupled
 
 __all__ = [
     "ArchitectureController",
@@ -46,7 +46,7 @@ __all__ = [
     "hopkins_statistic",
     "improved_semhash",
     "kl_divergence_loss",
-    "load_decoupled",
+    "load_run",
     "mutual_information_loss",
     "occlusion_analysis",
     "run_method",
@@ -55,29 +55,23 @@ __all__ = [
 ]
 
 
-def backbone_name(model: Backbone) -> str:
-    """The registry name of a backbone instance (for Table 5 defaults and to rebuild it from model.pt)."""
-    kind = type(model).__name__
-    if kind == "CifarResNet":
-        return f"resnet{2 * len(model.blocks()) + 2}"  # type: ignore[attr-defined]
-    if kind == "VGG":
-        return "vgg16"
-    if kind == "ResNet18":
-        return "resnet18"
-    raise ValueError(f"decoupling does not support backbone class {kind}; use a CIFAR ResNet, resnet18 or vgg16")
+def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Path, *,
+               device: torch.device | str | None = None, seed: int = 0,
+               settings: dict[str, Any] | None = None) -> MethodResult:
+    """Decouple a copy of ``start`` (``start`` itself is not modified) with Eq. 12 for ``budget``, on
+    ``device`` (None: ``common.run.pick_device``'s default).
 
-
-def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Path, *, device: torch.device,
-               seed: int = 0, settings: dict[str, Any] | None = None) -> MethodResult:
-    """Decouple a copy of ``start`` (``start`` itself is not modified) with Eq. 12 for ``budget``.
-
-    Resumes from ``out_dir/checkpoint.pt``; writes ``out_dir/model.pt``. The returned result carries the
-    decoupled model, ``dynamic_forward`` (logits and per-sample MACs of the channel-skipping execution),
-    ``mis_layer`` (the backbone's last feature map), ``dynamic_filter_share`` (share of gated filters whose
-    state depends on the input, on the validation split) and metrics measured on the validation split.
-    The paper's explanations are path-level, not pixel saliency: ``saliency`` is None (common Grad-CAM).
-    Per-sample calculation paths: ``result.model.paths(images)``.
+    Resumes from ``out_dir/checkpoint.pt``; writes ``out_dir/model.pt``, the network it returns (``load_run``).
+    That is the deployed network (filter states frozen on ``calibration_images`` class-mixed training images)
+    with ``dynamic_forward`` (logits and per-sample MACs of the channel-skipping execution), ``mis_layer``
+    (the backbone's last feature map), ``dynamic_filter_share`` (share of gated filters whose state depends
+    on the input, raw gates on the validation split) and metrics measured on the validation split (the
+    shared keys of ``common.method.shared_metrics``, ``split`` naming it). The paper's explanations are
+    path-level, not pixel saliency: ``saliency`` is None (common Grad-CAM). Per-sample calculation paths:
+    ``result.model.paths(images)``. With ``static_twin`` the returned network (and ``model.pt``) is the
+    static twin; the decoupled network it comes from is in ``out_dir/decoupled/model.pt``.
     """
+    device = pick_device(None if device is None else str(device))
     name = backbone_name(start)
     config = resolve_settings(name, settings)
     seed_everything(seed)
@@ -89,23 +83,26 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     size = (3, *data.image_size)
     objective = build_objective(model, data.num_classes, config, size)
     outcome = train_decoupled(model, objective, data, budget, run, config, device, seed)
-    save_decoupled(model, run.model_path, name, data.num_classes, config.reduction, config.init_bias,
-                   config.controller_init)
     # The deployed network runs fp32: states, top-1 and MACs are measured in the precision it runs.
     policy = resolve_precision("fp32", device, channels_last=False)
     model.set_precision(policy)
     val = BatchLoader(data.val, 256, train=False, device=device)
     states = filter_states(collect_paths(model, val))  # raw gates (Eq. 5), as the paper counts them
     # The deployed network: filter states frozen on training images (silent removed, energetic always on).
-    codes = calibration_codes(model, data.train, config.calibration_images, device, seed)
-    model.freeze_states(codes)
+    codes, deployment = freeze_for_deployment(model, data.train, config.calibration_images, device, seed)
+
+    def save(net: DecoupledNet, path: Path, record: dict[str, Any]) -> None:
+        save_decoupled(net, path, name, data.num_classes, config.reduction, config.init_bias, config.controller_init,
+                       record)
+
     dense_macs = float(count_macs(start, size))
     extra: dict[str, Any] = {}
     if config.static_twin:  # the control: one fixed set of filters for every input (decoupling/twin.py)
         from .twin import TWIN_DIR, finetune_static_twin, static_twin
 
+        save(model, Path(out_dir) / "decoupled" / "model.pt", deployment)
         extra = {"decoupled_val_top1": evaluate_top1(model, val),
-                 "decoupled_val_macs_mean": mean_dynamic_macs(model, val)}
+                 "decoupled_val_macs": mean_dynamic_macs(model, val)}
         threshold = config.static_twin_threshold
         if config.static_twin_match_macs:  # equal cost: the decoupled network's mean MACs on the calibration images
             from .twin import macs_matched_threshold
@@ -115,21 +112,21 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
             threshold = macs_matched_threshold(model, codes, target, size)
             extra["static_twin_threshold"] = threshold
         model = static_twin(model, codes, threshold)
+        deployment = {**deployment, "static_twin_threshold": threshold}
         if config.static_twin_finetune:
             twin_run = RunDir(Path(out_dir) / TWIN_DIR)
             _, twin_seconds = finetune_static_twin(model, data, budget, twin_run, config, device, seed)
             outcome.train_seconds += twin_seconds
-            save_decoupled(model, twin_run.model_path, name, data.num_classes, config.reduction, config.init_bias,
-                           config.controller_init)
         model.set_precision(policy)
         extra["variant"] = "static twin" + (" (fine-tuned)" if config.static_twin_finetune else " (as is)")
+    save(model, run.model_path, deployment)
     macs = mean_dynamic_macs(model, val)
-    metrics = {"val_top1": evaluate_top1(model, val), "val_macs_mean": macs, **extra,
-               "macs_dense": dense_macs, "val_mac_reduction": 1.0 - macs / dense_macs,
-               "target_mac_reduction": config.target_mac_reduction, "gate_offset": outcome.gate_offset,
+    metrics = {**shared_metrics(top1=evaluate_top1(model, val), split=val_split_name(data), macs=macs,
+                                dense_macs=dense_macs, params=count_params(model), precision=policy.name,
+                                target_mac_reduction=config.target_mac_reduction),
+               **extra, "macs_dense": dense_macs, "gate_offset": outcome.gate_offset,
                **{f"{k}_filters": v for k, v in states.fractions.items()},
-               "train_steps": outcome.steps, "stopped_by_time": outcome.stopped_by_time,
-               "precision": policy.describe()}
+               "train_steps": outcome.steps, "stopped_by_time": outcome.stopped_by_time}
     share = 0.0 if config.static_twin else states.fractions["dynamic"]
     return MethodResult(model=model, saliency=None, dynamic_forward=model.dynamic_forward,
                         mis_layer=model.backbone.cam_layer(), dynamic_filter_share=share,

@@ -25,9 +25,15 @@ from common.loop import batch_stream
 from common.precision import resolve_precision
 
 from .config import DecouplingSettings
-from .evaluate import class_mixed_indices
 from .model import DecoupledNet
-from .train import build_objective, calibrate_gate_offset, decoupling_step, parameter_groups, recalibrate_batch_norm
+from .train import (
+    build_objective,
+    calibrate_gate_offset,
+    class_mixed_indices,
+    decoupling_step,
+    parameter_groups,
+    recalibrate_batch_norm,
+)
 
 
 def training_cost(backbone: str, weights: str | None, data: DatasetSplits, settings: DecouplingSettings,

@@ -19,27 +19,19 @@ from torch import Tensor, nn
 from common import speed
 from common.data import BatchLoader, ImageTensors
 from common.macs import count_macs, count_params
+from common.method import shared_metrics
 from common.precision import resolve_precision
 from common.run import progress
 
 from .model import DecoupledNet
 from .paths import FilterStates, classify_filters, collect_paths, layer_slices
+from .train import class_mixed_indices
 
 
 @torch.no_grad()
 def mean_dynamic_macs(model: DecoupledNet, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
     per_sample = [model.dynamic_forward(x)[1] for x, _ in progress(batches, "dynamic MACs")]
     return float(torch.cat(per_sample).mean())
-
-
-def class_mixed_indices(labels: Tensor | np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` indices drawn round-robin over the classes (``common.speed.class_mixed_indices``): the
-    image-folder test split is sorted by class, so its first images are all of one class."""
-    labels = torch.as_tensor(np.asarray(labels))
-    if n > len(labels):
-        raise ValueError(f"asked for {n} images from a split of {len(labels)}")
-    dummy = ImageTensors(torch.zeros(len(labels), 3, 1, 1, dtype=torch.uint8), labels.to(torch.int64))
-    return speed.class_mixed_indices(dummy, n, seed).numpy()
 
 
 def timing_images(split: ImageTensors, n: int, seed: int = 0) -> Tensor:
@@ -161,36 +153,50 @@ def calibration_codes(model: DecoupledNet, train: ImageTensors, n: int, device: 
                                          "calibration paths").codes)
 
 
+def freeze_for_deployment(model: DecoupledNet, train: ImageTensors, n: int, device: torch.device, seed: int = 0
+                          ) -> tuple[Tensor, dict[str, Any]]:
+    """The deployed network: filter states frozen (``DecoupledNet.freeze_states``) on the inference paths of
+    ``n`` class-mixed training images in the form it runs and is loaded in (fp32, contiguous weights: a
+    layout changes the rounding, and a gate at the threshold could flip). The model is left in that form.
+    Returns the paths and the record of how the states were frozen (``save_decoupled``'s ``deployment``)."""
+    model.to(memory_format=torch.contiguous_format)
+    model.set_precision(resolve_precision("fp32", device, channels_last=False))
+    codes = calibration_codes(model, train, n, device, seed)
+    model.freeze_states(codes)
+    return codes, {"calibration_images": len(codes), "calibration_seed": seed}
+
+
+def val_split_name(data: Any) -> str:
+    """How the validation split is named next to a figure, e.g. "validation (test-half, 5,000)"."""
+    return f"validation ({data.val_source}, {len(data.val):,})"
+
+
 @torch.no_grad()
 def evaluate_model(model: DecoupledNet, dense: nn.Module, test: ImageTensors, val: ImageTensors | None,
-                   device: torch.device, batch_size: int = 256) -> dict[str, Any]:
-    """Top-1 (test and val) and mean MACs of ``model`` as it is (frozen or not), filter states of its raw
-    gates on ``test``, parameter counts."""
+                   device: torch.device, split: str, target_mac_reduction: float | None = None,
+                   batch_size: int = 256) -> dict[str, Any]:
+    """The shared figures (``common.method.shared_metrics``) of ``model`` as it is (frozen or not) on
+    ``test`` (named ``split``): top-1 and mean MACs of the deployed form in fp32, its parameters; the
+    validation top-1 and MACs on ``val``; filter states of its raw gates on ``test``."""
     size = tuple(test.images.shape[1:])
     model.to(device).eval()
     # Top-1 of the deployed network in the precision it runs (fp32), not of a bf16 forward.
     pred, macs, agreement = deployed_predictions(model, test, device, batch_size)
-    metrics: dict[str, Any] = {"top1": 100.0 * float((pred == test.labels.cpu()).double().mean()),
-                               "top1_form": "deployed network, fp32", "deployed_agreement": agreement}
+    macs_dense = float(count_macs(dense.to(device), size))
+    metrics: dict[str, Any] = shared_metrics(
+        top1=100.0 * float((pred == test.labels.cpu()).double().mean()), split=split, macs=float(macs.mean()),
+        dense_macs=macs_dense, params=count_params(model), precision="fp32",
+        target_mac_reduction=target_mac_reduction)
+    metrics.update({"top1_form": "deployed network, fp32", "deployed_agreement": agreement,
+                    "macs_dense": macs_dense, "macs_controllers": float(model.dense_macs(size) - macs_dense),
+                    "params_dense": count_params(dense)})
     if val is not None and len(val):
         pred_val, macs_val, _ = deployed_predictions(model, val, device, batch_size)
         metrics["val_top1"] = 100.0 * float((pred_val == val.labels.cpu()).double().mean())
-        metrics["val_macs_mean"] = float(macs_val.mean())
-    macs_dense = count_macs(dense.to(device), size)
-    metrics["macs_mean"] = float(macs.mean())
-    metrics["macs_dense"] = float(macs_dense)
-    metrics["mac_reduction"] = 1.0 - metrics["macs_mean"] / macs_dense
-    if "val_macs_mean" in metrics:
-        metrics["val_mac_reduction"] = 1.0 - metrics["val_macs_mean"] / macs_dense
-    metrics["macs_controllers"] = float(model.dense_macs(size) - macs_dense)
-    metrics["params"] = count_params(model)
-    metrics["params_dense"] = count_params(dense)
-    frozen = [(g.always_on.clone(), g.always_off.clone()) for g in model.gated_layers]
-    for g in model.gated_layers:
-        g.freeze_states(None, None)
-    raw = collect_paths(model, BatchLoader(test, batch_size, train=False, device=device), "raw paths")
-    for g, (on, off) in zip(model.gated_layers, frozen):
-        g.freeze_states(on if on.numel() else None, off if off.numel() else None)
+        metrics["val_macs"] = float(macs_val.mean())
+        metrics["val_mac_reduction"] = 1.0 - metrics["val_macs"] / macs_dense
+    with model.raw_gates():
+        raw = collect_paths(model, BatchLoader(test, batch_size, train=False, device=device), "raw paths")
     states = classify_filters(raw.codes, layer_slices(model.layer_channels), model.layer_names)
     metrics.update(state_metrics(states))
     return metrics
@@ -209,41 +215,43 @@ def frozen_disagreement(model: DecoupledNet, raw_codes: np.ndarray) -> float:
     return float(differs.mean())
 
 
-def evaluate_run(model: DecoupledNet, dense: nn.Module, data, device: torch.device, *, calibration_images: int = 2000,
-                 report_split: str = "test", probe_fit_images: int = 5000, seeds: int = 3, adv_runs: int = 3,
-                 adv_shots: Sequence[int] = (1, 5, 10), adv_test_per_class: int = 10, adv_classifiers=None,
-                 latency_images: int = 256, speed_repeats: int = 21, seed: int = 0,
-                 precision: str = "auto") -> dict[str, Any]:
-    """Every figure of the README for one trained run. ``dense`` is the pretrained start (the control).
-    ``report_split`` "test" reports on ``data.test`` (the held-out half for a published start); "val"
-    reports the path, adversarial and speed figures on ``data.val`` (for recipe selection).
+def evaluate_run(model: DecoupledNet, dense: nn.Module, data, device: torch.device, *,
+                 deployment: dict[str, Any] | None = None, report_split: str = "test", probe_fit_images: int = 5000,
+                 seeds: int = 3, adv_runs: int = 3, adv_shots: Sequence[int] = (1, 5, 10), adv_test_per_class: int = 10,
+                 adv_classifiers=None, latency_images: int = 256, speed_repeats: int = 21, seed: int = 0,
+                 precision: str = "auto", target_mac_reduction: float | None = None) -> dict[str, Any]:
+    """Every figure of the README for one trained run, of the deployed ``model`` (its filter states frozen:
+    ``freeze_for_deployment``, as ``load_run`` returns it; ``deployment`` records how). ``dense`` is the
+    pretrained start (the control). ``report_split`` "test" reports on ``data.test`` (the held-out half
+    for a published start); "val" reports every figure on ``data.val`` (for recipe selection), so nothing
+    is measured on the test split. The shared figures (``top1``, ``split``, ``macs``, ...) are of the
+    reported split.
 
-    Every forward of the decoupled network and of the control (top-1, MACs, paths, pooled features)
+    Every forward of the decoupled network and of the control for the paths (probes, pooled features)
     runs under the ``precision`` policy (common.precision); gates, MAC counts, probes and AUCs are fp32.
-    The attacks' gradients and the speed figures run in fp32 (the timed forms are common.deploy's)."""
+    Top-1 and MACs are of the deployed network in fp32; the attacks' gradients and the speed figures run
+    in fp32 (the timed forms are common.deploy's)."""
     from .adversarial import CLASSIFIERS, adversarial_detection, pooled_features_of
     from .explain import path_report
 
     if report_split not in ("test", "val"):
         raise ValueError(f"report_split must be 'test' or 'val', got {report_split!r}")
+    if not model.deployed:
+        raise ValueError("evaluate_run measures the deployed network: freeze its filter states first "
+                         "(freeze_for_deployment)")
     split = data.test if report_split == "test" else data.val
     policy = resolve_precision(precision, device)
-    # The states are frozen on fp32 paths: the deployed network runs fp32.
-    model.set_precision(resolve_precision("fp32", device, channels_last=False))
-    codes = calibration_codes(model, data.train, calibration_images, device, seed)
-    model.set_precision(policy)
-    model.freeze_states(codes)
-    metrics: dict[str, Any] = {"test_split": data.test_split_name, "val_source": data.val_source,
-                               "report_split": report_split, "calibration_images": len(codes),
-                               "precision": policy.describe()}
+    metrics: dict[str, Any] = {"val_source": data.val_source, "report_split": report_split, **(deployment or {}),
+                               "paths_precision": policy.describe()}
+    model.set_precision(policy)  # the raw paths (filter states) under the policy; top-1 and MACs run fp32
     if report_split == "test":
-        metrics.update(evaluate_model(model, dense, data.test, data.val, device))
+        metrics.update(evaluate_model(model, dense, data.test, data.val, device, data.test_split_name,
+                                      target_mac_reduction))
     else:  # selection: nothing is measured on the test split
-        renamed = {"top1": "val_top1", "macs_mean": "val_macs_mean", "mac_reduction": "val_mac_reduction"}
-        metrics.update({renamed.get(k, k): v for k, v in evaluate_model(model, dense, data.val, None, device).items()})
-    model.freeze_states(None)
-    raw = collect_paths(model, BatchLoader(split, 256, train=False, device=device), "raw paths").codes
-    model.freeze_states(codes)
+        metrics.update(evaluate_model(model, dense, data.val, None, device, val_split_name(data),
+                                      target_mac_reduction))
+    with model.raw_gates():
+        raw = collect_paths(model, BatchLoader(split, 256, train=False, device=device), "raw paths").codes
     metrics["frozen_state_disagreement"] = frozen_disagreement(model, raw)
     fit = data.train.subset(class_mixed_indices(data.train.labels, min(probe_fit_images, len(data.train)), seed + 1))
     metrics["paths"] = path_report(model, dense, fit, split, device, seeds, precision=policy)

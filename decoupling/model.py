@@ -13,9 +13,12 @@ is known before the convolution runs and unselected filters are never computed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -388,6 +391,25 @@ class DecoupledNet(nn.Module):
             start += layer.channels
             layer.freeze_states(on, ~on)
 
+    @property
+    def deployed(self) -> bool:
+        """True when every gated layer's filter states are frozen (``freeze_states`` or
+        ``freeze_to_majority``): the network the run deploys and measures."""
+        return all(layer.always_on.numel() > 0 for layer in self.gated_layers)
+
+    @contextmanager
+    def raw_gates(self) -> Iterator[None]:
+        """The raw inference gates (Eq. 5) for the duration, as the paper counts filter states: the frozen
+        states are lifted and then restored."""
+        frozen = [(layer.always_on.clone(), layer.always_off.clone()) for layer in self.gated_layers]
+        for layer in self.gated_layers:
+            layer.freeze_states(None, None)
+        try:
+            yield
+        finally:
+            for layer, (on, off) in zip(self.gated_layers, frozen):
+                layer.freeze_states(on if on.numel() else None, off if off.numel() else None)
+
     def clear_records(self) -> None:
         """Drop what the last forward left in the gated layers (tensors of a training graph cannot be
         deep-copied, e.g. by ``execution.deploy_decoupled``)."""
@@ -474,18 +496,32 @@ def _replace(root: nn.Module, qualified_name: str, new: nn.Module) -> None:
     parent._modules[attr] = new  # works for attributes and nn.Sequential indices alike
 
 
+def backbone_name(model: Backbone) -> str:
+    """The registry name of a backbone instance (for Table 5 defaults and to rebuild it from model.pt)."""
+    kind = type(model).__name__
+    if kind == "CifarResNet":
+        return f"resnet{2 * len(model.blocks()) + 2}"  # type: ignore[attr-defined]
+    if kind == "VGG":
+        return "vgg16"
+    if kind == "ResNet18":
+        return "resnet18"
+    raise ValueError(f"decoupling does not support backbone class {kind}; use a CIFAR ResNet, resnet18 or vgg16")
+
+
 def save_decoupled(model: DecoupledNet, path, backbone: str, num_classes: int, reduction: int,
-                   init_bias: float, controller_init: str = "open") -> None:
-    """model.pt: what ``load_decoupled`` needs to rebuild the network, and its weights."""
+                   init_bias: float, controller_init: str = "open", deployment: dict[str, Any] | None = None) -> None:
+    """model.pt: what ``load_decoupled`` needs to rebuild the network, and its weights (the frozen filter
+    states included); ``deployment`` says how the states were frozen (e.g. the calibration images)."""
     from common.run import atomic_torch_save
 
     atomic_torch_save({"backbone": backbone, "num_classes": num_classes, "reduction": reduction,
-                       "init_bias": init_bias, "controller_init": controller_init,
+                       "init_bias": init_bias, "controller_init": controller_init, "deployment": deployment or {},
                        "state_dict": model.state_dict()}, path)
 
 
 def load_decoupled(path, map_location: str | torch.device = "cpu") -> tuple[DecoupledNet, dict]:
-    """Rebuild a decoupled network from ``model.pt``; returns it with the file's metadata."""
+    """Rebuild a decoupled network from a ``model.pt`` file; returns it with the file's metadata (internal:
+    the public way to load a run is ``load_run``)."""
     from common.backbones import build_backbone
     from common.run import CheckpointError, load_checkpoint
 
@@ -497,3 +533,34 @@ def load_decoupled(path, map_location: str | torch.device = "cpu") -> tuple[Deco
     model.load_state_dict(blob["state_dict"])
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model.eval(), meta
+
+
+def run_model_file(path: str | os.PathLike) -> Path:
+    """``path/model.pt`` of a run directory, or a one-line error saying what writes it."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a run directory; train into it first "
+                                f"(python -m decoupling train --out {folder})")
+    file = folder / "model.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist; train into {folder} first")
+    return file
+
+
+def load_run(path: str | os.PathLike, *, device: torch.device | str | None = None) -> DecoupledNet:
+    """The trained network of a run directory: ``path/model.pt`` as written by ``python -m decoupling
+    train``, by ``run_method`` (the network it returned) or by the ``static-twin`` command (``RUN/static_twin``).
+
+    It is the deployed network (filter states frozen on calibration training images at the end of
+    training: energetic filters always on, silent ones off, the rest gated per input), pixels in [0, 1] ->
+    logits, in eval mode and fp32 on ``device`` (None: ``common.run.pick_device``'s default), loaded with
+    ``weights_only=True``: the logits the run's own evaluation measures."""
+    from common.run import pick_device
+
+    file = run_model_file(path)
+    target = pick_device(None if device is None else str(device))
+    model, _ = load_decoupled(file, target)
+    if not model.deployed:
+        raise ValueError(f"{file} holds a decoupled network without frozen filter states, not a deployed one; "
+                         f"train the run again (python -m decoupling train --out {Path(path)})")
+    return model.to(target).eval()

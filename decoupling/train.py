@@ -16,9 +16,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from common import speed
 from common.data import BatchLoader, DatasetSplits, ImageTensors
 from common.loop import LoopState, TrainLoop, batch_stream, require_finite
 from common.method import Budget
@@ -31,6 +33,16 @@ from .model import DecoupledNet
 
 STAGE = "decoupling"  # the one training stage (the checkpoint's stage name)
 FIX = "lower --set lr (and controller_lr / mi_head_lr if set)"  # ends every non-finite error
+
+
+def class_mixed_indices(labels: Tensor | np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` indices drawn round-robin over the classes (``common.speed.class_mixed_indices``): the
+    image-folder test split is sorted by class, so its first images are all of one class."""
+    labels = torch.as_tensor(np.asarray(labels))
+    if n > len(labels):
+        raise ValueError(f"asked for {n} images from a split of {len(labels)}")
+    dummy = ImageTensors(torch.zeros(len(labels), 3, 1, 1, dtype=torch.uint8), labels.to(torch.int64))
+    return speed.class_mixed_indices(dummy, n, seed).numpy()
 
 
 @torch.no_grad()
@@ -234,8 +246,6 @@ def train_decoupled(model: DecoupledNet, objective: DecouplingObjective, data: D
     offset = 0.0
     target = settings.target_mac_reduction
     if target is not None:
-        from .evaluate import class_mixed_indices
-
         subset = data.train.subset(class_mixed_indices(data.train.labels,
                                                        min(settings.mac_calibration_images, len(data.train)), seed))
         with clock:

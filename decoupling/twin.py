@@ -133,7 +133,7 @@ def twin_report(decoupled: DecoupledNet, twin: DecoupledNet, test, val, device: 
     for name, net in (("decoupled", decoupled), ("twin", twin)):
         pred, macs, agreement = deployed_predictions(net, test, device)
         correct[name] = pred == test.labels.cpu()
-        row = {"top1": 100.0 * float(correct[name].double().mean()), "macs_mean": float(macs.mean()),
+        row = {"top1": 100.0 * float(correct[name].double().mean()), "macs": float(macs.mean()),
                "mac_reduction": 1.0 - float(macs.mean()) / dense_macs, "deployed_agreement": agreement}
         if val is not None and len(val):
             pred_val, macs_val, _ = deployed_predictions(net, val, device)

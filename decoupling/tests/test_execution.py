@@ -8,9 +8,10 @@ from torch import nn
 
 from common.backbones import build_backbone
 from common.data import ImageTensors
-from decoupling.evaluate import class_mixed_indices, timing_images
+from decoupling.evaluate import timing_images
 from decoupling.execution import deploy_decoupled, fold_dense
 from decoupling.model import DecoupledNet
+from decoupling.train import class_mixed_indices
 
 
 @pytest.fixture(scope="module")

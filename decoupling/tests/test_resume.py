@@ -22,7 +22,7 @@ TRAIN = ["train", "--backbone", "resnet20", "--dataset", "digits", "--epochs", "
          "--device", "cpu", "--threads", "1", "--from-scratch", "--precision", "fp32",
          "--set", "batch_size=32", "--set", "checkpoint_every=2", "--set", "finetune_fraction=0.34",
          "--set", "target_mac_reduction=0.3", "--set", "mac_calibration_images=16",
-         "--set", "bn_recalibration_batches=2"]
+         "--set", "bn_recalibration_batches=2", "--set", "calibration_images=16"]
 
 
 def _raise_on_call(monkeypatch, owner, name: str, n: int) -> None:
