@@ -1,4 +1,4 @@
-"""Command line: python -m picnn {train, evaluate, explain, overhead} (see picnn/README.md)."""
+"""Command line: ``python -m picnn {train,evaluate,explain,overhead}`` (``build_parser``, ``main``); see the README."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from common.cli import (
     CLIError,
     add_budget_arguments,
     add_common_arguments,
+    add_run_arguments,
     apply_overrides,
     check_budget,
     check_positive,
@@ -26,26 +27,40 @@ from common.cli import (
     require_weights,
     resolve_val_source,
 )
-from common.data import VAL_SOURCES, BatchLoader, load_dataset
+from common.data import BatchLoader, DatasetSplits, load_dataset
 from common.method import Budget
-from common.precision import add_precision_argument
+from common.precision import add_precision_argument, resolve_precision
 from common.run import RunDir, atomic_write_json, check_config, pick_device, read_json, seed_everything
 
 from .config import PicnnSettings
 from .evaluate import evaluate_picnn
-from .explain import save_explanation_figure
-from .train import build_picnn, load_model, save_model, step_overhead, train_picnn
+from .explain import picks_by_class, save_explanation_figure
+from .model import PicnnNet
+from .train import build_picnn, load_run, save_model, step_overhead, train_picnn
 
 PROG = "python -m picnn"
+COMMANDS = ("train", "evaluate", "explain", "overhead")
 # Command-line flag -> PicnnSettings field, for the settings that are worth a flag (--set reaches every field).
 SETTING_FLAGS = {"lam": float, "assignment": str, "cluster_index": str, "lr": float, "p_lr": float,
                  "backbone_lr_scale": float, "batch_size": int, "target_layer": str, "filters": int,
                  "mis_samples": int, "precision": str}
 RUN_KEYS = ("backbone", "dataset", "epochs", "max_batches", "seconds", "weights", "val_fraction", "val_source")
+# The one layout of a recipe (picnn/configs/*.json).
+RECIPE_KEYS = ("description", "backbone", "dataset", "epochs", "settings")
 # config.json keys that describe a run without changing what it computes: a resumed run may change them
 # (a larger time budget continues a run that stopped on time). Everything else is the run's identity: a
 # checkpoint is resumed only into the config that wrote it.
 NOT_IDENTITY = ("seconds", "data_root")
+RUN_VAL_SOURCE_HELP = ("the validation split, which decides the test images used: auto (the run's own, recorded in "
+                       "its config.json), train (a hold-out of the training set: the whole test set is used) or "
+                       "test-half (half of the test set: the other half is used)")
+
+
+def _retell(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
+    """Give a shared flag the help that is true for this command."""
+    for action in parser._actions:
+        if action.dest == dest:
+            action.help = text
 
 
 def _settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,17 +73,26 @@ def _settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="batch size (default 128)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="PICNN: class-specific filter clusters.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="JSON recipe (picnn/configs/*.json: description, backbone, dataset, epochs, "
+                                         "settings); flags given here override it, --set applies last")
+    parser.add_argument("--backbone", help=f"one of {', '.join(list_backbones())} (default: the recipe's, else "
+                                           "resnet20)")
+    parser.add_argument("--dataset", help="dataset name for common.data (default: the recipe's, else cifar10)")
 
-    train = sub.add_parser("train", help="train PICNN (resumes from OUT/checkpoint.pt)")
-    train.add_argument("--config", help="JSON recipe (see picnn/configs); flags given here override it")
-    train.add_argument("--backbone", help=f"one of {', '.join(list_backbones())} (default resnet20)")
-    train.add_argument("--dataset", help="dataset name for common.data (default cifar10)")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: ``train``, ``evaluate``, ``explain`` and ``overhead``, on common.cli's shared flags."""
+    parser = argparse.ArgumentParser(prog=PROG, description="PICNN (Guo, Yang et al., AAAI 2024): class-specific "
+                                                            "filter clusters through a learnable filter-class "
+                                                            "correspondence matrix P (see picnn/README.md).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+
+    train = sub.add_parser("train", help="train PICNN from a backbone (resumes from OUT/checkpoint.pt)")
+    _recipe_arguments(train)
     add_common_arguments(train, weights=True, out=True, overrides=True, val_source=True, data=True)
     add_budget_arguments(train, epochs=None)
-    train.add_argument("--seconds", dest="budget_seconds", type=float, help=argparse.SUPPRESS)  # older spelling
+    _retell(train, "epochs", "passes over the training set (default: the recipe's epochs, else 1)")
     train.add_argument("--val-fraction", type=float,
                        help="share of the training set held out when --val-source is train (default 0.1)")
     _settings_arguments(train)
@@ -80,55 +104,74 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--backbone-lr-scale", type=float, help="backbone lr = lr * this (default 1)")
     train.add_argument("--mis-samples", type=int, help="test images used for MIS (default all)")
     add_precision_argument(train, default=None)  # None: the config's settings.precision (default auto)
+    _retell(train, "precision", "compute precision of training and evaluation: auto (bf16 where the device has "
+                                "native bf16, else fp32), fp32 or bf16 (default: the settings' precision, auto)")
     # None: the --config file's seed and split, else 0 and auto (test-half with --weights)
     train.set_defaults(seed=None, val_source=None)
 
-    evaluate = sub.add_parser("evaluate", help="ACC1/ACC2/ACC3, MIS, MACs and params on the test set")
-    evaluate.add_argument("--run", required=True, help="run directory written by train")
-    evaluate.add_argument("--data-root", help="dataset root (default: the one used for training)")
-    add_common_arguments(evaluate, seed=False)
-    evaluate.add_argument("--draws", type=int, help="Bernoulli draws averaged for ACC2/ACC3 (default 5)")
-    evaluate.add_argument("--mis-samples", type=int, help="test images used for MIS (default: the run's setting)")
-    add_precision_argument(evaluate, default=None)  # None: the run's settings.precision
+    evaluate = sub.add_parser("evaluate", help="top-1 (ACC1), ACC2/ACC3, MIS, MACs and params of a run on its "
+                                               "test split -> metrics.json")
+    add_run_arguments(evaluate, images_help="test images evaluated: the first N of the reported split, which is "
+                                            "class-interleaved (default: all of it)",
+                      out_help="directory for metrics.json (default: --run)")
+    _retell(evaluate, "val_source", RUN_VAL_SOURCE_HELP)
+    _retell(evaluate, "precision", "compute precision of the forward pass over the test images: auto (bf16 where "
+                                   "the device has native bf16, else fp32), fp32 or bf16 (default: %(default)s); "
+                                   "the metrics themselves in fp32")
+    evaluate.add_argument("--draws", type=int, help="Bernoulli draws averaged for ACC2/ACC3 (default: the run's "
+                                                    "eval_draws, 5)")
+    evaluate.add_argument("--mis-samples", type=int, help="test images used for MIS, a seeded random subset of "
+                                                          "those evaluated (default: the run's setting, all)")
 
-    explain = sub.add_parser("explain", help="class-cluster Grad-CAM (Fig. 7) and the heatmap of P (Fig. 1)")
-    explain.add_argument("--run", required=True, help="run directory written by train")
-    explain.add_argument("--out", dest="figure", required=True, help="output .png")
-    explain.add_argument("--data-root", help="dataset root (default: the one used for training)")
-    add_common_arguments(explain, seed=False)
-    explain.add_argument("--images", type=int, default=5, help="test images shown, one per class (default 5)")
+    explain = sub.add_parser("explain", help="class-cluster Grad-CAM (Fig. 7) above the heatmap of P (Fig. 1) -> "
+                                             "explain.png")
+    add_run_arguments(explain, images=5, images_help="test images shown, one row each: the first of each class in "
+                                                     "class order, then the second of each, ...",
+                      out_help="directory for explain.png (default: --run)")
+    _retell(explain, "val_source", RUN_VAL_SOURCE_HELP)
+    _retell(explain, "precision", "compute precision of the Grad-CAM passes: auto (bf16 where the device has "
+                                  "native bf16, else fp32), fp32 or bf16 (default: %(default)s)")
 
     overhead = sub.add_parser("overhead", help="seconds per training step, PICNN vs the plain backbone, "
                                                "timed side by side in one process")
-    overhead.add_argument("--config", help="JSON recipe (see picnn/configs); flags given here override it")
-    overhead.add_argument("--backbone", help="backbone name (default resnet20)")
-    overhead.add_argument("--dataset", help="dataset name (default cifar10)")
+    _recipe_arguments(overhead)
     add_common_arguments(overhead, weights=True, overrides=True, data=True)
     _settings_arguments(overhead)
     overhead.add_argument("--steps", type=int, default=30, help="timed steps of each model (default 30)")
     overhead.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps of each (default 3)")
     overhead.add_argument("--out", dest="result", help="write the result to this .json file too")
     add_precision_argument(overhead, default=None)
+    _retell(overhead, "precision", "compute precision of both models' steps: auto (bf16 where the device has "
+                                   "native bf16, else fp32), fp32 or bf16 (default: the settings' precision, auto)")
     overhead.set_defaults(seed=None)
     return parser
 
 
+def _read_recipe(path: Path) -> dict[str, Any]:
+    """A recipe in the one layout: exactly ``RECIPE_KEYS``, ``settings`` a dict, ``epochs`` a number or null."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path} does not exist")
+    recipe = read_json(path)
+    if not isinstance(recipe, dict) or set(recipe) != set(RECIPE_KEYS):
+        keys = sorted(recipe) if isinstance(recipe, dict) else type(recipe).__name__
+        raise ValueError(f"--config {path}: a recipe has exactly the keys {list(RECIPE_KEYS)}, got {keys}")
+    epochs = recipe["epochs"]
+    if not isinstance(recipe["settings"], dict) or not (epochs is None or isinstance(epochs, int | float)):
+        raise ValueError(f"--config {path}: settings must be an object and epochs a number or null")
+    return recipe
+
+
 def _run_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults < --config file < explicit flags < --set; then the shared checks of common.cli (budget,
+    """Defaults < --config recipe < explicit flags < --set; then the shared checks of common.cli (budget,
     the --weights policy, --val-source)."""
     config: dict[str, Any] = {"backbone": "resnet20", "dataset": "cifar10", "epochs": 1.0, "max_batches": None,
                               "seconds": None, "weights": None, "val_fraction": 0.1, "val_source": "auto",
                               "seed": 0, "settings": {}}
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path} does not exist")
-        recipe = read_json(path)
-        unknown = sorted(set(recipe) - set(config) - {"description"})
-        if unknown:
-            raise ValueError(f"--config {path}: unknown key(s) {unknown}; known: {sorted(config)}")
-        config.update({k: v for k, v in recipe.items() if k != "settings"})
-        config["settings"] = dict(recipe.get("settings", {}))
+        recipe = _read_recipe(Path(args.config))
+        config.update(backbone=recipe["backbone"], dataset=recipe["dataset"], settings=dict(recipe["settings"]))
+        if recipe["epochs"] is not None:
+            config["epochs"] = recipe["epochs"]
     flags = {key: getattr(args, key, None) for key in (*RUN_KEYS, "seed")}
     flags["seconds"] = getattr(args, "budget_seconds", None)
     config.update({key: value for key, value in flags.items() if value is not None})
@@ -140,11 +183,9 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
     settings.validate()
     config["settings"] = settings.to_dict()
     check_budget(config["epochs"], config["max_batches"], config["seconds"])
-    # One policy for a missing --weights (common.cli.require_weights); a recipe's "weights" counts as given.
-    # The file itself is checked with the data (gather_inputs): one message lists everything missing.
+    # One policy for a missing --weights (common.cli.require_weights). The file itself is checked with the data
+    # (gather_inputs): one message lists everything missing.
     require_weights(_weights_args(args, config), must_exist=False)
-    if config["val_source"] not in ("auto", *VAL_SOURCES):
-        raise CLIError(f"--val-source must be auto or one of {', '.join(VAL_SOURCES)}, got {config['val_source']!r}")
     config["val_source"] = resolve_val_source(config["val_source"], pretrained=config["weights"] is not None)
     if config["backbone"] not in list_backbones():
         raise CLIError(f"--backbone: unknown backbone {config['backbone']!r}; choose one of "
@@ -189,53 +230,55 @@ def cmd_train(args: argparse.Namespace) -> None:
                             "best_step": report.best_step, "steps": report.steps,
                             "train_seconds": report.train_seconds})
     print(json.dumps({"steps": report.steps, "total_steps": report.total_steps,
-                      "best_val_acc1": report.best_val_acc1, "best_step": report.best_step,
+                      "best_val_top1": report.best_val_top1, "best_step": report.best_step,
                       "train_seconds": round(report.train_seconds, 1),
                       "stopped_on_time": report.stopped_on_time}, indent=2))
 
 
-def _load_run(args: argparse.Namespace):
+def _open_run(args: argparse.Namespace) -> tuple[dict[str, Any], PicnnNet, DatasetSplits, torch.device]:
+    """A trained run's config, network (``load_run``) and dataset; --val-source auto is the run's own split."""
     if not Path(args.run).is_dir():
         raise FileNotFoundError(f"--run {args.run} does not exist; train into it first")
-    run = RunDir(args.run)
-    config = run.read_config()
+    config = read_json(Path(args.run) / "config.json")
     device = pick_device(args.device)
-    model, _meta = load_model(run, device)
-    root = args.data_root if args.data_root is not None else config.get("data_root")
-    data = load_dataset(config["dataset"], root, val_fraction=config.get("val_fraction", 0.1), seed=0,
-                        val_source=config.get("val_source", "train"))
-    return run, config, model, data, device
+    model = load_run(args.run, device=device)
+    val_source = config.get("val_source", "train") if args.val_source == "auto" else args.val_source
+    data = load_dataset(config["dataset"], args.data_root, val_fraction=config.get("val_fraction", 0.1), seed=0,
+                        val_source=val_source, download=args.download)
+    return config, model, data, device
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    check_positive(args.draws, "--draws")
-    check_positive(args.mis_samples, "--mis-samples")
-    run, config, model, data, device = _load_run(args)
-    settings = PicnnSettings.from_dict(config["settings"])
+    for value, flag in ((args.images, "--images"), (args.draws, "--draws"), (args.mis_samples, "--mis-samples")):
+        check_positive(value, flag)
+    config, model, data, device = _open_run(args)
+    settings = PicnnSettings.from_dict(config.get("settings", {}))
+    test, split_name = data.test, data.test_split_name
+    if args.images is not None:
+        if args.images > len(test):
+            raise CLIError(f"--images {args.images}: the reported split has {len(test)} images")
+        test, split_name = test.subset(range(args.images)), f"{split_name}, first {args.images} images"
     mis_samples = args.mis_samples if args.mis_samples is not None else settings.mis_samples
-    metrics = evaluate_picnn(model, data.test, assignment=settings.assignment,
-                             draws=args.draws or settings.eval_draws, mis_samples=mis_samples,
-                             device=device, seed=config.get("seed", 0),
-                             precision=args.precision or settings.precision)
-    metrics.update(split=data.test_split_name, val_source=data.val_source, lam=settings.lam)
-    run.write_metrics(metrics)
+    metrics = evaluate_picnn(model, test, split_name=split_name, assignment=settings.assignment,
+                             draws=args.draws or settings.eval_draws, mis_samples=mis_samples, device=device,
+                             seed=config.get("seed", 0), precision=args.precision)
+    metrics.update(val_source=data.val_source, lam=settings.lam)
+    out = Path(args.out if args.out is not None else args.run)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(metrics, out / "metrics.json")
     print(json.dumps(metrics, indent=2))
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
     check_positive(args.images, "--images")
-    _run, _config, model, data, _device = _load_run(args)
-    labels = data.test.labels
-    picks = []
-    for k in range(data.num_classes):  # the first test image of each class, in class order
-        hits = (labels == k).nonzero().flatten()
-        if len(hits):
-            picks.append(int(hits[0]))
-        if len(picks) == args.images:
-            break
-    index = torch.tensor(picks)
+    _config, model, data, device = _open_run(args)
+    index = picks_by_class(data.test.labels, args.images, data.num_classes)
+    policy = resolve_precision(args.precision, device)
+    policy.prepare_model(model)
     images = data.test.images[index].float() / 255.0
-    path = save_explanation_figure(model, images, labels[index], data.classes, args.figure)
+    out = Path(args.out if args.out is not None else args.run)
+    path = save_explanation_figure(model, images, data.test.labels[index], data.classes, out / "explain.png",
+                                   policy)
     print(f"wrote {path}")
 
 
@@ -264,15 +307,13 @@ def cmd_overhead(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain, "overhead": cmd_overhead}
-
-
 def _run(argv: Sequence[str] | None) -> int:
     from common.cli import command_scope
 
-    args = parse_args(_parser(), argv)  # seeds, sets --threads, checks budget / device / --out / --set first
+    args = parse_args(build_parser(), argv)  # seeds, sets --threads, checks budget / device / --out / --set first
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain, "overhead": cmd_overhead}
     with command_scope(args, PROG):  # train: one process per --out; run files name their rebuild
-        COMMANDS[args.command](args)
+        commands[args.command](args)
     return 0
 
 

@@ -1,6 +1,7 @@
 """PICNN's own metrics (ACC1, ACC2, ACC3), MIS on the target layer and the cost, from one pass over a split.
 
-ACC1: the discrimination pathway. ACC2 and ACC3 as the authors' evaluation code computes them:
+ACC1: the discrimination pathway (reported as the shared ``top1``). ACC2 and ACC3 as the authors' evaluation
+code computes them:
 
 - ``acc2``: the interpretation pathway as in training: a cluster c ~ Cat(softmax y1) (Eq. 8-10), a mask
   z ~ Ber(P[c]) (Eq. 5-7), prediction classifier(GAP(H) * z);
@@ -18,6 +19,7 @@ averaged target-layer maps.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from common.data import BatchLoader, ImageTensors
 from common.explain import mis
 from common.macs import count_macs, count_params
+from common.method import shared_metrics
 from common.precision import Precision, resolve_precision
 from common.run import progress
 
@@ -144,32 +147,37 @@ def parameter_count(model: PicnnNet) -> int:
     return count_params(model) - sum(p.numel() for p in model.unused_parameters())
 
 
-def evaluate_picnn(model: PicnnNet, split: ImageTensors, *, assignment: str = "bernoulli", draws: int = 5,
-                   mis_samples: int | None = None, batch_size: int = 256, device: torch.device | str = "cpu",
-                   seed: int = 0, precision: str = "fp32") -> dict[str, float | int | list[float] | str | bool]:
-    """All PICNN metrics on ``split``: accuracies, MIS, MACs (and the change against the plain backbone),
-    params and the cluster sizes. The forward pass runs under the ``precision`` policy; the metrics in fp32."""
+def evaluate_picnn(model: PicnnNet, split: ImageTensors, *, split_name: str, assignment: str = "bernoulli",
+                   draws: int = 5, mis_samples: int | None = None, batch_size: int = 256,
+                   device: torch.device | str = "cpu", seed: int = 0, precision: str = "fp32") -> dict[str, Any]:
+    """All PICNN metrics on ``split`` (named ``split_name`` in the result): the shared figures under
+    ``common.method.SHARED_METRIC_KEYS`` (``top1`` is ACC1, ``macs`` counts the added target layer, the dense
+    start is the plain backbone; PICNN has no MAC target), then its own: ACC2/ACC3 and their argmax variants,
+    MIS, the MACs of the plain backbone and of the added layer, and the cluster sizes. The forward pass runs
+    under the ``precision`` policy; the metrics in fp32."""
     policy = resolve_precision(precision, device)
     policy.prepare_model(model)
     pooled, labels = collect_pooled(model, split, batch_size, device, policy)
     p = model.correspondence().detach().cpu()
-    metrics: dict[str, float | int | list[float] | str | bool] = interpretation_accuracies(
-        pooled, labels, model.classifier, p, model.correspondence.logits.detach().cpu(),
-        assignment=assignment, draws=draws, seed=seed)
+    accuracies = interpretation_accuracies(pooled, labels, model.classifier, p,
+                                           model.correspondence.logits.detach().cpu(), assignment=assignment,
+                                           draws=draws, seed=seed)
+    height, width = split.images.shape[-2:]
+    size = (3, int(height), int(width))
+    macs, backbone_macs = count_macs(model, size), count_macs(model.backbone, size)  # backbone: the plain network
+    metrics = shared_metrics(top1=accuracies.pop("acc1"), split=split_name, macs=macs, dense_macs=backbone_macs,
+                             params=parameter_count(model), precision=policy.name)
+    metrics.update(accuracies)
     keep = subsample_for_mis(labels, mis_samples, seed)
     metrics["mis"] = mis(pooled[keep], labels[keep], model.num_classes, random_state=0)
     metrics["mis_samples"] = len(keep)
-    height, width = split.images.shape[-2:]
-    size = (3, int(height), int(width))
-    metrics["macs"] = count_macs(model, size)
-    metrics["backbone_macs"] = count_macs(model.backbone, size)  # the plain network
-    metrics["added_macs"] = metrics["macs"] - metrics["backbone_macs"]
-    metrics["mac_change_percent"] = 100.0 * metrics["added_macs"] / metrics["backbone_macs"]
+    metrics["backbone_macs"] = backbone_macs
+    metrics["added_macs"] = macs - backbone_macs
+    metrics["mac_change_percent"] = 100.0 * metrics["added_macs"] / backbone_macs
     metrics["added_target_conv"] = bool(model.added_target_conv)
     metrics["target_layer"] = "added" if model.added_target_conv else "last_stage"
     metrics["filters"] = int(model.filters)
-    metrics["params"] = parameter_count(model)
     metrics["expected_cluster_size"] = p.sum(dim=1).tolist()  # sum_i p_{y,i} per class
     metrics["argmax_cluster_size"] = model.correspondence.argmax_clusters().sum(dim=1).cpu().tolist()
-    metrics["precision"] = policy.describe()
+    metrics["precision_policy"] = policy.describe()  # precision, memory layout and device of the forward pass
     return metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from common.explain import grad_cam
 from common.method import SaliencyFn
+from common.precision import Precision
 
 from .model import PicnnNet
 
@@ -55,6 +57,14 @@ def class_cluster_saliency(model: PicnnNet) -> SaliencyFn:
     return saliency
 
 
+def picks_by_class(labels: Tensor, count: int, num_classes: int) -> Tensor:
+    """Indices of ``count`` images: the first image of each class in class order, then the second of each, ...
+    (fewer when the split runs out)."""
+    members = [(labels == k).nonzero().flatten().tolist() for k in range(num_classes)]
+    picks = [hits[rank] for rank in range(max(map(len, members), default=0)) for hits in members if rank < len(hits)]
+    return torch.tensor(picks[:count], dtype=torch.long)
+
+
 def plot_correspondence(ax: plt.Axes, p: Tensor, class_names: Sequence[str]) -> None:
     """P as a heatmap (Fig. 1 bottom), filters ordered by their argmax class so clusters show as blocks."""
     p = p.detach().cpu()
@@ -79,18 +89,20 @@ def _blank_reason(key: str, cams: dict[str, Tensor], r: int, cluster_size: int, 
 
 
 def save_explanation_figure(model: PicnnNet, images: Tensor, labels: Tensor, class_names: Sequence[str],
-                            out_path: str | Path) -> Path:
+                            out_path: str | Path, policy: Precision | None = None) -> Path:
     """Images with Grad-CAM from all filters / the class cluster / the other clusters, above P's heatmap.
 
     Rows: one test image each, labelled with its class, the model's prediction and the label's cluster
     size N_f; maps are Grad-CAM of the label class on one colour scale per row (a colour bar per row), and a
     panel that shows nothing says why (an empty cluster, a map that is zero everywhere, or one too weak for
-    the row's scale)."""
+    the row's scale). ``policy`` (common.precision): the precision of the Grad-CAM passes (None: fp32)."""
     out_path = Path(out_path)
     if out_path.suffix.lower() != ".png":
-        raise ValueError(f"--out must name a .png file, got {out_path}")
-    cams = cluster_grad_cams(model, images, labels)
-    preds = _targets(model, images.to(next(model.parameters()).device), None).cpu()
+        raise ValueError(f"the figure must be a .png file, got {out_path}")
+    with policy.autocast() if policy is not None else contextlib.nullcontext():
+        cams = cluster_grad_cams(model, images, labels)
+        preds = _targets(model, images.to(next(model.parameters()).device), None).cpu()
+    cams = {key: cam.float() for key, cam in cams.items()}  # bf16 maps are plotted in fp32
     rows = len(images)
     fig = plt.figure(figsize=(8.8, 1.8 * rows + 2.5), layout="constrained")
     grid = fig.add_gridspec(rows + 1, 4, height_ratios=[1.0] * rows + [1.3])

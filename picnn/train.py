@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.backbones import build_backbone
+from common.backbones import Backbone, build_backbone, list_backbones
 from common.data import BatchLoader, DatasetSplits
 from common.loop import LoopState, TrainLoop, batch_stream, require_finite
 from common.method import Budget
 from common.precision import Precision, resolve_precision
-from common.run import RunDir, Stopwatch, atomic_torch_save, load_checkpoint
+from common.run import RunDir, Stopwatch, atomic_torch_save, load_checkpoint, pick_device
 
 from .config import PicnnSettings
 from .evaluate import collect_pooled, interpretation_accuracies
@@ -32,7 +34,7 @@ class TrainReport:
     train_seconds: float
     steps: int
     total_steps: int
-    best_val_acc1: float | None
+    best_val_top1: float | None
     best_step: int | None
     stopped_on_time: bool
     history: list[dict[str, float]] = field(default_factory=list)
@@ -113,7 +115,7 @@ def train_picnn(model: PicnnNet, data: DatasetSplits, budget: Budget, run: RunDi
                      seconds=budget.seconds, save_every=settings.checkpoint_every, fix=DIVERGED_FIX,
                      where="PICNN training", device=device)
     extra = loop.state.extra
-    for key, empty in (("best_val_acc1", None), ("best_step", None), ("best_state", None), ("history", [])):
+    for key, empty in (("best_val_top1", None), ("best_step", None), ("best_state", None), ("history", [])):
         extra.setdefault(key, empty)
     if loop.resumed:
         log.info("resumed from step %d of %d", loop.state.step, total)
@@ -140,8 +142,8 @@ def train_picnn(model: PicnnNet, data: DatasetSplits, budget: Budget, run: RunDi
         entry: dict[str, float] = {"step": done, "train_seconds": state.seconds}
         if len(data.val):
             entry.update({f"val_{k}": v for k, v in validate(model, data, settings, device, seed, policy).items()})
-            if extra["best_val_acc1"] is None or entry["val_acc1"] > extra["best_val_acc1"]:
-                extra.update(best_val_acc1=entry["val_acc1"], best_step=done, best_state=_cpu_state(model))
+            if extra["best_val_top1"] is None or entry["val_acc1"] > extra["best_val_top1"]:
+                extra.update(best_val_top1=entry["val_acc1"], best_step=done, best_state=_cpu_state(model))
         extra["history"].append(entry)
         log.info("validation %s", entry)
         if done % settings.checkpoint_every and done < total and not state.stopped_on_time:
@@ -156,7 +158,7 @@ def train_picnn(model: PicnnNet, data: DatasetSplits, budget: Budget, run: RunDi
     if extra["best_state"] is not None:
         model.load_state_dict(extra["best_state"])
     return TrainReport(train_seconds=state.seconds, steps=state.step, total_steps=total,
-                       best_val_acc1=extra["best_val_acc1"], best_step=extra["best_step"],
+                       best_val_top1=extra["best_val_top1"], best_step=extra["best_step"],
                        stopped_on_time=state.stopped_on_time, history=copy.deepcopy(extra["history"]))
 
 
@@ -167,19 +169,37 @@ def save_model(model: PicnnNet, run: RunDir, meta: dict[str, Any]) -> None:
     atomic_torch_save({"state_dict": model.state_dict(), "meta": meta}, run.model_path)
 
 
-def load_model(run: RunDir, device: torch.device | str = "cpu") -> tuple[PicnnNet, dict[str, Any]]:
-    """Rebuild the network saved in ``run/model.pt``."""
-    if not run.model_path.is_file():
-        raise FileNotFoundError(f"{run.model_path} does not exist; run `python -m picnn train --out {run.path}` "
-                                "to completion first")
-    blob = load_checkpoint(run.model_path, map_location="cpu")
+def registry_name(backbone: Backbone) -> str | None:
+    """The ``common.backbones`` name that builds ``backbone``'s architecture (the same parameter and buffer
+    names and shapes), so that model.pt can name what ``load_run`` rebuilds; None for a backbone outside the
+    registry."""
+    wanted = {k: v.shape for k, v in backbone.state_dict().items()}
+    for name in list_backbones():
+        built = build_backbone(name, backbone.classifier.out_features).state_dict()
+        if built.keys() == wanted.keys() and all(built[k].shape == wanted[k] for k in built):
+            return name
+    return None
+
+
+def load_run(path: str | os.PathLike, *, device: torch.device | str | None = None) -> PicnnNet:
+    """The trained network of a run directory written by ``python -m picnn train`` or ``run_method``: the
+    selected weights of its model.pt (read with ``weights_only=True``), pixels in [0, 1] -> logits (the
+    discrimination pathway, Eq. 1), in eval mode, on ``device`` (None: CUDA when available, else CPU)."""
+    model_path = Path(path) / "model.pt"
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path} does not exist; run `python -m picnn train --out {path}` to "
+                                "completion first")
+    blob = load_checkpoint(model_path, map_location="cpu", keys=("meta", "state_dict"))
     meta = blob["meta"]
+    if not meta.get("backbone"):
+        raise ValueError(f"{model_path}: its backbone ({meta.get('backbone_class', '?')}) is not one of "
+                         f"common.backbones ({', '.join(list_backbones())}), so load_run cannot rebuild it")
     # Runs saved before target_layer existed name the architecture by added_target_conv alone.
     target_layer = meta.get("target_layer") or ("added" if meta.get("added_target_conv", True) else "last_stage")
     filters = meta.get("filters") if target_layer == "added" else None
     model = build_picnn(meta["backbone"], meta["num_classes"], filters, target_layer=target_layer)
     model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval(), meta
+    return model.to(pick_device(None) if device is None else torch.device(device)).eval()
 
 
 def _timed(step: Callable[[Tensor, Tensor], None], x: Tensor, y: Tensor, clock_device: torch.device) -> float:

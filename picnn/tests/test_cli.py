@@ -8,9 +8,9 @@ import torch
 
 from common.backbones import build_backbone
 from common.data import load_dataset
-from common.method import Budget
+from common.method import SHARED_METRIC_KEYS, Budget, shared_metric_problems
 from common.run import NonFiniteLossError, RunDir, load_checkpoint
-from picnn import PicnnSettings, build_picnn, run_method, train_picnn
+from picnn import PicnnSettings, build_picnn, load_run, run_method, train_picnn
 from picnn.__main__ import main
 
 TINY = ["--backbone", "resnet20", "--dataset", "digits", "--batch-size", "16", "--max-batches", "2",
@@ -58,18 +58,41 @@ def test_a_checkpoint_is_never_resumed_under_another_budget(trained_run, capsys)
     assert main(["train", *SCRATCH, "--epochs", "1", "--out", str(trained_run)]) == 0  # same config: resumes
 
 
+def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(images.float() / 255.0)
+
+
 def test_evaluate_and_explain(trained_run, tmp_path):
-    assert main(["evaluate", "--run", str(trained_run), "--draws", "2"]) == 0
+    assert main(["evaluate", "--run", str(trained_run), "--draws", "2", "--precision", "fp32"]) == 0
     metrics = json.loads((trained_run / "metrics.json").read_text())
+    # The shared figures under the shared keys (common.method), PICNN's own beside them.
+    assert shared_metric_problems(metrics) == [] and metrics["target_mac_reduction"] is None
+    assert metrics["precision"] == "fp32" and "acc1" not in metrics
+    assert metrics["mac_reduction"] == pytest.approx(1 - metrics["macs"] / metrics["backbone_macs"])
     assert 0 <= metrics["acc2"] <= 100 and 0 <= metrics["acc3_argmax"] <= 100
     assert metrics["mis_samples"] == 100 and metrics["split"].startswith("test (")  # no weights: val from train
     # The default target layer is the paper's added conv of 128 filters; its MACs are counted.
     assert metrics["filters"] == 128 and metrics["added_target_conv"] and metrics["target_layer"] == "added"
     assert metrics["added_macs"] == 64 * 128 * 9 * 64 + (128 - 64) * 10  # 3x3 conv on 8x8, wider classifier
     assert metrics["macs"] == metrics["backbone_macs"] + metrics["added_macs"]
-    figure = tmp_path / "fig.png"
-    assert main(["explain", "--run", str(trained_run), "--out", str(figure), "--images", "2"]) == 0
-    assert figure.stat().st_size > 1000
+    # load_run gives the network evaluate measured: its logits on the reported split give the same top-1.
+    data = load_dataset("digits", val_source=metrics["val_source"])
+    model = load_run(trained_run, device="cpu")
+    assert not model.training
+    top1 = 100.0 * (_logits(model, data.test.images).argmax(1) == data.test.labels).double().mean().item()
+    assert top1 == pytest.approx(metrics["top1"], abs=1e-9)
+    assert main(["explain", "--run", str(trained_run), "--out", str(tmp_path / "fig"), "--images", "2"]) == 0
+    assert (tmp_path / "fig" / "explain.png").stat().st_size > 1000
+
+
+def test_evaluate_images_takes_a_prefix_and_out_takes_the_metrics(trained_run, tmp_path, capsys):
+    out = tmp_path / "elsewhere"
+    assert main(["evaluate", "--run", str(trained_run), "--images", "20", "--draws", "1", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"].endswith(", first 20 images") and metrics["mis_samples"] == 20
+    assert main(["evaluate", "--run", str(trained_run), "--images", "100000"]) == 2
+    assert "--images 100000: the reported split has" in capsys.readouterr().err
 
 
 def test_a_published_start_validates_on_the_test_half_and_reports_the_other(tmp_path):
@@ -82,7 +105,7 @@ def test_a_published_start_validates_on_the_test_half_and_reports_the_other(tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == load_dataset("digits", val_source="test-half").test_split_name
     assert metrics["split"].startswith("held-out test half") and metrics["lam"] == 2.0
-    assert metrics["precision"].startswith("fp32")
+    assert metrics["precision"] == "fp32" and metrics["precision_policy"].startswith("fp32")
     forced = tmp_path / "forced"
     assert main(["train", *TINY, "--weights", str(weights), "--val-source", "train", "--out", str(forced)]) == 0
     assert json.loads((forced / "config.json").read_text())["val_source"] == "train"
@@ -185,19 +208,28 @@ def test_nan_loss_raises(digits, tmp_path):
 def test_run_method_returns_the_benchmark_contract(digits, tmp_path):
     start = build_backbone("resnet20", digits.num_classes)
     result = run_method(start, digits, Budget(epochs=1, max_batches=2), tmp_path, device="cpu",
-                        settings={"batch_size": 16, "eval_draws": 1, "mis_samples": 40, "control": True})
+                        settings={"batch_size": 16, "eval_draws": 1, "mis_samples": 40, "control": True,
+                                  "precision": "fp32"})
     metrics = result.metrics
+    assert shared_metric_problems(metrics) == [] and metrics["target_mac_reduction"] is None
     assert metrics["split"] == digits.test_split_name and metrics["filters"] == 128 and metrics["added_macs"] > 0
+    assert metrics["mac_reduction"] < 0  # the added target layer costs MACs: none are removed
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     # The lambda = 0 control: same architecture, batches and images, trained alongside.
     control = json.loads((tmp_path / "control" / "metrics.json").read_text())
     assert control["lam"] == 0.0 and control["macs"] == metrics["macs"]
     assert metrics["control_mis"] == control["mis"] and metrics["mis_lift"] == metrics["mis"] - control["mis"]
+    assert metrics["control_top1"] == control["top1"] and set(SHARED_METRIC_KEYS) <= set(control)
     assert result.mis_layer is result.model.target_layer and result.dynamic_forward is None
     assert result.train_seconds > 0 and (tmp_path / "model.pt").is_file()
     images, targets = digits.test.images[:3].float() / 255, digits.test.labels[:3]
     maps = result.saliency(images, targets)
     assert maps.shape == (3, 32, 32) and (maps >= 0).all()
     assert start.linear.weight.grad is None  # the caller's backbone was copied, not trained
+    # load_run rebuilds run_method's network from out_dir: the same logits as the returned model.
+    loaded = load_run(tmp_path, device="cpu")
+    assert not loaded.training and torch.allclose(_logits(loaded, digits.test.images),
+                                                  _logits(result.model.cpu(), digits.test.images), atol=1e-5)
 
 
 def test_a_blank_explanation_panel_says_why():
@@ -225,6 +257,7 @@ def test_missing_weights_and_data_are_one_message_with_both_fetch_commands(tmp_p
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_progress_is_plain_lines_in_a_log(tmp_path):
     """Under nox or CI stderr is a pipe: progress comes as plain lines, no carriage returns or escape codes."""
     import os
