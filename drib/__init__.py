@@ -3,7 +3,8 @@
 Dynamic reasoning decision module: `drib.decision` (Eq. 2-4), attached to a backbone by `drib.model`,
 executed with pre-sliced channel skipping by `drib.sparse_inference`. Information bottleneck verification:
 `drib.bottleneck` (per-sample IBA, Schulz et al. 2020) and `drib.verification` (credibility and its
-controls, in-the-loop verification). Entry for the benchmark: `run_method`.
+controls, in-the-loop verification). Entry for the benchmark: `run_method`; a trained run directory:
+`load_run`.
 """
 
 from __future__ import annotations
@@ -17,29 +18,29 @@ from torch import Tensor
 from common.backbones import Backbone, build_backbone
 from common.data import BatchLoader, DatasetSplits
 from common.method import Budget, MethodResult
-from common.run import RunDir
+from common.run import RunDir, pick_device
 
-from .config import NOT_IDENTITY, BottleneckConfig, DecisionConfig, DRIBConfig, TrainConfig, run_identity
+from .config import NOT_IDENTITY, BottleneckSettings, DecisionSettings, DribSettings, TrainSettings, run_identity
 from .decision import DecisionGate, gumbel_softmax_select
 from .dynamism import collect_decisions, dynamism_metrics
-from .mac_target import achieved_reduction
+from .evaluate import accuracy_and_macs
 from .model import DynamicNetwork, default_gate_sites
 from .sparse_inference import channel_skipping, deploy, sparse_forward
-from .train import ensure_statistics, load_model, train_run, validate
+from .train import ensure_statistics, load_run, load_trained, train_run, validate
 from .verification import attribution_site, saliency_function
 
 __all__ = [
-    "BottleneckConfig",
-    "DRIBConfig",
-    "DecisionConfig",
+    "BottleneckSettings",
     "DecisionGate",
+    "DecisionSettings",
+    "DribSettings",
     "DynamicNetwork",
-    "TrainConfig",
+    "TrainSettings",
     "channel_skipping",
     "default_gate_sites",
     "deploy",
     "gumbel_softmax_select",
-    "load_model",
+    "load_run",
     "run_method",
     "sparse_forward",
 ]
@@ -86,30 +87,35 @@ def _backbone_name(start: Backbone, settings: dict[str, Any]) -> str:
 
 
 def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Path, *,
-               device: torch.device | str = "cpu", seed: int = 0, settings: dict | None = None) -> MethodResult:
+               device: torch.device | str | None = None, seed: int = 0,
+               settings: dict[str, Any] | None = None) -> MethodResult:
     """The benchmark's entry: gate ``start`` (pretrained), train within ``budget`` (resumable in out_dir),
     and return the dynamic model, its IBA saliency and its channel-skipping forward with per-sample MACs.
 
-    settings: a nested DRIB config ({"decision": {...}, "bottleneck": {...}, "train": {...}}, optionally the
-    shared top-level "target_mac_reduction") plus an optional "backbone" name (otherwise recognised from
-    the architecture) and an optional "variant": "dynamic" (default) or "static" (the `drib-static`
-    control row: one code-book row per layer, see `variant_settings`).
+    settings: the dict `DribSettings` takes ({"decision": {...}, "bottleneck": {...}, "train": {...}},
+    optionally the shared top-level "target_mac_reduction") plus an optional "backbone" name (otherwise
+    recognised from the architecture) and an optional "variant": "dynamic" (default) or "static" (the
+    `drib-static` control row: one code-book row per layer, see `variant_settings`). ``device`` None: CUDA
+    when available, else CPU.
 
-    metrics["dynamism"]: the figures of `drib.dynamism` on the validation split; dynamic_filter_share:
-    gated channels on for >= 5% of the validation images and off for >= 5%.
+    metrics: the shared figures (`common.method.SHARED_METRIC_KEYS`) of the channel-skipping network on the
+    reported test split in fp32, as `python -m drib evaluate` reports them; DRIB's own on the validation split
+    (val_top1, val_mac_reduction, val_gate_density) and "dynamism", the figures of `drib.dynamism` on the
+    validation split. dynamic_filter_share: gated channels on for >= 5% of the validation images and off for
+    >= 5%.
     """
     settings = dict(settings or {})
-    device = torch.device(device)
+    device = pick_device(None if device is None else str(device))
     backbone_name = _backbone_name(start, settings)
     variant, nested = variant_settings(settings)
-    config = DRIBConfig.from_dict(nested)
+    config = DribSettings.from_dict(nested)
     out_dir = Path(out_dir)
     run = RunDir(out_dir)
-    # A directory of another config is refused (its model and checkpoint are not this run's).
+    # A directory of other settings is refused (its model and checkpoint are not this run's).
     run.claim(run_identity(backbone_name, data.name, data.val_source, seed, budget, config),
               what=f"out_dir {out_dir}", fix="use a new out_dir, or delete it", ignore=NOT_IDENTITY)
     if run.model_path.is_file():  # finished earlier: reuse
-        trained = load_model(out_dir, device)
+        trained = load_trained(out_dir, device)
         ensure_statistics(trained, data, device, seed)  # a model.pt of an older layout: re-estimate
         seconds = float(trained.meta.get("train_seconds", 0.0))
     else:
@@ -118,13 +124,10 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     net = trained.net
     val_loader = BatchLoader(data.val, 256, train=False, device=device)
     val_top1, val_mac_fraction, val_density = validate(net, val_loader)
-    # mac_reduction: against the dense backbone (heads included), as the shared knob defines it
-    val_images = data.val.images[:2048].to(device).float() / 255  # a prefix of the class-interleaved val split
-    metrics = {"val_top1": val_top1, "val_mac_reduction": 1.0 - val_mac_fraction, "val_gate_density": val_density,
-               "mac_reduction": achieved_reduction(net, val_images),
-               "target_mac_reduction": config.target_mac_reduction,
-               "bottleneck_layer": attribution_site(net, config.bottleneck.site).name,
-               "val_source": data.val_source, "variant": variant}
+    metrics: dict[str, Any] = accuracy_and_macs(net, data, device, target_mac_reduction=config.target_mac_reduction)
+    metrics.update({"val_top1": val_top1, "val_mac_reduction": 1.0 - val_mac_fraction,
+                    "val_gate_density": val_density, "val_source": data.val_source, "variant": variant,
+                    "bottleneck_layer": attribution_site(net, config.bottleneck.site).name})
     # dynamism over the whole validation split (class-interleaved), labels for the class probe
     dynamism = dynamism_metrics(collect_decisions(net, data.val.images.float() / 255), data.val.labels, seed=seed)
     metrics["dynamism"] = {k: v for k, v in dynamism.items() if k != "definitions"}

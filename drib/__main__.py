@@ -8,158 +8,203 @@ from pathlib import Path
 
 from common.backbones import build_backbone, list_backbones
 from common.cli import (
+    CLIError,
     add_budget_arguments,
     add_common_arguments,
+    add_run_arguments,
     apply_overrides,
     budget_from_args,
+    check_positive,
+    command_scope,
     gather_inputs,
     main_guard,
     parse_args,
     require_weights,
+    resolve_val_source,
 )
 from common.data import default_val_source, load_dataset
-from common.precision import add_precision_argument
-from common.run import RunDir, check_config, pick_device, read_json
+from common.precision import add_precision_argument, resolve_precision
+from common.run import RunDir, check_config, pick_device
 
-from .config import NOT_IDENTITY, DRIBConfig, run_identity
+from .config import NOT_IDENTITY, DribSettings, read_recipe, run_identity
 
-TRAIN_FIX = "pass a new --out to keep the old run, or delete it to train this config there"
+PROG = "python -m drib"
+TRAIN_FIX = "pass a new --out to keep the old run, or delete it to train these settings there"
+DEFAULT_BACKBONE, DEFAULT_DATASET, DEFAULT_EPOCHS = "resnet20", "cifar10", 1.0
+COMMANDS = ("train", "evaluate", "explain")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m drib", description=(
+def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
+    """Replace a shared flag's help where this command gives it a narrower meaning."""
+    next(action for action in parser._actions if action.dest == dest).help = text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: ``train``, ``evaluate`` and ``explain``, each on ``common.cli``'s shared flags."""
+    parser = argparse.ArgumentParser(prog=PROG, description=(
         "DRIB: dynamic reasoning (per-sample channel selection) + information bottleneck verification."))
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
 
-    train = sub.add_parser("train", help="gate a pretrained backbone and train the decision modules")
-    train.add_argument("--backbone", default="resnet20", choices=list_backbones(), help="backbone architecture")
-    train.add_argument("--dataset", default="cifar10", help="dataset name (see common.data.list_datasets)")
-    train.add_argument("--config", default=None, help="JSON config, e.g. drib/configs/resnet56_cifar10.json")
+    train = sub.add_parser("train", help="gate a pretrained backbone and train its decision modules (resumable)")
+    train.add_argument("--config", default=None,
+                       help="recipe JSON (drib/configs/*.json: description, backbone, dataset, epochs, settings); "
+                            "--set applies on top of its settings")
+    train.add_argument("--backbone", default=None, choices=list_backbones(),
+                       help=f"backbone architecture (default: the recipe's, else {DEFAULT_BACKBONE})")
+    train.add_argument("--dataset", default=None,
+                       help=f"dataset name, see common.data.list_datasets (default: the recipe's, else "
+                            f"{DEFAULT_DATASET})")
     add_common_arguments(train, weights=True, out=True, overrides=True, val_source=True, data=True,
                          out_help="run directory (resumes if it holds checkpoint.pt)")
-    add_budget_arguments(train)
-    add_precision_argument(train, default=None)  # None: the config's train.precision (default auto)
+    add_budget_arguments(train, epochs=None)
+    _set_help(train, "epochs", f"passes over the training set (default: the recipe's epochs, else "
+                               f"{DEFAULT_EPOCHS:g})")
+    add_precision_argument(train, default=None)
+    _set_help(train, "precision", "compute precision of the training forward passes: auto (bf16 where the "
+                                  "device has native bf16, else fp32), fp32 or bf16 (default: the settings' "
+                                  "train.precision)")
 
-    evaluate = sub.add_parser("evaluate", help="write RUN/metrics.json (accuracy, MACs, credibility, AUCs)")
-    evaluate.add_argument("--run", required=True, help="run directory written by train")
-    evaluate.add_argument("--subset", type=int, default=200,
-                          help="test images for the per-sample IBA metrics (0 skips them)")
+    evaluate = sub.add_parser("evaluate", help="write metrics.json: top-1, MACs, dynamism, static twin, IBA "
+                                               "faithfulness, credibility")
+    add_run_arguments(evaluate, images=200,
+                      images_help="test images for the per-sample IBA metrics and credibility, a seeded random "
+                                  "draw from the reported split (0 skips them)",
+                      out_help="directory for metrics.json (default: --run)")
+    add_common_arguments(evaluate, device=False, threads=False, seed=True)
+    _set_help(evaluate, "precision", "compute precision of the channel-skipping forward that gives top-1 and "
+                                     "MACs: auto (bf16 where the device has native bf16, else fp32), fp32 or "
+                                     "bf16 (default: %(default)s); IBA, credibility and the controls run in fp32")
     evaluate.add_argument("--no-compare", action="store_true",
-                          help="skip the controls (Grad-CAM, random and centre maps)")
+                          help="skip the controls of the IBA map (Grad-CAM, random and centre maps)")
     evaluate.add_argument("--degradation-points", type=int, default=20,
-                          help="points on each MoRF/LeRF curve of the degradation test (0 skips it)")
+                          help="points on each MoRF/LeRF curve of the degradation test (0 skips it; default 20)")
     evaluate.add_argument("--betas", default=None,
-                          help="comma-separated beta sweep for credibility and its controls (default: config beta)")
+                          help="comma-separated beta sweep for credibility and its controls (default: the "
+                               "settings' bottleneck.beta)")
     evaluate.add_argument("--thresholds", default=None,
                           help="comma-separated credibility thresholds for the in-the-loop verification "
-                          "(default: bottleneck.verify_threshold, else 0.5,0.6)")
+                               "(default: bottleneck.verify_threshold, else 0.5,0.6)")
     evaluate.add_argument("--no-attribution", action="store_true",
                           help="skip the saliency metrics (credibility and its controls only)")
     evaluate.add_argument("--speed", action="store_true",
                           help="also time channel skipping against the dense start (batch 1 and 128)")
-    evaluate.add_argument("--speed-repeats", type=int, default=20, help="timed rounds per form (median)")
-    add_common_arguments(evaluate, val_source=True, data=True)
+    evaluate.add_argument("--speed-repeats", type=int, default=20, help="timed rounds per form (median; default 20)")
 
-    explain = sub.add_parser("explain", help="save input | IB heatmap | selected channels as a PNG")
-    explain.add_argument("--run", required=True, help="run directory written by train")
-    explain.add_argument("--index", type=int, default=0, help="test image index")
-    explain.add_argument("--out", dest="png", required=True, help="output PNG")
-    add_common_arguments(explain, threads=False, seed=False, val_source=True, data=True)
+    explain = sub.add_parser("explain", help="save input | IB heatmap | selected channels, one PNG per test image")
+    add_run_arguments(explain, images=1,
+                      images_help="test images to explain, one PNG each (explain_<i>.png): the first N of the "
+                                  "reported split, which is class-interleaved",
+                      out_help="directory for the PNGs (default: RUN/explain)")
+    _set_help(explain, "precision", "compute precision of the forward pass that gives the prediction and the "
+                                    "selected channels: auto (bf16 where the device has native bf16, else fp32), "
+                                    "fp32 or bf16 (default: %(default)s); IBA runs in fp32")
     return parser
 
 
-def resolve_val_source(choice: str, pretrained: bool) -> str:
-    """`--val-source auto` -> common.data.default_val_source(pretrained)."""
-    return default_val_source(pretrained) if choice == "auto" else choice
-
-
-def _run_dataset(trained, args: argparse.Namespace):
+def _run_dataset(meta: dict, args: argparse.Namespace):
     """The dataset split of a trained run (its recorded val source unless --val-source overrides it)."""
-    recorded = trained.meta.get("val_source") or default_val_source(bool(trained.meta.get("pretrained", True)))
+    recorded = meta.get("val_source") or default_val_source(bool(meta.get("pretrained", True)))
     source = recorded if args.val_source == "auto" else args.val_source
-    return load_dataset(trained.meta["dataset"], args.data_root, val_source=source)
-
-
-def _config(path: str | None) -> DRIBConfig:
-    if path is None:
-        return DRIBConfig()
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"config file {path} does not exist (see drib/configs/)")
-    return DRIBConfig.from_dict(read_json(path))
+    return load_dataset(meta["dataset"], args.data_root, download=args.download, val_source=source)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .train import train_run
 
-    config = apply_overrides(_config(args.config), args.set)
+    recipe = read_recipe(args.config) if args.config is not None else None
+    backbone_name = args.backbone or (recipe.backbone if recipe else DEFAULT_BACKBONE)
+    if backbone_name not in list_backbones():
+        raise CLIError(f"--config {args.config}: unknown backbone {backbone_name!r}; known: "
+                       f"{', '.join(list_backbones())}")
+    dataset = args.dataset or (recipe.dataset if recipe else DEFAULT_DATASET)
+    if args.epochs is None:
+        args.epochs = recipe.epochs if recipe is not None and recipe.epochs is not None else DEFAULT_EPOCHS
+    config = apply_overrides(recipe.settings if recipe else DribSettings(), args.set)
     if args.precision is not None:
         config.train.precision = args.precision
     config.validate()
     budget = budget_from_args(args)
     val_source = resolve_val_source(args.val_source, args.weights is not None)
-    identity = run_identity(args.backbone, args.dataset, val_source, args.seed, budget, config,
-                            weights=args.weights)
+    identity = run_identity(backbone_name, dataset, val_source, args.seed, budget, config, weights=args.weights)
     # Before anything is loaded or created: a resume never carries on under other settings, and a finished
-    # run is never overwritten by another config (the keys that differ are named).
+    # run is never overwritten by other settings (the keys that differ are named).
     check_config(args.out, identity, what="--out", fix=TRAIN_FIX, ignore=NOT_IDENTITY)
     device = pick_device(args.device)
     weights, data = gather_inputs(
         lambda: require_weights(args),
-        lambda: load_dataset(args.dataset, args.data_root, download=args.download, val_source=val_source),
-        what="python -m drib train")
-    backbone = build_backbone(args.backbone, num_classes=data.num_classes,
+        lambda: load_dataset(dataset, args.data_root, download=args.download, val_source=val_source),
+        what=f"{PROG} train")
+    backbone = build_backbone(backbone_name, num_classes=data.num_classes,
                               weights=None if weights is None else str(weights))
     run = RunDir(args.out)
     run.claim(identity, what="--out", fix=TRAIN_FIX, ignore=NOT_IDENTITY)
     run.write_environment(device)
-    trained, seconds = train_run(backbone, args.backbone, data, budget, run.path, config, device, args.seed)
+    trained, seconds = train_run(backbone, backbone_name, data, budget, run.path, config, device, args.seed)
     print(f"trained {trained.meta['steps']} steps in {seconds:.0f} s; val top-1 {trained.meta['val_top1']:.2f}%, "
           f"val MAC fraction {trained.meta['val_mac_fraction']:.3f}; model at {run.model_path}")
 
 
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CLIError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate, write_metrics
-    from .train import load_model
+    from .train import load_trained
 
+    if args.images is None or args.images < 0:
+        raise CLIError(f"--images must be 0 or more, got {args.images!r}")
+    betas, thresholds = _floats(args.betas, "--betas"), _floats(args.thresholds, "--thresholds")
     device = pick_device(args.device)
-    trained = load_model(args.run, device)
-    data = _run_dataset(trained, args)
-    betas = None if args.betas is None else [float(b) for b in args.betas.split(",") if b.strip()]
-    metrics = evaluate(trained, data, device, subset=args.subset, seed=args.seed, compare=not args.no_compare,
+    precision = resolve_precision(args.precision, device)
+    trained = load_trained(args.run, device)
+    data = _run_dataset(trained.meta, args)
+    metrics = evaluate(trained, data, device, subset=args.images, seed=args.seed, compare=not args.no_compare,
                        degradation_points=args.degradation_points, betas=betas, speed=args.speed,
-                       thresholds=None if args.thresholds is None else
-                       [float(t) for t in args.thresholds.split(",") if t.strip()],
-                       attribution=not args.no_attribution, speed_repeats=args.speed_repeats)
-    write_metrics(Path(args.run), metrics)
-    print(f"{metrics['test_split']}: top-1 {metrics['top1']:.2f}%  MACs {metrics['macs_mean'] / 1e6:.2f}M of "
-          f"{metrics['macs_dense'] / 1e6:.2f}M ({100 * metrics['mac_reduction']:.1f}% fewer)"
+                       thresholds=thresholds, attribution=not args.no_attribution, speed_repeats=args.speed_repeats,
+                       precision=precision)
+    out = Path(args.out) if args.out is not None else Path(args.run)
+    write_metrics(out, metrics)
+    print(f"{metrics['split']}: top-1 {metrics['top1']:.2f}%  MACs {metrics['macs'] / 1e6:.2f}M of "
+          f"{metrics['macs_dense'] / 1e6:.2f}M ({100 * metrics['mac_reduction']:.1f}% fewer, {metrics['precision']})"
           + (f"  credibility {metrics['credibility_own']:.3f} (random {metrics['credibility_random']:.3f}, "
              f"oracle {metrics['credibility_oracle']:.3f}; accepted: {metrics['credibility_accepted']})"
-             if "credibility_own" in metrics else ""))
+             if "credibility_own" in metrics else "") + f"; wrote {out / 'metrics.json'}")
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
     from .explain import explain_figure
-    from .train import load_model
+    from .train import load_trained
 
+    check_positive(args.images, "--images")
     device = pick_device(args.device)
-    trained = load_model(args.run, device)
-    data = _run_dataset(trained, args)
-    shown = explain_figure(trained, data, args.index, Path(args.png), device)
-    print(f"wrote {args.png}: {shown}")
+    precision = resolve_precision(args.precision, device)
+    trained = load_trained(args.run, device)
+    data = _run_dataset(trained.meta, args)
+    if args.images > len(data.test):
+        raise CLIError(f"--images must be at most {len(data.test)} (the reported split), got {args.images}")
+    out = Path(args.out) if args.out is not None else Path(args.run) / "explain"
+    for index in range(args.images):
+        png = out / f"explain_{index}.png"
+        shown = explain_figure(trained, data, index, png, device, precision)
+        print(f"wrote {png}: {shown}")
 
 
 def _run(argv: list[str] | None) -> None:
-    from common.cli import command_scope
-
-    args = parse_args(_parser(), argv)
+    args = parse_args(build_parser(), argv)
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain}
-    with command_scope(args, "python -m drib"):  # train: one process per --out; run files name their rebuild
+    with command_scope(args, PROG):  # train: one process per --out; run files name their rebuild
         commands[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return main_guard(_run, argv, prog="python -m drib")
+    """The CLI's entry: runs one command; a known error is one line on stderr and exit code 2."""
+    return main_guard(_run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import BottleneckConfig
+from .config import BottleneckSettings
 from .losses import information_bottleneck_loss
 
 # log((1 - lambda)^2) is computed from smooth(sigmoid(-alpha)) directly, so it is exact and has a gradient at
@@ -159,7 +159,7 @@ class _ShapeMismatch(Exception):
 class _BottleneckHook:
     """Forward hook that swaps a module's output R for Z (and records the capacity)."""
 
-    def __init__(self, stats: FeatureStats, config: BottleneckConfig, generator: torch.Generator | None):
+    def __init__(self, stats: FeatureStats, config: BottleneckSettings, generator: torch.Generator | None):
         self.stats, self.config, self.generator = stats, config, generator
         self.alpha: Tensor | None = None
         self.last_capacity: Tensor | None = None
@@ -198,7 +198,7 @@ def fit_statistics(stats: FeatureStats, shape: tuple[int, ...]) -> FeatureStats:
 
 
 def attribute_sites(model: nn.Module, layers: list[nn.Module], stats: list[FeatureStats], image: Tensor,
-                    target: int, config: BottleneckConfig | None = None,
+                    target: int, config: BottleneckSettings | None = None,
                     element_masks: list[Tensor | None] | None = None,
                     generator: torch.Generator | None = None, prepend: bool = False) -> list[Attribution]:
     """Per-sample IBA of one image (3 x H x W) for class ``target`` with a bottleneck on the output of each
@@ -210,7 +210,7 @@ def attribute_sites(model: nn.Module, layers: list[nn.Module], stats: list[Featu
     mode throughout. ``prepend``: run the bottleneck before the layer's other forward hooks. Statistics
     estimated at another input size are fitted to this image's feature shapes (`fit_statistics`).
     """
-    config = config or BottleneckConfig()
+    config = config or BottleneckSettings()
     config.validate()
     if len(layers) != len(stats):
         raise ValueError(f"{len(layers)} bottleneck layers but {len(stats)} sets of statistics")
@@ -227,7 +227,7 @@ def attribute_sites(model: nn.Module, layers: list[nn.Module], stats: list[Featu
 
 
 def _attribute_once(model: nn.Module, layers: list[nn.Module], stats: list[FeatureStats], image: Tensor,
-                    target: int, config: BottleneckConfig, masks: list[Tensor | None],
+                    target: int, config: BottleneckSettings, masks: list[Tensor | None],
                     generator: torch.Generator | None, prepend: bool) -> list[Attribution]:
     device = image.device
     hooks = [_BottleneckHook(s, config, generator) for s in stats]
@@ -272,7 +272,7 @@ def _attribute_once(model: nn.Module, layers: list[nn.Module], stats: list[Featu
 
 
 def attribute(model: nn.Module, layer: nn.Module, image: Tensor, target: int, stats: FeatureStats,
-              config: BottleneckConfig | None = None, element_mask: Tensor | None = None,
+              config: BottleneckSettings | None = None, element_mask: Tensor | None = None,
               generator: torch.Generator | None = None, prepend: bool = False) -> Attribution:
     """Per-sample IBA at one site (see `attribute_sites`)."""
     return attribute_sites(model, [layer], [stats], image, target, config, [element_mask], generator, prepend)[0]

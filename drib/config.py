@@ -9,13 +9,15 @@ Gaussian smoothing sigma = 1). The DRIB paper itself gives none of these numbers
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
 @dataclass
-class DecisionConfig:
+class DecisionSettings:
     """The dynamic reasoning decision module (paper Sec. 3.1, Eq. 2-4, Algorithm 1)."""
 
     actions: int = 40  # m: number of candidate masks in each code book G_l
@@ -49,7 +51,7 @@ class DecisionConfig:
 
 
 @dataclass
-class BottleneckConfig:
+class BottleneckSettings:
     """The per-sample information bottleneck used for verification (paper Sec. 3.2; Schulz et al.)."""
 
     # Where the attribution bottleneck sits: "middle" = the output of the residual block (the residual
@@ -101,7 +103,7 @@ class BottleneckConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainSettings:
     backbone_lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4  # backbone weight decay in the fine-tuning share (Wang et al.'s finetune.py)
@@ -124,10 +126,13 @@ class TrainConfig:
 
 
 @dataclass
-class DRIBConfig:
-    decision: DecisionConfig = field(default_factory=DecisionConfig)
-    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class DribSettings:
+    """Every DRIB setting, in three sections (``decision``, ``bottleneck``, ``train``) and the shared
+    ``target_mac_reduction``; ``--set train.backbone_lr=0.02`` reaches into a section."""
+
+    decision: DecisionSettings = field(default_factory=DecisionSettings)
+    bottleneck: BottleneckSettings = field(default_factory=BottleneckSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
     # The benchmark's shared cost knob: fraction of the dense start's MACs removed (mean per sample, decision
     # heads included). None: the paper's own setting (decision.target as configured). Set: decision.target
     # becomes the matching MAC fraction (regulariser "macs") and the code books are calibrated on training
@@ -139,21 +144,21 @@ class DRIBConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> DRIBConfig:
+    def from_dict(cls, data: dict[str, Any] | None) -> DribSettings:
         """Build from a (possibly partial) nested dict; unknown keys are an error, not silently ignored."""
         data = dict(data or {})
         target = data.pop("target_mac_reduction", None)
-        parts = {"decision": DecisionConfig, "bottleneck": BottleneckConfig, "train": TrainConfig}
+        parts = {"decision": DecisionSettings, "bottleneck": BottleneckSettings, "train": TrainSettings}
         unknown = set(data) - set(parts)
         if unknown:
-            raise ValueError(f"unknown DRIB config section(s) {sorted(unknown)}; expected {sorted(parts)}")
+            raise ValueError(f"unknown DRIB settings section(s) {sorted(unknown)}; expected {sorted(parts)}")
         built = {}
         for name, kind in parts.items():
             section = dict(data.get(name) or {})
             known = {f.name for f in dataclasses.fields(kind)}
             bad = set(section) - known
             if bad:
-                raise ValueError(f"unknown key(s) {sorted(bad)} in config section {name!r}; known: {sorted(known)}")
+                raise ValueError(f"unknown key(s) {sorted(bad)} in settings section {name!r}; known: {sorted(known)}")
             built[name] = kind(**section)
         config = cls(**built, target_mac_reduction=None if target is None else float(target))
         config.validate()
@@ -206,12 +211,48 @@ class DRIBConfig:
         b.validate()
 
 
+# A recipe (configs/*.json) has exactly these top-level keys; "settings" is the dict DribSettings takes and
+# "epochs" the recipe's total passes over the training set (the default of `train --epochs`).
+RECIPE_KEYS = ("description", "backbone", "dataset", "epochs", "settings")
+
+
+@dataclass
+class Recipe:
+    description: str
+    backbone: str
+    dataset: str
+    epochs: float | None
+    settings: DribSettings
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """A recipe file, checked: its top-level keys are exactly ``RECIPE_KEYS`` and its settings valid."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist (see drib/configs/)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"recipe {path} is not valid JSON ({exc})") from None
+    keys = sorted(data) if isinstance(data, dict) else []
+    if keys != sorted(RECIPE_KEYS):
+        raise ValueError(f"recipe {path} must have exactly the top-level keys {', '.join(RECIPE_KEYS)}; "
+                         f"it has {', '.join(keys) or 'none'}")
+    epochs = data["epochs"]
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int | float) or epochs <= 0):
+        raise ValueError(f"recipe {path}: epochs must be a positive number or null, got {epochs!r}")
+    if not isinstance(data["settings"], dict):
+        raise ValueError(f"recipe {path}: settings must be an object (the DribSettings sections)")
+    return Recipe(str(data["description"]), str(data["backbone"]), str(data["dataset"]),
+                  None if epochs is None else float(epochs), DribSettings.from_dict(data["settings"]))
+
+
 # Top-level keys of a run's config.json that may change between launches of one run (common.run's
 # ``RunDir.claim``): a time budget only stops a run early or lets a stopped one carry on (common.loop).
 NOT_IDENTITY = ("seconds",)
 
 
-def run_identity(backbone: str, dataset: str, val_source: str, seed: int, budget: Any, config: DRIBConfig,
+def run_identity(backbone: str, dataset: str, val_source: str, seed: int, budget: Any, config: DribSettings,
                  **more: Any) -> dict[str, Any]:
     """What a run directory's config.json records: a launch into it under anything else is refused."""
     return {"backbone": backbone, "dataset": dataset, **more, "val_source": val_source, "seed": seed,

@@ -5,7 +5,9 @@
   static twin (`drib.static`: every layer fixed to its most used row on class-mixed training images), top-1
   and MACs, on the whole reported test split;
 * top-1 and mean MACs on the whole reported test split (the held-out test half for a run from published
-  weights), with the pre-sliced channel-skipping computation (`sparse_inference.deploy`);
+  weights), with the pre-sliced channel-skipping computation (`sparse_inference.deploy`), under the shared
+  keys of `common.method.SHARED_METRIC_KEYS` (top1, split, macs, mac_reduction, target_mac_reduction, params,
+  precision);
 * on a fixed subset of that split (a seeded permutation; per-sample IBA is costly): tiled deletion /
   insertion on a blurred canvas (`common.explain.tile_deletion_insertion`) and IBA's degradation test for
   DRIB's IBA map beside Grad-CAM, a random map and a centred Gaussian map of the same model;
@@ -33,6 +35,8 @@ from common.explain import (
     tile_deletion_insertion,
 )
 from common.macs import count_params
+from common.method import shared_metrics
+from common.precision import Precision, resolve_precision
 from common.run import progress
 
 from .dynamism import collect_decisions, dynamism_metrics, goal_met
@@ -56,24 +60,29 @@ def attribution_subset(data: DatasetSplits, size: int, seed: int = 0) -> tuple[T
 
 
 @torch.no_grad()
-def accuracy_and_macs(trained: TrainedDRIB, data: DatasetSplits, device: torch.device,
-                      batch_size: int = 256, net: DynamicNetwork | None = None) -> dict[str, float]:
-    """Top-1 and per-sample MACs of the channel-skipping computation over the whole test split (of
-    ``trained.net``, or of ``net``, e.g. its static twin)."""
-    net = (trained.net if net is None else net).eval()
+def accuracy_and_macs(net: DynamicNetwork, data: DatasetSplits, device: torch.device, batch_size: int = 256,
+                      precision: Precision | None = None, target_mac_reduction: float | None = None
+                      ) -> dict[str, Any]:
+    """Top-1 and per-sample MACs of the channel-skipping computation of ``net`` (a trained network or its
+    static twin) over the whole reported test split, under ``precision`` (default fp32): the shared figures
+    (``common.method.shared_metrics``) and DRIB's own (``macs_std``, ``macs_dense``, the paper's formula)."""
+    net = net.eval()
+    policy = precision or resolve_precision("fp32", device)
     correct, macs = 0, []
     loader = BatchLoader(data.test, batch_size, train=False, device=device)
     for x, y in progress(loader, "test (channel skipping)", total=len(loader)):
-        logits, sample_macs = sparse_forward(net, x)
-        correct += int((logits.argmax(1) == y).sum())
+        with policy.autocast():  # the layout stays as loaded: this is a measurement of accuracy, not speed
+            logits, sample_macs = sparse_forward(net, x)
+        correct += int((logits.float().argmax(1) == y).sum())
         macs.append(sample_macs)
     all_macs = torch.cat(macs)
     dense = net.dense_backbone_macs()
     mean = float(all_macs.mean())
-    return {"top1": 100.0 * correct / len(data.test), "macs_mean": mean, "macs_std": float(all_macs.std()),
-            "macs_dense": float(dense), "mac_reduction": (dense - mean) / dense,
-            "mac_reduction_paper_formula": (dense - mean) / mean,
-            "params": count_params(net), "params_backbone": count_params(net.backbone)}
+    shared = shared_metrics(top1=100.0 * correct / len(data.test), split=data.test_split_name, macs=mean,
+                            dense_macs=dense, params=count_params(net), precision=policy.name,
+                            target_mac_reduction=target_mac_reduction)
+    return {**shared, "macs_std": float(all_macs.std()), "macs_dense": float(dense),
+            "mac_reduction_paper_formula": (dense - mean) / mean, "params_backbone": count_params(net.backbone)}
 
 
 def _faithfulness(scorer, images: Tensor, maps: Tensor, targets: Tensor, points: int) -> dict[str, float]:
@@ -112,12 +121,13 @@ def attribution_metrics(trained: TrainedDRIB, images: Tensor, targets: Tensor, d
 
 def credibility_metrics(trained: TrainedDRIB, images: Tensor, labels: Tensor, data: DatasetSplits,
                         device: torch.device, betas: list[float], seed: int = 0,
-                        thresholds: list[float] | None = None) -> dict[str, Any]:
+                        thresholds: list[float] | None = None, rows: list[int] | None = None
+                        ) -> dict[str, Any]:
     """Credibility and its four controls for each beta; in-the-loop verification at ``thresholds`` (with
-    the config's beta) against the plain decisions, on the same images."""
+    the config's beta) against the plain decisions, on the same images. ``rows``: `static_rows`, if known."""
     net = trained.net.eval()
     cfg = trained.config.bottleneck
-    static = _static_mask(trained, static_rows(trained, data, seed))
+    static = _static_mask(trained, static_rows(trained, data, seed) if rows is None else rows)
     sweep: dict[str, Any] = {}
     bits_at_config: Tensor | None = None
     for beta in betas:
@@ -173,12 +183,12 @@ def dynamism_on_test(trained: TrainedDRIB, data: DatasetSplits, device: torch.de
 def static_twin_metrics(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, rows: list[int]
                         ) -> dict[str, Any]:
     """Top-1 and MACs on the test split of the same network with every layer fixed to its most used row;
-    ``macs_mean_without_heads``: a static network does not run the decision heads."""
+    ``macs_without_heads``: a static network does not run the decision heads."""
     twin = static_twin(trained.net, rows)
-    out: dict[str, Any] = accuracy_and_macs(trained, data, device, net=twin)
+    out: dict[str, Any] = accuracy_and_macs(twin, data, device)
     heads = head_macs(twin)
-    out["macs_mean_without_heads"] = out["macs_mean"] - heads
-    out["mac_reduction_without_heads"] = (out["macs_dense"] - out["macs_mean_without_heads"]) / out["macs_dense"]
+    out["macs_without_heads"] = out["macs"] - heads
+    out["mac_reduction_without_heads"] = (out["macs_dense"] - out["macs_without_heads"]) / out["macs_dense"]
     out["rows"] = dict(zip((g.site.name for g in trained.net.gated), rows))
     out["rows_counted_on"] = f"{STATIC_IMAGES} class-mixed training images (seeded permutation)"
     return out
@@ -187,14 +197,16 @@ def static_twin_metrics(trained: TrainedDRIB, data: DatasetSplits, device: torch
 def evaluate(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, subset: int = 200,
              seed: int = 0, compare: bool = True, degradation_points: int = 20, betas: list[float] | None = None,
              speed: bool = False, thresholds: list[float] | None = None, attribution: bool = True,
-             speed_repeats: int = 20) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"backbone": trained.meta["backbone"], "dataset": data.name,
-                               "test_split": data.test_split_name, "val_source": data.val_source}
-    metrics.update(accuracy_and_macs(trained, data, device))
-    metrics["target_mac_reduction"] = trained.config.target_mac_reduction
+             speed_repeats: int = 20, precision: Precision | None = None) -> dict[str, Any]:
+    """Every figure of metrics.json (module docstring): the shared ones (``common.method.SHARED_METRIC_KEYS``,
+    top-1 and MACs under ``precision``, default fp32) first, then DRIB's own."""
+    metrics: dict[str, Any] = accuracy_and_macs(trained.net, data, device, precision=precision,
+                                                target_mac_reduction=trained.config.target_mac_reduction)
+    metrics.update({"backbone": trained.meta["backbone"], "dataset": data.name, "val_source": data.val_source})
     metrics["dynamism"] = dynamism_on_test(trained, data, device, seed)
     metrics["dynamic_filter_share"] = metrics["dynamism"]["dynamic_filter_share"]
-    metrics["static_twin"] = static_twin_metrics(trained, data, device, static_rows(trained, data, seed))
+    rows = static_rows(trained, data, seed)  # counted once: the static twin and credibility's static control
+    metrics["static_twin"] = static_twin_metrics(trained, data, device, rows)
     if ensure_statistics(trained, data, device, seed):
         metrics["bottleneck_statistics"] = "re-estimated at evaluation (model.pt lacked the configured sites)"
     cfg = trained.config.bottleneck
@@ -206,14 +218,13 @@ def evaluate(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, su
         images = images.to(device)
         with torch.no_grad():
             targets = trained.net.eval()(images).argmax(1)
-        metrics.update({"attribution_subset": len(images), "attribution_subset_seed": seed,
-                        "attribution_split": data.test_split_name})
+        metrics.update({"attribution_subset": len(images), "attribution_subset_seed": seed})
         if attribution:
             metrics.update(attribution_metrics(trained, images, targets, device, seed, degradation_points, compare))
         if thresholds is None:
             thresholds = [cfg.verify_threshold] if cfg.verify_threshold is not None else [0.5, 0.6]
         metrics.update(credibility_metrics(trained, images, labels, data, device, betas or [cfg.beta], seed,
-                                           thresholds))
+                                           thresholds, rows))
     if speed:
         from .speed import speed_metrics
 
@@ -224,7 +235,8 @@ def evaluate(trained: TrainedDRIB, data: DatasetSplits, device: torch.device, su
     return metrics
 
 
-def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:
+    """``out_dir/metrics.json``, written atomically (RunDir creates the directory if needed)."""
     from common.run import RunDir
 
-    RunDir(run_dir).write_metrics(metrics)
+    RunDir(out_dir).write_metrics(metrics)

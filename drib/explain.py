@@ -1,7 +1,8 @@
-"""`python -m drib explain`: the input, its IB heatmap and the channels the decision module selected."""
+"""`python -m drib explain`: per test image, the input, its IB heatmap and the channels the decision module selected."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import matplotlib
@@ -11,22 +12,25 @@ import matplotlib.pyplot as plt
 import torch
 
 from common.data import DatasetSplits
+from common.precision import Precision
 
 from .train import TrainedDRIB, ensure_statistics
 from .verification import attribution_site, ib_saliency
 
 
 def explain_figure(trained: TrainedDRIB, data: DatasetSplits, index: int, out: Path,
-                   device: torch.device) -> dict[str, object]:
-    """Save a 3-panel PNG for test image ``index``; returns what it shows (class, prediction, MAC share)."""
+                   device: torch.device, precision: Precision | None = None) -> dict[str, object]:
+    """Save a 3-panel PNG for test image ``index`` of the reported split; returns what it shows (class,
+    prediction, MAC share). The prediction and the selected channels come from a forward under ``precision``
+    (default fp32); the IB heatmap is computed in fp32."""
     if not 0 <= index < len(data.test):
-        raise ValueError(f"--index must be in [0, {len(data.test) - 1}], got {index}")
+        raise ValueError(f"test image {index} is out of range: the reported split has {len(data.test)} images")
     ensure_statistics(trained, data, device)
     net = trained.net.eval()
     image = data.test.images[index:index + 1].float().div(255).to(device)
-    masks = net.channel_masks(image)
-    with torch.no_grad():
-        prediction = int(net(image).argmax(1))
+    with torch.no_grad(), (precision.autocast() if precision is not None else contextlib.nullcontext()):
+        masks = [m.float() for m in net.channel_masks(image)]
+        prediction = int(net(image).float().argmax(1))
     heatmap = ib_saliency(net, image, torch.tensor([prediction]), trained.stats, trained.config.bottleneck)[0]
     width = max(m.shape[1] for m in masks)
     grid = torch.full((len(masks), width), float("nan"))

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import DRIBConfig
+from .config import DribSettings
 from .model import DynamicNetwork
 
 
-def sparsity_loss(net: DynamicNetwork, masks: list[Tensor], config: DRIBConfig) -> Tensor:
+def sparsity_loss(net: DynamicNetwork, masks: list[Tensor], config: DribSettings) -> Tensor:
     """Wang et al.'s quadratic pull towards the target: (measure - target)^2, where the measure is the
     mean MAC fraction of the batch ("macs") or the mean |G_l[i]| of each sample's selected rows ("density")."""
     d = config.decision

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from common.backbones import Backbone, GateSite
 from common.macs import ChannelActivity, LayerShape, count_macs, dynamic_macs, layer_shapes
 
-from .config import DecisionConfig
+from .config import DecisionSettings
 from .decision import DecisionGate
 
 BACKBONE_PREFIX = "backbone."
@@ -52,10 +52,10 @@ def _conv_before(parent: nn.Module, bn: nn.BatchNorm2d) -> nn.Conv2d:
 class DynamicNetwork(nn.Module):
     """Pixels in, logits out; after each forward ``gated[k].gate.mask`` holds the per-sample masks."""
 
-    def __init__(self, backbone: Backbone, config: DecisionConfig | None = None,
+    def __init__(self, backbone: Backbone, config: DecisionSettings | None = None,
                  sites: list[GateSite] | None = None, input_size: tuple[int, int, int] = (3, 32, 32)):
         super().__init__()
-        config = config or DecisionConfig()
+        config = config or DecisionSettings()
         self.backbone = backbone
         self.input_size = input_size
         sites = default_gate_sites(backbone) if sites is None else sites
@@ -256,8 +256,8 @@ class DynamicNetwork(nn.Module):
         return [out.mean(0) * self.consumer_norms(g).to(out) for out, g in zip(outputs, self.gated)]
 
     @torch.no_grad()
-    def init_codebooks(self, importance: list[Tensor], config: DecisionConfig, seed: int = 0) -> float:
-        """Importance initialisation of every code book (see DecisionConfig.codebook_init); returns the
+    def init_codebooks(self, importance: list[Tensor], config: DecisionSettings, seed: int = 0) -> float:
+        """Importance initialisation of every code book (see DecisionSettings.codebook_init); returns the
         share of channels each row keeps."""
         keep = self.keep_share(config)
         generator = torch.Generator().manual_seed(seed)
@@ -265,11 +265,11 @@ class DynamicNetwork(nn.Module):
             g.gate.init_by_importance_(scores, round(keep * g.site.channels), config.init_jitter, generator)
         return keep
 
-    def keep_share(self, config: DecisionConfig) -> float:
+    def keep_share(self, config: DecisionSettings) -> float:
         return config.target if config.regulariser == "density" else self.keep_fraction_for(config.target)
 
     @torch.no_grad()
-    def init_by_clusters(self, images: Tensor, config: DecisionConfig, seed: int = 0) -> dict[str, list[float]]:
+    def init_by_clusters(self, images: Tensor, config: DecisionSettings, seed: int = 0) -> dict[str, list[float]]:
         """Deviation (codebook_init "clusters"): per gated layer, spherical k-means of the heads' inputs
         GAP(ReLU(x_{l-1})) on ``images`` into K = min(init_clusters, m) clusters; head row r < K is cluster r's
         unit centroid, so argmax A(x) (Eq. 2, bias-free unit rows as in Wang et al.) sends each image to the row

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .config import DecisionConfig
+from .config import DecisionSettings
 from .dynamism import mask_ids
 from .model import DynamicNetwork
 
@@ -89,7 +89,7 @@ def static_twin(net: DynamicNetwork, rows: list[int]) -> DynamicNetwork:
     names = [g.site.name for g in net.gated]
     sites = {s.name: s for s in backbone.gate_sites()}
     gate = net.gates[0]
-    config = DecisionConfig(actions=gate.actions, codebook_max=gate.codebook_max, prune_below=gate.prune_below)
+    config = DecisionSettings(actions=gate.actions, codebook_max=gate.codebook_max, prune_below=gate.prune_below)
     twin = DynamicNetwork(backbone, config, sites=[sites[n] for n in names], input_size=net.input_size)
     twin.load_state_dict(net.state_dict())
     with torch.no_grad():

@@ -7,7 +7,7 @@ gates). The Gumbel temperature decays exponentially from tau_start to tau_end ov
 steps (the fine-tuning share uses argmax decisions). Backbone weight decay: `decision_weight_decay` (Wang:
 1e-9) while the decisions train, `weight_decay` in the fine-tuning share.
 Model selection: the epoch with the best validation top-1 among those
-meeting the sparsity target (else the last), plus the current weights when `--max-seconds` stops a run
+meeting the sparsity target (else the last), plus the current weights when `--budget-seconds` stops a run
 mid-epoch; never the test set. `finetune_augment` feeds the fine-tuning share crop + flip copies of the batches.
 The steps run through `common.loop.TrainLoop`: a run killed at any step and started again ends with the same
 weights, bit for bit; a non-finite loss or weight stops it (exit 2 through the CLI) before anything is saved.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +25,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from common.backbones import Backbone, build_backbone
 from common.data import BatchLoader, DatasetSplits
 from common.loop import LoopState, TrainLoop, batch_stream, require_finite
 from common.method import Budget
 from common.precision import resolve_precision
-from common.run import RunDir, atomic_torch_save, load_checkpoint, seed_everything
+from common.run import RunDir, atomic_torch_save, load_checkpoint, pick_device, seed_everything
 
 from .bottleneck import FeatureStats, estimate_statistics_sites
-from .config import DRIBConfig
+from .config import DribSettings
 from .losses import balance_loss, sparsity_loss
 from .mac_target import calibrate_codebooks, decision_target_for
 from .model import DynamicNetwork
@@ -95,7 +97,7 @@ def validate(net: DynamicNetwork, loader: BatchLoader) -> tuple[float, float, fl
     return 100.0 * correct / total, mac_sum / total, density_sum / total
 
 
-def _meets_target(config: DRIBConfig, mac_fraction: float, density: float) -> bool:
+def _meets_target(config: DribSettings, mac_fraction: float, density: float) -> bool:
     measure = mac_fraction if config.decision.regulariser == "macs" else density
     return measure <= config.decision.target + TARGET_TOLERANCE
 
@@ -110,7 +112,7 @@ def _consider(state: dict, record: dict, meets: bool, net: DynamicNetwork) -> No
                          "model": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
 
 
-def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Path, config: DRIBConfig,
+def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Path, config: DribSettings,
           device: torch.device, seed: int = 0) -> TrainOutcome:
     """Train ``net`` in place within ``budget`` through the shared loop (``common.loop``): resumes exactly
     from out_dir/checkpoint.pt (weights, optimisers, every RNG, the calibration flag, the validation history
@@ -241,7 +243,7 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
 class TrainedDRIB:
     net: DynamicNetwork
     stats: dict[str, FeatureStats]  # per bottleneck site key (see drib.verification.Site)
-    config: DRIBConfig
+    config: DribSettings
     meta: dict[str, Any]
 
 
@@ -250,7 +252,7 @@ def input_size_of(data: DatasetSplits) -> tuple[int, int, int]:
     return (3, h, w)
 
 
-def feature_statistics(net: DynamicNetwork, data: DatasetSplits, config: DRIBConfig,
+def feature_statistics(net: DynamicNetwork, data: DatasetSplits, config: DribSettings,
                        device: torch.device, seed: int = 0) -> dict[str, FeatureStats]:
     """IBA's estimator on training images, for both bottleneck sites: the attribution site with the network
     as deployed, the credibility site with its layer's gate open (see drib.verification)."""
@@ -289,15 +291,16 @@ def save_model(run: RunDir, trained: TrainedDRIB) -> None:
     atomic_torch_save({"meta": trained.meta, "config": trained.config.to_dict(), **weights}, run.model_path)
 
 
-def load_model(run_dir: str | Path, device: torch.device) -> TrainedDRIB:
-    """Rebuild a trained network from ``run_dir/model.pt`` (statistics of an older layout are dropped:
-    `ensure_statistics` re-estimates them)."""
+def load_trained(run_dir: str | Path, device: torch.device | str) -> TrainedDRIB:
+    """A run directory's model.pt with all that evaluate and explain need: the network, the bottleneck
+    statistics, the settings and the run's record (statistics of an older layout are dropped:
+    `ensure_statistics` re-estimates them). Loaded with weights_only=True."""
     run = RunDir(run_dir)
     if not run.model_path.is_file():
         raise FileNotFoundError(f"{run.model_path} not found: train into {run.path} first (python -m drib train)")
     blob = load_checkpoint(run.model_path, map_location=device)
     meta = blob["meta"]
-    config = DRIBConfig.from_dict(blob["config"])
+    config = DribSettings.from_dict(blob["config"])
     backbone = build_backbone(meta["backbone"], num_classes=meta["num_classes"])
     net = DynamicNetwork(backbone, config.decision, input_size=tuple(meta["input_size"]))
     net.load_state_dict(blob["state_dict"])
@@ -306,8 +309,16 @@ def load_model(run_dir: str | Path, device: torch.device) -> TrainedDRIB:
     return TrainedDRIB(net, stats, config, meta)
 
 
+def load_run(path: str | os.PathLike, *, device: torch.device | str | None = None) -> nn.Module:
+    """The trained network of a run directory written by ``python -m drib train`` or ``run_method``: a
+    ``DynamicNetwork`` in eval mode, pixels in [0, 1] -> logits (argmax decisions; equal to the pre-sliced
+    channel skipping that evaluate runs, `sparse_inference.sparse_forward`, within 1e-5). ``device`` None:
+    CUDA when available, else CPU."""
+    return load_trained(path, pick_device(None if device is None else str(device))).net
+
+
 def train_run(start: Backbone, backbone_name: str, data: DatasetSplits, budget: Budget, out_dir: Path,
-              config: DRIBConfig, device: torch.device, seed: int = 0) -> tuple[TrainedDRIB, float]:
+              config: DribSettings, device: torch.device, seed: int = 0) -> tuple[TrainedDRIB, float]:
     """Wrap ``start`` with gates, train, estimate the bottleneck statistics and write model.pt."""
     seed_everything(seed)
     run = RunDir(out_dir)

@@ -2,10 +2,10 @@
 
 Two bottleneck sites (both must be cuts of the network: `bottleneck.check_cut` refuses a bypassable one):
 
-* the attribution site (`BottleneckConfig.site`, default the output of the residual block that holds the
+* the attribution site (`BottleneckSettings.site`, default the output of the residual block that holds the
   middle gated layer, ResNet-20's ``layer2.1``): the residual stream, where Schulz et al. put IBA; the
   network runs exactly as deployed (every gate decides); this gives DRIB's saliency map;
-* the credibility site (`BottleneckConfig.credibility_site`, default the middle gated layer): the gated
+* the credibility site (`BottleneckSettings.credibility_site`, default the middle gated layer): the gated
   layer's BN output, whose channels are the ones the decision selects, together with its block's shortcut
   (a residual branch alone can be bypassed; branch + shortcut cannot). Layer l's own gate is opened there
   (the bits of a skipped channel can only be measured if it is computed); every other gate decides as at
@@ -20,7 +20,7 @@ decisions are "accepted" only if their credibility beats random, another image's
 by more than two standard errors of the paired difference; every control also gets a size-corrected score
 (0 = a random set of its size, 1 = the best set of its size), tested the same way.
 
-In-the-loop verification (the paper's Fig. 2, `BottleneckConfig.verify_threshold`): a decision whose
+In-the-loop verification (the paper's Fig. 2, `BottleneckSettings.verify_threshold`): a decision whose
 credibility is below the threshold is replaced by the dense layer or by the most credible code-book row that
 is no larger than the decision's own; `verified_forward` measures what that does to accuracy and MACs.
 """
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .bottleneck import FeatureStats, attribute_sites, check_cut
-from .config import BottleneckConfig
+from .config import BottleneckSettings
 from .model import BACKBONE_PREFIX, DynamicNetwork, GatedSite
 
 
@@ -164,7 +164,7 @@ def site_stats(stats: dict[str, FeatureStats], site: Site) -> list[FeatureStats]
 
 
 def channel_bits(net: DynamicNetwork, images: Tensor, targets: Tensor, stats: dict[str, FeatureStats],
-                 config: BottleneckConfig, seed: int = 0) -> tuple[Tensor, Tensor]:
+                 config: BottleneckSettings, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Per image, the bits of each channel of the credibility layer (B x C) and the shortcut's bits (B)."""
     site = credibility_site(net, config.credibility_site)
     assert site.gated is not None
@@ -281,7 +281,7 @@ def credibility_controls(info: Tensor, selected: Tensor, static: Tensor, seed: i
     return out, summary
 
 
-def verify(net: DynamicNetwork, images: Tensor, stats: dict[str, FeatureStats], config: BottleneckConfig,
+def verify(net: DynamicNetwork, images: Tensor, stats: dict[str, FeatureStats], config: BottleneckSettings,
            targets: Tensor | None = None, seed: int = 0, static_mask: Tensor | None = None) -> dict[str, object]:
     """Credibility of each image's decision at the credibility layer beside its four controls.
 
@@ -317,7 +317,7 @@ def verify(net: DynamicNetwork, images: Tensor, stats: dict[str, FeatureStats], 
 
 @torch.no_grad()
 def verified_forward(net: DynamicNetwork, images: Tensor, bits: Tensor, threshold: float,
-                     config: BottleneckConfig) -> dict[str, Tensor]:
+                     config: BottleneckSettings) -> dict[str, Tensor]:
     """The paper's in-the-loop verification at the credibility layer, given each image's channel bits.
 
     A decision with credibility < ``threshold`` is replaced by the dense layer ("dense": every channel at
@@ -360,7 +360,7 @@ def verified_forward(net: DynamicNetwork, images: Tensor, bits: Tensor, threshol
 
 
 def verified_predict(net: DynamicNetwork, images: Tensor, stats: dict[str, FeatureStats],
-                     config: BottleneckConfig, seed: int = 0) -> dict[str, Tensor]:
+                     config: BottleneckSettings, seed: int = 0) -> dict[str, Tensor]:
     """Inference with the paper's verification in the loop: decide, measure each decision's credibility
     with IBA (target: the deployed prediction), replace the decisions below ``config.verify_threshold``
     (`verified_forward`). Without a threshold this is the plain deployed forward."""
@@ -378,7 +378,7 @@ def verified_predict(net: DynamicNetwork, images: Tensor, stats: dict[str, Featu
 
 
 def ib_saliency(net: DynamicNetwork, images: Tensor, targets: Tensor | None, stats: dict[str, FeatureStats],
-                config: BottleneckConfig, seed: int = 0) -> Tensor:
+                config: BottleneckSettings, seed: int = 0) -> Tensor:
     """DRIB's native explanation: per-sample IBA heatmaps (B x H x W, bits per pixel) at the attribution
     site (the residual stream), the network running as deployed."""
     site = attribution_site(net, config.site)
@@ -393,11 +393,11 @@ def ib_saliency(net: DynamicNetwork, images: Tensor, targets: Tensor | None, sta
     return torch.stack(maps)
 
 
-def with_beta(config: BottleneckConfig, beta: float) -> BottleneckConfig:
+def with_beta(config: BottleneckSettings, beta: float) -> BottleneckSettings:
     return dataclasses.replace(config, beta=beta)
 
 
-def saliency_function(net: DynamicNetwork, stats: dict[str, FeatureStats], config: BottleneckConfig
+def saliency_function(net: DynamicNetwork, stats: dict[str, FeatureStats], config: BottleneckSettings
                       ) -> Callable[[Tensor, Tensor], Tensor]:
     """The `MethodResult.saliency` callable: (images, targets) -> B x H x W."""
     def saliency(images: Tensor, targets: Tensor) -> Tensor:

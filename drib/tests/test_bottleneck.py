@@ -17,7 +17,7 @@ from drib.bottleneck import (
     smooth,
     to_heatmap,
 )
-from drib.config import BottleneckConfig
+from drib.config import BottleneckSettings
 
 
 def test_capacity_is_zero_when_lambda_is_zero_and_features_pass_when_lambda_is_one():
@@ -95,7 +95,7 @@ def test_iba_heatmap_concentrates_on_the_planted_patch():
     stats = estimate_statistics(model, model.features, [(train, None)], samples=400)
     image = torch.rand(3, 16, 16)
     image[:, 8:12, 8:12] = 0.95
-    result = attribute(model, model.features, image, 1, stats, BottleneckConfig(),
+    result = attribute(model, model.features, image, 1, stats, BottleneckSettings(),
                        generator=torch.Generator().manual_seed(0))
     heat = result.heatmap
     inside = heat[7:13, 7:13].sum() / heat.sum()  # patch plus one pixel of smoothing margin
@@ -110,7 +110,7 @@ def test_element_mask_removes_channels_from_the_attribution():
     stats = estimate_statistics(model, model.features, [(train, None)], samples=64)
     keep = torch.tensor([1, 0, 1, 0])
     result = attribute(model, model.features, torch.rand(3, 16, 16), 1, stats,
-                       BottleneckConfig(steps=2, copies=2), element_mask=keep)
+                       BottleneckSettings(steps=2, copies=2), element_mask=keep)
     assert torch.all(result.capacity_bits[keep == 0] == 0)
     assert result.capacity_bits[keep == 1].sum() > 0
 
@@ -128,7 +128,7 @@ def test_variance_terms_have_a_gradient_at_the_iba_start():
     model = PatchModel()
     stats = FeatureStats(torch.zeros(4, 16, 16), torch.ones(4, 16, 16), torch.ones(4, 16, 16))
     image = torch.zeros(3, 16, 16)  # features exactly at the mean: r = 0 everywhere
-    result = attribute(model, model.features, image, 0, stats, BottleneckConfig(steps=3, copies=2))
+    result = attribute(model, model.features, image, 0, stats, BottleneckSettings(steps=3, copies=2))
     assert float(result.capacity_bits.max()) < 6.0  # the clamped version stays at 6.49 bits per element
 
 
@@ -138,7 +138,7 @@ def test_inactive_elements_carry_no_capacity():
     train[:, :, :, :4] = 0.0  # the left 4 columns never vary: std 0 and always zero
     stats = estimate_statistics(model, model.features, [(train, None)], samples=64)
     assert torch.all(stats.active[:, :, :4] == 0) and torch.all(stats.active[:, :, 4:] == 1)
-    result = attribute(model, model.features, torch.rand(3, 16, 16), 1, stats, BottleneckConfig(steps=2, copies=2))
+    result = attribute(model, model.features, torch.rand(3, 16, 16), 1, stats, BottleneckSettings(steps=2, copies=2))
     assert torch.all(result.capacity_bits[:, :, :4] == 0)
     assert result.capacity_bits[:, :, 4:].sum() > 0
 
@@ -169,7 +169,7 @@ def test_a_bottleneck_on_a_bypassable_branch_is_refused():
     # what the refusal protects against: with the branch fully closed (lambda = 0, pure noise) the output
     # still depends on the image, so IBA there measures only what the branch adds to the shortcut
     stats = estimate_statistics(toy, toy.branch, [(torch.rand(64, 3, 8, 8), None)], samples=64)
-    closed = BottleneckConfig(alpha_init=-60.0, steps=1, lr=1e-9, copies=1)
+    closed = BottleneckSettings(alpha_init=-60.0, steps=1, lr=1e-9, copies=1)
     outputs = []
     for image in images[:2]:
         def record(module, inputs, output):
@@ -182,11 +182,11 @@ def test_a_bottleneck_on_a_bypassable_branch_is_refused():
 
 def test_default_attribution_site_of_a_resnet_is_the_block_output_and_cannot_be_bypassed():
     from common.backbones import build_backbone
-    from drib.config import DecisionConfig
+    from drib.config import DecisionSettings
     from drib.model import DynamicNetwork
     from drib.verification import attribution_site, credibility_site
 
-    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=2)).eval()
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionSettings(actions=2)).eval()
     site = attribution_site(net, "middle")
     assert site.name == "layer2.1"
     with pytest.raises(ValueError, match="can be bypassed"):
@@ -201,4 +201,4 @@ def test_bad_bottleneck_settings_are_a_clear_error(bad):
     model = PatchModel()
     stats = FeatureStats(torch.zeros(4, 16, 16), torch.ones(4, 16, 16), torch.ones(4, 16, 16))
     with pytest.raises(ValueError, match="bottleneck\\."):
-        attribute(model, model.features, torch.rand(3, 16, 16), 1, stats, BottleneckConfig(**bad))
+        attribute(model, model.features, torch.rand(3, 16, 16), 1, stats, BottleneckSettings(**bad))

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from common.backbones import build_backbone
-from drib.config import DecisionConfig
+from drib.config import DecisionSettings
 from drib.dynamism import Decisions, dynamic_channels, dynamism_metrics, mask_ids, pair_difference
 from drib.model import DynamicNetwork
 from drib.sparse_inference import sparse_forward
@@ -46,7 +46,7 @@ def test_pair_difference_is_the_exact_mean_over_pairs():
 
 
 def _randomised(actions: int = 5) -> DynamicNetwork:
-    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=actions)).eval()
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionSettings(actions=actions)).eval()
     with torch.no_grad():
         for g in net.gates:
             g.codebook.copy_((torch.rand_like(g.codebook) < 0.6) * (0.5 + torch.rand_like(g.codebook)))
@@ -150,7 +150,7 @@ class TwoPathNet(nn.Module):
 
 def test_planted_two_kinds_are_routed_to_different_rows_that_keep_their_channels():
     backbone = TwoPathNet().net.eval()
-    config = DecisionConfig(actions=4, codebook_init="clusters", init_clusters=2, regulariser="density",
+    config = DecisionSettings(actions=4, codebook_init="clusters", init_clusters=2, regulariser="density",
                             target=0.5, balance=0.1)
     net = DynamicNetwork(backbone, config, input_size=(3, 8, 8))
     g = torch.Generator().manual_seed(0)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from common.backbones import Backbone, GateSite, build_backbone
-from drib.config import DecisionConfig
+from drib.config import DecisionSettings
 from drib.model import DynamicNetwork, default_gate_sites
 from drib.sparse_inference import channel_skipping, sparse_forward
 
@@ -23,7 +23,7 @@ def _randomise(net: DynamicNetwork, keep: float = 0.6) -> None:
 
 @pytest.mark.parametrize("name", ["resnet20", "vgg16"])
 def test_gathered_sparse_inference_equals_masked_dense(name):
-    net = DynamicNetwork(build_backbone(name), DecisionConfig(actions=6)).eval()
+    net = DynamicNetwork(build_backbone(name), DecisionSettings(actions=6)).eval()
     _randomise(net)
     x = torch.rand(10, 1, 1, 1) * torch.rand(10, 3, 32, 32)  # brightness varies, so do the decisions
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_gathered_sparse_inference_equals_masked_dense(name):
 
 
 def test_channel_skipping_refuses_training_mode():
-    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=2)).train()
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionSettings(actions=2)).train()
     with pytest.raises(RuntimeError, match="eval mode"), channel_skipping(net):
         pass
 
@@ -80,7 +80,7 @@ class TinyNet(Backbone):
 
 def test_dynamic_macs_equal_a_hand_count():
     actions = 3
-    net = DynamicNetwork(TinyNet(), DecisionConfig(actions=actions), input_size=(3, 8, 8))
+    net = DynamicNetwork(TinyNet(), DecisionSettings(actions=actions), input_size=(3, 8, 8))
     masks = [torch.tensor([[1.0, 0, 2.0, 0, 0, 1.0], [0, 0, 0, 0.5, 0, 0]])]  # 3 and 1 active channels
     pixels = 8 * 8
     fixed = 3 * 4 * 9 * pixels + 4 * 2 + 4 * actions  # stem + classifier + decision head
@@ -93,14 +93,14 @@ def test_dynamic_macs_equal_a_hand_count():
 
 
 def test_mac_fraction_gradient_pushes_the_mask_down():
-    net = DynamicNetwork(TinyNet(), DecisionConfig(actions=2), input_size=(3, 8, 8))
+    net = DynamicNetwork(TinyNet(), DecisionSettings(actions=2), input_size=(3, 8, 8))
     mask = torch.ones(2, 6, requires_grad=True)
     net.mac_fraction([mask]).sum().backward()
     assert (mask.grad > 0).all()
 
 
 def test_keep_fraction_hits_the_mac_target():
-    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=2))
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionSettings(actions=2))
     keep = net.keep_fraction_for(0.6)
     masks = [torch.zeros(1, g.site.channels).index_fill_(1, torch.arange(round(keep * g.site.channels)), 1.0)
              for g in net.gated]
@@ -108,7 +108,7 @@ def test_keep_fraction_hits_the_mac_target():
 
 
 def test_bad_input_gives_a_clear_error():
-    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=2))
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionSettings(actions=2))
     with pytest.raises(ValueError, match="B x 3 x H x W"):
         net(torch.rand(2, 1, 32, 32))
 
@@ -117,7 +117,7 @@ def test_pre_sliced_folded_execution_equals_masked_dense():
     from drib.sparse_inference import deploy, deploy_dense, deployed_masks
 
     torch.manual_seed(0)
-    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=5)).eval()
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionSettings(actions=5)).eval()
     _randomise(net)
     with torch.no_grad():
         net.gates[3].codebook[1].zero_()  # a code that keeps no channel: the branch is BN2's shift alone
@@ -143,7 +143,7 @@ def test_pre_sliced_folded_execution_equals_masked_dense():
     assert all(torch.equal(a, b) for a, b in zip(fast_masks, masks))
     # the dense start in the same folded form equals the plain backbone
     backbone = build_backbone("resnet20").eval()
-    _randomise(DynamicNetwork(backbone, DecisionConfig(actions=2)))
+    _randomise(DynamicNetwork(backbone, DecisionSettings(actions=2)))
     plain = build_backbone("resnet20").eval()
     plain.load_state_dict(backbone.state_dict())
     with torch.no_grad():
@@ -152,13 +152,13 @@ def test_pre_sliced_folded_execution_equals_masked_dense():
 
 def test_speed_metrics_time_every_form_and_the_static_ceiling_runs_one_code():
     from common.data import load_dataset
-    from drib.config import DRIBConfig
+    from drib.config import DribSettings
     from drib.sparse_inference import deploy
     from drib.speed import speed_metrics, static_ceiling
     from drib.train import TrainedDRIB
 
     torch.manual_seed(0)
-    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=3)).eval()
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionSettings(actions=3)).eval()
     _randomise(net)
     x = torch.rand(6, 3, 32, 32)
     deployed = deploy(net)
@@ -171,7 +171,7 @@ def test_speed_metrics_time_every_form_and_the_static_ceiling_runs_one_code():
         for g in net.gated:
             g.gate.forced = None
         assert (ceiling(x) - forced).abs().max() < 1e-5 * max(1.0, float(forced.abs().max()))
-    trained = TrainedDRIB(net, {}, DRIBConfig(), {"backbone": "resnet20", "num_classes": 10})
+    trained = TrainedDRIB(net, {}, DribSettings(), {"backbone": "resnet20", "num_classes": 10})
     out = speed_metrics(trained, load_dataset("digits"), batch_sizes=(1, 4), repeats=1, images=8, bf16=False)
     assert out["deployed_top1_agreement_with_masked_dense"] == 1.0 and out["threads"] == torch.get_num_threads()
     for batch in (1, 4):

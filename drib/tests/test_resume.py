@@ -13,7 +13,7 @@ from common.data import load_dataset
 from common.loop import CHECKPOINT_FORMAT, TrainLoop, non_finite_tensors
 from common.method import Budget
 from drib.__main__ import main
-from drib.config import DRIBConfig
+from drib.config import DribSettings
 
 # Two epochs of three steps: the decisions train in the first (Gumbel noise), the second is the fine-tuning
 # share, whose start calibrates the code books ("ones" code books keep every channel, so the 50% MAC target
@@ -26,6 +26,8 @@ SETTINGS = {"decision": {"actions": 4, "codebook_init": "ones"},
 BUDGET = Budget(epochs=2, max_batches=3)
 TINY_CLI = {"decision": {"actions": 3}, "bottleneck": {"steps": 2, "copies": 2, "estimator_samples": 32},
             "train": {"batch_size": 16}}
+TINY_RECIPE = {"description": "tiny test recipe", "backbone": "resnet20", "dataset": "digits", "epochs": 1,
+               "settings": TINY_CLI}
 
 
 class Killed(RuntimeError):
@@ -43,7 +45,7 @@ def digits():
 def _train(digits, out):
     torch.manual_seed(0)  # the start is the same network on every launch (the benchmark passes one)
     start = build_backbone("resnet20", num_classes=digits.num_classes)
-    return drib_train.train_run(start, "resnet20", digits, BUDGET, out, DRIBConfig.from_dict(SETTINGS),
+    return drib_train.train_run(start, "resnet20", digits, BUDGET, out, DribSettings.from_dict(SETTINGS),
                                 torch.device("cpu"), seed=3)[0]
 
 
@@ -107,7 +109,7 @@ def _files(run):
 @pytest.mark.slow
 def test_cli_refuses_another_config_and_resumes_the_same(tmp_path, capsys):
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_CLI))
+    config.write_text(json.dumps(TINY_RECIPE))
     run = tmp_path / "run"
     assert _cli(run, config, "--max-batches", "2") == 0
     before = _files(run)
@@ -128,7 +130,7 @@ def test_cli_refuses_another_config_and_resumes_the_same(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_diverging_backbone_lr_exits_2_and_writes_no_weights(tmp_path, capsys):
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_CLI))
+    config.write_text(json.dumps(TINY_RECIPE))
     run = tmp_path / "run"
     run.mkdir()
     (run / "model.pt").write_bytes(b"a good model from before")  # must survive the failed run

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from drib.bottleneck import FeatureStats, attribute, estimate_statistics, fit_statistics
-from drib.config import BottleneckConfig
+from drib.config import BottleneckSettings
 
 
 class BrightnessModel(nn.Module):
@@ -42,7 +42,7 @@ def test_iba_at_the_estimated_size_is_unchanged_and_a_mosaic_points_at_its_brigh
     model = BrightnessModel()
     train = torch.rand(300, 3, 16, 16) * torch.rand(300, 1, 1, 1)  # bright and dark images
     stats = estimate_statistics(model, model.features, [(train, None)], samples=300)
-    config = BottleneckConfig()
+    config = BottleneckSettings()
     image = 0.9 * torch.ones(3, 16, 16)
 
     def run(x):

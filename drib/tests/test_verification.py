@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common.backbones import build_backbone
-from drib.config import DecisionConfig
+from drib.config import DecisionSettings
 from drib.model import DynamicNetwork
 from drib.verification import bottleneck_site, credibility
 
@@ -21,7 +21,7 @@ def test_credibility_is_the_information_share_of_selected_channels():
 
 
 def test_bottleneck_site_selection():
-    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=2))
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionSettings(actions=2))
     assert bottleneck_site(net, "middle").site.name == "layer2.1.conv1"
     assert bottleneck_site(net, 0).site.name == "layer1.0.conv1"
     assert bottleneck_site(net, "layer3.2.conv1") is net.gated[-1]
@@ -74,11 +74,11 @@ def test_credibility_rejects_selections_that_ignore_the_image():
 
 def test_in_the_loop_verification_replaces_low_credibility_decisions():
     from drib.bottleneck import FeatureStats
-    from drib.config import BottleneckConfig
+    from drib.config import BottleneckSettings
     from drib.verification import credibility_site, verified_forward, verified_predict
 
     torch.manual_seed(0)
-    net = DynamicNetwork(build_backbone("resnet20"), DecisionConfig(actions=3)).eval()
+    net = DynamicNetwork(build_backbone("resnet20"), DecisionSettings(actions=3)).eval()
     with torch.no_grad():
         for g in net.gates:
             g.codebook.copy_((torch.rand_like(g.codebook) < 0.5).float())
@@ -86,7 +86,7 @@ def test_in_the_loop_verification_replaces_low_credibility_decisions():
     site = credibility_site(net, "middle")
     c = site.gated.site.channels
     bits = torch.rand(4, c)
-    dense = verified_forward(net, x, bits, 1.01, BottleneckConfig(verify_fallback="dense"))  # all below
+    dense = verified_forward(net, x, bits, 1.01, BottleneckSettings(verify_fallback="dense"))  # all below
     assert dense["replaced"].all()
     with torch.no_grad():
         plain = net(x)
@@ -95,11 +95,11 @@ def test_in_the_loop_verification_replaces_low_credibility_decisions():
         opened = net(x)
     site.gated.gate.open = False
     assert torch.allclose(dense["logits"], opened, atol=1e-5) and not torch.allclose(plain, opened)
-    none = verified_forward(net, x, bits, 0.0, BottleneckConfig())  # nothing below 0: decisions adopted
+    none = verified_forward(net, x, bits, 0.0, BottleneckSettings())  # nothing below 0: decisions adopted
     assert not none["replaced"].any() and torch.allclose(none["logits"], plain, atol=1e-5)
     shape = (c, 16, 16)
     stats = {k: FeatureStats(torch.zeros(shape if "bn1" in k else (32, 16, 16)),
                              torch.ones(shape if "bn1" in k else (32, 16, 16)),
                              torch.ones(shape if "bn1" in k else (32, 16, 16))) for k in site.keys}
-    result = verified_predict(net, x, stats, BottleneckConfig(steps=1, copies=1, verify_threshold=1.0))
+    result = verified_predict(net, x, stats, BottleneckSettings(steps=1, copies=1, verify_threshold=1.0))
     assert result["replaced"].all() and result["macs"].shape == (4,)
