@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{DEFAULT_DATASET})")
     add_common_arguments(train, weights=True, out=True, overrides=True, val_source=True, data=True,
                          out_help="run directory (resumes if it holds checkpoint.pt)")
+    _set_help(train, "set", "override one of DribSettings, e.g. target_mac_reduction=0.5 or, dotted into a "
+                            "section, train.backbone_lr=0.02; repeatable; the value is checked against the key's "
+                            "type")
     add_budget_arguments(train, epochs=None)
     _set_help(train, "epochs", f"passes over the training set (default: the recipe's epochs, else "
                                f"{DEFAULT_EPOCHS:g})")
@@ -98,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     _set_help(explain, "precision", "compute precision of the forward pass that gives the prediction and the "
                                     "selected channels: auto (bf16 where the device has native bf16, else fp32), "
                                     "fp32 or bf16 (default: %(default)s); IBA runs in fp32")
+    for command in (evaluate, explain):
+        _set_help(command, "val_source", "validation split of the run's dataset, which decides the reported "
+                                         "split: auto (the one the run was trained with), train (hold-out of the "
+                                         "training set, the test set reported) or test-half (the other half of "
+                                         "the test set reported)")
     return parser
 
 

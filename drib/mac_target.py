@@ -1,4 +1,4 @@
-"""The shared cost knob `target_mac_reduction` (issue 18): map it to DRIB's own knob and make it land.
+"""The shared cost knob `target_mac_reduction`: map it to DRIB's own knob and make it land.
 
 DRIB's knob is the sparsity regulariser's target, the network's MAC fraction (decision heads included, per
 sample, argmax decisions at inference). `decision_target_for` turns a reduction of the dense start's MACs
