@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from common import speed
-from common.data import BatchLoader, ImageTensors
+from common.data import BatchLoader, DatasetSplits, ImageTensors
 from common.macs import count_macs, count_params
 from common.method import shared_metrics
 from common.precision import resolve_precision
@@ -166,7 +166,7 @@ def freeze_for_deployment(model: DecoupledNet, train: ImageTensors, n: int, devi
     return codes, {"calibration_images": len(codes), "calibration_seed": seed}
 
 
-def val_split_name(data: Any) -> str:
+def val_split_name(data: DatasetSplits) -> str:
     """How the validation split is named next to a figure, e.g. "validation (test-half, 5,000)"."""
     return f"validation ({data.val_source}, {len(data.val):,})"
 
@@ -215,7 +215,7 @@ def frozen_disagreement(model: DecoupledNet, raw_codes: np.ndarray) -> float:
     return float(differs.mean())
 
 
-def evaluate_run(model: DecoupledNet, dense: nn.Module, data, device: torch.device, *,
+def evaluate_run(model: DecoupledNet, dense: nn.Module, data: DatasetSplits, device: torch.device, *,
                  deployment: dict[str, Any] | None = None, report_split: str = "test", probe_fit_images: int = 5000,
                  seeds: int = 3, adv_runs: int = 3, adv_shots: Sequence[int] = (1, 5, 10), adv_test_per_class: int = 10,
                  adv_classifiers=None, latency_images: int = 256, speed_repeats: int = 21, seed: int = 0,
