@@ -29,6 +29,12 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def quick(session: nox.Session) -> None:
+    """A developer's loop: every test not marked ``slow`` or ``data`` (under 3 minutes on 2 cores)."""
+    _pytest(session, "-m", "not slow and not data")
+
+
+@nox.session
 def common(session: nox.Session) -> None:
     _pytest(session, "common/tests")
 

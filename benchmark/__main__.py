@@ -36,9 +36,16 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from exc
 
 
+def _presets_help() -> str:
+    """The presets and ladders with their one-line descriptions, for ``--help``."""
+    lines = [f"  {name:<20} {get_preset(name).description}" for name in list_presets()]
+    lines += [f"  {name:<20} {ladder.description}" for name, ladder in LADDERS.items()]
+    return "presets:\n" + "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help(),
         description="Run the baseline and the four methods under one budget and write one leaderboard. "
                     "Finished runs are skipped; interrupted ones resume; runs made under another config are "
                     "never reused. Exit status 1 when a job failed (after writing the leaderboard).")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from .jobs import Context, Job, is_finished, run_job
 from .leaderboard import collect_runs, write_leaderboard
 from .presets import MetricSpec, Preset, get_preset
 from .runner import _check_identities, _load_inputs, _run_worker_pairs, plan_jobs, resolve_workers
-from .start import prepare_start
+from .start import prepare_start, start_path
 
 # Longest rows first (measured train seconds per epoch at one thread, main job): a worker that is handed a short
 # job last finishes with the others instead of after them.
@@ -94,10 +95,15 @@ def run_ladder(ladder: Ladder, out: str | os.PathLike = "results", *, data_root:
             first = contexts[ladder.budgets[0]]
             data = _load_inputs(first, weights_dir)
             count = resolve_workers(first.preset, workers, device)
-            for epochs, preset in rungs:  # a scratch start is trained here, once per rung, before workers race
-                if preset.start.kind == "scratch":
-                    prepare_start(preset, data, contexts[epochs].results_dir, weights_dir=weights_dir,
-                                  device=pick_device(device))
+            if first.preset.start.kind == "scratch":  # trained here once, before workers race; every rung shares it
+                prepare_start(first.preset, data, first.results_dir, weights_dir=weights_dir,
+                              device=pick_device(device))
+                cached = start_path(first.preset, first.results_dir, data.val_source)
+                for epochs, preset in rungs[1:]:
+                    target = start_path(preset, contexts[epochs].results_dir, data.val_source)
+                    if not target.is_file():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(cached, target)
             if count > 1:
                 _run_worker_pairs(pending, count, threads)
             else:

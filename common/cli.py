@@ -88,9 +88,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, device: bool = True
                                  "exiting with an error naming its pid")
     if overrides:
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override one setting, e.g. lr=0.05 (a dotted key reaches into a nested "
-                                 "section, where the settings have one); repeatable; the value is checked against "
-                                 "the key's type")
+                            help="override one setting, KEY=VALUE (a dotted key reaches into a nested section, "
+                                 "where the settings have one); repeatable; the value is checked against the key's "
+                                 "type")
     if val_source:
         parser.add_argument("--val-source", choices=VAL_SOURCE_CHOICES, default="auto",
                             help="validation split: train (hold-out of the training set), test-half (half of "
@@ -120,7 +120,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, images: int | None = N
     parser.add_argument("--out", default=None, help=out_help)
     parser.add_argument("--images", type=int, default=images,
                         help=images_help + (f" (default {images})" if images is not None else ""))
-    add_common_arguments(parser, seed=False, val_source=True, precision=True, data=True)
+    add_common_arguments(parser, seed=False, precision=True, data=True)
+    parser.add_argument("--val-source", choices=VAL_SOURCE_CHOICES, default="auto",
+                        help="where the validation split comes from: auto (the split the run recorded), train "
+                             "(hold-out of the training set) or test-half (half of the test set; the other half "
+                             "is reported)")
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser, *, epochs: float | None = 1.0) -> None:
