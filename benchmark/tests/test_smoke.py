@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from benchmark.__main__ import main
 from benchmark.leaderboard import CONTROL_ROWS, MECHANISM_FIGURES
@@ -15,6 +16,7 @@ from benchmark.metrics import COLUMNS
 from benchmark.presets import COMPRESSING, CONTROL_METHODS, CONTROL_OF, METHODS
 
 
+@pytest.mark.slow
 def test_smoke_preset_fills_every_column_for_all_five_methods(results_with_start: Path) -> None:
     assert main(["--preset", "smoke", "--out", str(results_with_start), "--device", "cpu"]) == 0
     out = results_with_start / "smoke"
