@@ -65,8 +65,9 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
     That is the deployed network (filter states frozen on ``calibration_images`` class-mixed training images)
     with ``dynamic_forward`` (logits and per-sample MACs of the channel-skipping execution), ``mis_layer``
     (the backbone's last feature map), ``dynamic_filter_share`` (share of gated filters whose state depends
-    on the input, raw gates on the validation split) and metrics measured on the validation split (the
-    shared keys of ``common.method.shared_metrics``, ``split`` naming it). The paper's explanations are
+    on the input, raw gates on the validation split) and metrics: the shared keys of
+    ``common.method.shared_metrics`` on the reported test split (``split`` naming it), ``val_top1`` / ``val_macs``
+    on the validation split. The paper's explanations are
     path-level, not pixel saliency: ``saliency`` is None (common Grad-CAM). Per-sample calculation paths:
     ``result.model.paths(images)``. With ``static_twin`` the returned network (and ``model.pt``) is the
     static twin; the decoupled network it comes from is in ``out_dir/decoupled/model.pt``.
@@ -120,11 +121,14 @@ def run_method(start: Backbone, data: DatasetSplits, budget: Budget, out_dir: Pa
         model.set_precision(policy)
         extra["variant"] = "static twin" + (" (fine-tuned)" if config.static_twin_finetune else " (as is)")
     save(model, run.model_path, deployment)
-    macs = mean_dynamic_macs(model, val)
-    metrics = {**shared_metrics(top1=evaluate_top1(model, val), split=val_split_name(data), macs=macs,
-                                dense_macs=dense_macs, params=count_params(model), precision=policy.name,
+    # the shared figures on the reported test split, as every package reports them; validation beside them
+    test = BatchLoader(data.test, 256, train=False, device=device)
+    metrics = {**shared_metrics(top1=evaluate_top1(model, test), split=data.test_split_name,
+                                macs=mean_dynamic_macs(model, test), dense_macs=dense_macs,
+                                params=count_params(model), precision=policy.name,
                                 target_mac_reduction=config.target_mac_reduction),
-               **extra, "macs_dense": dense_macs, "gate_offset": outcome.gate_offset,
+               "val_top1": evaluate_top1(model, val), "val_macs": mean_dynamic_macs(model, val),
+               "val_split": val_split_name(data), **extra, "macs_dense": dense_macs, "gate_offset": outcome.gate_offset,
                **{f"{k}_filters": v for k, v in states.fractions.items()},
                "train_steps": outcome.steps, "stopped_by_time": outcome.stopped_by_time}
     share = 0.0 if config.static_twin else states.fractions["dynamic"]

@@ -115,7 +115,8 @@ def test_run_method_contract(tmp_path):
     assert result.mis_layer is result.model.backbone.cam_layer()
     assert 0.0 <= result.dynamic_filter_share <= 1.0
     assert result.train_seconds > 0 and shared_metric_problems(result.metrics) == []
-    assert result.metrics["split"].startswith("validation")  # run_method never measures on test
+    assert result.metrics["split"] == data.test_split_name  # the shared figures on the reported split, as everywhere
+    assert result.metrics["val_split"].startswith("validation") and 0 <= result.metrics["val_top1"] <= 100
     loaded = load_run(tmp_path)  # the network run_method returned, from its run directory
     assert not loaded.training and loaded.deployed
     assert torch.allclose(loaded(x), result.model.eval()(x), atol=1e-5)
