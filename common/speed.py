@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cost import cross_entropy_step
 from .data import ImageTensors
 from .data.splits import class_interleaved_order
 
@@ -112,20 +112,8 @@ def time_side_by_side(fns: dict[str, Callable[[Tensor], object]], images: Tensor
 
 def _training_step(model: nn.Module, labels: Tensor, precision: Any) -> Callable[[Tensor], object]:
     """One SGD step on a batch under ``precision`` (a ``common.precision.Precision``)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    model.train()
-
-    def step(x: Tensor) -> object:
-        x = precision.prepare_inputs(x)
-        with precision.autocast():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels[: len(x)])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    return step
+    step = cross_entropy_step(model, precision, lr=1e-3, momentum=0.9)
+    return lambda x: step(x, labels[: len(x)])
 
 
 def _inference(model: nn.Module, precision: Any) -> Callable[[Tensor], object]:

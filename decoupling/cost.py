@@ -6,20 +6,18 @@ cross-entropy step, each with the same SGD settings, batch size and precision po
 timed in alternation on the same batches after a warm-up (median seconds per step), so the machine's load
 falls on both alike. The post-training calibration (gate offset and BN re-estimation, once per run) is timed
 once and added to a projected epoch: ``epoch_ratio`` = (steps x Decoupling step + calibration) / (steps x
-cross-entropy step).
+cross-entropy step). The alternating timing and the cross-entropy step are ``common.cost``'s.
 """
 
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from common.backbones import build_backbone
+from common.cost import cross_entropy_step, time_steps, timed_call
 from common.data import BatchLoader, DatasetSplits
 from common.loop import batch_stream
 from common.precision import resolve_precision
@@ -48,54 +46,30 @@ def training_cost(backbone: str, weights: str | None, data: DatasetSplits, setti
     objective = build_objective(model, data.num_classes, settings, size).to(device)
     dec_opt = torch.optim.SGD(parameter_groups(model, objective, settings), lr=settings.lr,
                               momentum=settings.momentum, weight_decay=settings.weight_decay)
-    plain = precision.prepare_model(copy.deepcopy(start).to(device))
-    ce_opt = torch.optim.SGD(plain.parameters(), lr=settings.lr, momentum=settings.momentum,
-                             weight_decay=settings.weight_decay)
+    ce_step = cross_entropy_step(copy.deepcopy(start).to(device), precision, lr=settings.lr,
+                                 momentum=settings.momentum, weight_decay=settings.weight_decay)
     model.train()
-    plain.train()
 
     def dec_step(x, y) -> None:
         decoupling_step(model, objective, dec_opt, precision, x, y, size)
 
-    def ce_step(x, y) -> None:
-        with precision.autocast():
-            logits = plain(precision.prepare_inputs(x))
-        loss = F.cross_entropy(logits.float(), y)
-        ce_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ce_opt.step()
-
-    def timed(fn, x, y) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        fn(x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - began
-
     loader = BatchLoader(data.train, settings.batch_size, train=True, device=device, seed=seed)
-    stream = batch_stream(loader, 0)
-    times: dict[str, list[float]] = {"decoupling": [], "cross_entropy": []}
-    for i in range(warmup + steps):
-        x, y = next(stream)
-        order = (("decoupling", dec_step), ("cross_entropy", ce_step))
-        for name, fn in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
-            seconds = timed(fn, x, y)
-            if i >= warmup:
-                times[name].append(seconds)
-    dec, ce = statistics.median(times["decoupling"]), statistics.median(times["cross_entropy"])
-    # The once-per-run post-processing of train.train_decoupled, timed on this half-trained network.
-    began = time.perf_counter()
-    if settings.target_mac_reduction is not None:
-        subset = data.train.subset(class_mixed_indices(data.train.labels,
-                                                       min(settings.mac_calibration_images, len(data.train)), seed))
-        calibrate_gate_offset(model, subset, settings.target_mac_reduction, device, precision)
-    if settings.bn_recalibration_batches > 0:
-        recalibrate_batch_norm(model, loader, settings.bn_recalibration_batches, precision)
+    medians = time_steps({"decoupling": dec_step, "cross_entropy": ce_step}, batch_stream(loader, 0), steps,
+                         warmup=warmup, device=device)
+    dec, ce = medians["decoupling"], medians["cross_entropy"]
+
+    def post_training() -> None:  # the once-per-run post-processing of train.train_decoupled
+        subset = None
         if settings.target_mac_reduction is not None:
+            subset = data.train.subset(class_mixed_indices(
+                data.train.labels, min(settings.mac_calibration_images, len(data.train)), seed))
             calibrate_gate_offset(model, subset, settings.target_mac_reduction, device, precision)
-    post = time.perf_counter() - began
+        if settings.bn_recalibration_batches > 0:
+            recalibrate_batch_norm(model, loader, settings.bn_recalibration_batches, precision)
+            if subset is not None and settings.target_mac_reduction is not None:
+                calibrate_gate_offset(model, subset, settings.target_mac_reduction, device, precision)
+
+    post = timed_call(post_training, device=device)  # timed once, on this half-trained network
     per_epoch = len(loader)
     return {"threads": torch.get_num_threads(), "precision": precision.describe(), "batch_size": settings.batch_size,
             "timed_steps": steps, "decoupling_step_s": dec, "cross_entropy_step_s": ce, "step_ratio": dec / ce,
