@@ -2,10 +2,11 @@
 
 Each step: (1) gate step: loss = CE + lam * R_sparsity, Adam on heads and code books, then G is clamped to
 [0, 5] and the head rows renormalised; (2) backbone step: a second forward, CE only, SGD on the backbone.
-With `alternate=False` one forward serves both optimisers (the regulariser's gradient still reaches only the
-gates). The Gumbel temperature decays exponentially from tau_start to tau_end over the decision-training
-steps (the fine-tuning share uses argmax decisions). Backbone weight decay: `decision_weight_decay` (Wang:
-1e-9) while the decisions train, `weight_decay` in the fine-tuning share.
+With `alternate=False` one forward serves both optimisers: one backward of CE for gates and backbone, one of
+the gate-only terms (lam * R, the balance term) for the gates, so the regulariser's gradient reaches only the
+gates (`drib_step`). The Gumbel temperature decays exponentially from tau_start to tau_end over the
+decision-training steps (the fine-tuning share uses argmax decisions). Backbone weight decay:
+`decision_weight_decay` (Wang: 1e-9) while the decisions train, `weight_decay` in the fine-tuning share.
 Model selection: the epoch with the best validation top-1 among those
 meeting the sparsity target (else the last), plus the current weights when `--budget-seconds` stops a run
 mid-epoch; never the test set. `finetune_augment` feeds the fine-tuning share crop + flip copies of the batches.
@@ -16,6 +17,7 @@ weights, bit for bit; a non-finite loss or weight stops it (exit 2 through the C
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -25,13 +27,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from common.backbones import Backbone, build_backbone
 from common.data import BatchLoader, DatasetSplits
 from common.loop import LoopState, TrainLoop, batch_stream, require_finite
 from common.method import Budget
-from common.precision import resolve_precision
+from common.precision import Precision, resolve_precision
 from common.run import RunDir, atomic_torch_save, load_checkpoint, pick_device, seed_everything
 
 from .bottleneck import FeatureStats, estimate_statistics_sites
@@ -112,6 +114,71 @@ def _consider(state: dict, record: dict, meets: bool, net: DynamicNetwork) -> No
                          "model": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
 
 
+def make_optimisers(net: DynamicNetwork, config: DribSettings) -> tuple[torch.optim.Adam, torch.optim.SGD]:
+    """Adam on the decision heads and code books, SGD (momentum, weight decay) on the backbone."""
+    t = config.train
+    return (torch.optim.Adam(net.gate_parameters(), lr=config.decision.gate_lr),
+            torch.optim.SGD(net.backbone_parameters(), lr=t.backbone_lr, momentum=t.momentum,
+                            weight_decay=t.weight_decay))
+
+
+def drib_step(net: DynamicNetwork, gate_opt: torch.optim.Optimizer, backbone_opt: torch.optim.Optimizer,
+              policy: Precision, config: DribSettings, x: Tensor, y: Tensor, *, finetuning: bool, tau: float,
+              lr: float, separate_backward: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One training step on the batch (x, y); returns (loss, CE, R_sparsity) of its (first) forward.
+
+    Gradients: the gates get d(CE + lam * R (+ balance)) / d(gates), the backbone d(CE) / d(backbone). The
+    fine-tuning share (``finetuning``) trains the backbone alone under argmax decisions. With `alternate=False`
+    one forward serves both: one backward of CE reaches gates and backbone, a second one of the gate-only
+    terms reaches the gates (it still runs back through the backbone's activations: the heads read them, and
+    they depend on the earlier gates). ``separate_backward`` is the former form of that step (a backward of
+    the whole loss for the gates, then one of CE for the backbone; the same gradients), kept as the reference
+    of `python -m drib cost --separate-backward` and of the test that both give the same gradients."""
+    t, d = config.train, config.decision
+    net.train()
+    net.set_tau(tau)
+    for group in backbone_opt.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = t.weight_decay if finetuning else t.decision_weight_decay
+    for gate in net.gates:
+        gate.train(not finetuning)  # fine-tuning: argmax decisions, as at inference
+    x = policy.prepare_inputs(x)
+    with policy.autocast():
+        logits = net(x)
+    ce = F.cross_entropy(logits.float(), y)  # losses in fp32 (common.precision)
+    reg = sparsity_loss(net, [m.float() for m in net.masks()], config)
+    gate_terms = d.lam * reg  # what reaches the gates only
+    loss = ce + gate_terms
+    if d.balance > 0 and not finetuning:  # deviation: usage balance of the rows (gates only)
+        balance = d.balance * balance_loss(net)
+        gate_terms = gate_terms + balance
+        loss = loss + balance
+    gate_opt.zero_grad(set_to_none=True)
+    backbone_opt.zero_grad(set_to_none=True)
+    gates, backbone = net.gate_parameters(), net.backbone_parameters()
+    if finetuning:
+        ce.backward(inputs=backbone)
+    elif d.alternate:  # Wang et al.: gate step, then a second forward for the backbone step
+        loss.backward(inputs=gates)
+        gate_opt.step()
+        net.project_()
+        with policy.autocast():
+            logits = net(x)
+        ce = F.cross_entropy(logits.float(), y)
+        ce.backward(inputs=backbone)
+    else:
+        if separate_backward:
+            loss.backward(inputs=gates, retain_graph=True)
+            ce.backward(inputs=backbone)
+        else:
+            ce.backward(inputs=gates + backbone, retain_graph=True)
+            gate_terms.backward(inputs=gates)
+        gate_opt.step()
+        net.project_()
+    backbone_opt.step()
+    return loss, ce, reg
+
+
 def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Path, config: DribSettings,
           device: torch.device, seed: int = 0) -> TrainOutcome:
     """Train ``net`` in place within ``budget`` through the shared loop (``common.loop``): resumes exactly
@@ -131,9 +198,7 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
     val_loader = BatchLoader(data.val, 256, train=False, device=device)
     per_epoch = len(loader) if budget.max_batches is None else min(len(loader), budget.max_batches)
     total_steps = budget.batches(len(loader))
-    gate_opt = torch.optim.Adam(net.gate_parameters(), lr=d.gate_lr)
-    backbone_opt = torch.optim.SGD(net.backbone_parameters(), lr=t.backbone_lr, momentum=t.momentum,
-                                   weight_decay=t.weight_decay)
+    gate_opt, backbone_opt = make_optimisers(net, config)
     finetune_from = round(total_steps * (1 - t.finetune_fraction)) if t.finetune_fraction > 0 else total_steps
     loop = TrainLoop(run, STAGE, {"model": net, "gate_opt": gate_opt, "backbone_opt": backbone_opt},
                      total_steps, seconds=budget.seconds, save_every=t.save_every, fix=DIVERGED_FIX,
@@ -167,40 +232,10 @@ def train(net: DynamicNetwork, data: DatasetSplits, budget: Budget, out_dir: Pat
             if not extra["calibrated"]:  # the decisions freeze here: the MAC target lands now
                 calibrate("decisions frozen", step)
                 extra["calibrated"] = True
-        net.train()
         # tau anneals over the decision-training steps only (fine-tuning uses argmax decisions)
-        net.set_tau(decision_temperature(step, finetune_from, d.tau_start, d.tau_end))
-        for group in backbone_opt.param_groups:
-            group["lr"] = backbone_lr(t, step, total_steps)
-            group["weight_decay"] = t.weight_decay if finetuning else t.decision_weight_decay
-        for gate in net.gates:
-            gate.train(not finetuning)  # fine-tuning: argmax decisions, as at inference
-        x = policy.prepare_inputs(x)
-        with policy.autocast():
-            logits = net(x)
-        ce = F.cross_entropy(logits.float(), y)  # losses in fp32 (common.precision)
-        reg = sparsity_loss(net, [m.float() for m in net.masks()], config)
-        loss = ce + d.lam * reg
-        if d.balance > 0 and not finetuning:  # deviation: usage balance of the rows (gates only)
-            loss = loss + d.balance * balance_loss(net)
-        gate_opt.zero_grad(set_to_none=True)
-        backbone_opt.zero_grad(set_to_none=True)
-        if finetuning:
-            ce.backward(inputs=net.backbone_parameters())
-        elif d.alternate:
-            loss.backward(inputs=net.gate_parameters())
-            gate_opt.step()
-            net.project_()
-            with policy.autocast():
-                logits = net(x)
-            ce = F.cross_entropy(logits.float(), y)
-            ce.backward(inputs=net.backbone_parameters())
-        else:  # one forward; still the regulariser only reaches the gates, the backbone gets CE
-            loss.backward(inputs=net.gate_parameters(), retain_graph=True)
-            ce.backward(inputs=net.backbone_parameters())
-            gate_opt.step()
-            net.project_()
-        backbone_opt.step()
+        loss, ce, reg = drib_step(net, gate_opt, backbone_opt, policy, config, x, y, finetuning=finetuning,
+                                  tau=decision_temperature(step, finetune_from, d.tau_start, d.tau_end),
+                                  lr=backbone_lr(t, step, total_steps))
         if (step + 1) % t.log_every == 0:
             log.info("step %d/%d ce %.4f reg %.5f tau %.3f", step + 1, total_steps, float(ce.detach()),
                      float(reg.detach()), net.gates[0].tau)
@@ -317,32 +352,44 @@ def load_run(path: str | os.PathLike, *, device: torch.device | str | None = Non
     return load_trained(path, pick_device(None if device is None else str(device))).net
 
 
-def train_run(start: Backbone, backbone_name: str, data: DatasetSplits, budget: Budget, out_dir: Path,
-              config: DribSettings, device: torch.device, seed: int = 0) -> tuple[TrainedDRIB, float]:
-    """Wrap ``start`` with gates, train, estimate the bottleneck statistics and write model.pt."""
-    seed_everything(seed)
-    run = RunDir(out_dir)
+def build_network(start: Backbone, data: DatasetSplits, config: DribSettings, device: torch.device,
+                  seed: int = 0, log: logging.Logger | None = None) -> tuple[DynamicNetwork, DribSettings]:
+    """``start`` wrapped with gates and its code books (and heads) initialised as the settings say; returns
+    it with the settings it trains under (``target_mac_reduction`` mapped to DRIB's own target). Uses no
+    global RNG, so a resume may build it again before the checkpoint overwrites its weights."""
     net = DynamicNetwork(start, config.decision, input_size=input_size_of(data)).to(device)
     if config.target_mac_reduction is not None:  # the shared knob -> DRIB's own (drib.mac_target)
         config = copy.deepcopy(config)
         config.decision.regulariser = "macs"
         config.decision.target = decision_target_for(net, config.target_mac_reduction)
         config.validate()
-        run.logger("drib").info("target_mac_reduction %.3f -> decision.target (MAC fraction) %.4f",
-                                config.target_mac_reduction, config.decision.target)
-    # Also on a resume (cheap, no global RNG): the checkpoint then overwrites these code books with its own.
+        _info(log, "target_mac_reduction %.3f -> decision.target (MAC fraction) %.4f",
+              config.target_mac_reduction, config.decision.target)
     if config.decision.codebook_init == "importance":
         pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
         images = data.train.subset(pick[: config.decision.init_images]).images.to(device).float() / 255
         keep = net.init_codebooks(net.channel_importance(images), config.decision, seed)
-        run.logger("drib").info("code books initialised by importance: each action keeps %.3f of the channels",
-                                keep)
+        _info(log, "code books initialised by importance: each action keeps %.3f of the channels", keep)
     elif config.decision.codebook_init == "clusters":
         pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
         images = data.train.subset(pick[: config.decision.init_images]).images.to(device).float() / 255
         shares = net.init_by_clusters(images, config.decision, seed)
-        run.logger("drib").info("code books and heads initialised by clusters: largest cluster share per layer %s",
-                                ", ".join(f"{max(v):.2f}" for v in shares.values()))
+        _info(log, "code books and heads initialised by clusters: largest cluster share per layer %s",
+              ", ".join(f"{max(v):.2f}" for v in shares.values()))
+    return net, config
+
+
+def _info(log: logging.Logger | None, message: str, *args: Any) -> None:
+    if log is not None:
+        log.info(message, *args)
+
+
+def train_run(start: Backbone, backbone_name: str, data: DatasetSplits, budget: Budget, out_dir: Path,
+              config: DribSettings, device: torch.device, seed: int = 0) -> tuple[TrainedDRIB, float]:
+    """Wrap ``start`` with gates, train, estimate the bottleneck statistics and write model.pt."""
+    seed_everything(seed)
+    run = RunDir(out_dir)
+    net, config = build_network(start, data, config, device, seed, log=run.logger("drib"))
     outcome = train(net, data, budget, out_dir, config, device, seed)
     require_finite(net.state_dict(), "drib: the selected weights", DIVERGED_FIX)
     stats = feature_statistics(net, data, config, device, seed)
