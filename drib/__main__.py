@@ -1,4 +1,4 @@
-"""The CLI: python -m drib {train, evaluate, explain}."""
+"""The CLI: python -m drib {train, evaluate, explain, cost}."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from common.cli import (
     resolve_val_source,
 )
 from common.data import default_val_source, load_dataset
-from common.precision import add_precision_argument, resolve_precision
+from common.precision import CHOICES, add_precision_argument, resolve_precision
 from common.run import RunDir, check_config, pick_device
 
 from .config import NOT_IDENTITY, DribSettings, read_recipe, run_identity
@@ -31,7 +31,10 @@ from .config import NOT_IDENTITY, DribSettings, read_recipe, run_identity
 PROG = "python -m drib"
 TRAIN_FIX = "pass a new --out to keep the old run, or delete it to train these settings there"
 DEFAULT_BACKBONE, DEFAULT_DATASET, DEFAULT_EPOCHS = "resnet20", "cifar10", 1.0
-COMMANDS = ("train", "evaluate", "explain")
+COMMANDS = ("train", "evaluate", "explain", "cost")
+# cost's default settings: the benchmark main job's DRIB recipe (its cifar10-cpu preset: 50% target, batch 128)
+COST_RECIPE = Path(__file__).parent / "configs" / "resnet20_cifar10_cpu.json"
+MAIN_JOB_SETTINGS = ("target_mac_reduction=0.5", "train.batch_size=128")
 
 
 def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
@@ -40,7 +43,7 @@ def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser: ``train``, ``evaluate`` and ``explain``, each on ``common.cli``'s shared flags."""
+    """The full parser: ``train``, ``evaluate``, ``explain`` and ``cost``, each on ``common.cli``'s shared flags."""
     parser = argparse.ArgumentParser(prog=PROG, description=(
         "DRIB: dynamic reasoning (per-sample channel selection) + information bottleneck verification."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
@@ -101,6 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
     _set_help(explain, "precision", "compute precision of the forward pass that gives the prediction and the "
                                     "selected channels: auto (bf16 where the device has native bf16, else fp32), "
                                     "fp32 or bf16 (default: %(default)s); IBA runs in fp32")
+    cost = sub.add_parser("cost", help="training cost: DRIB's steps against cross-entropy steps of the same backbone, "
+                                       "interleaved in one process, and the projected run with its MAC calibrations "
+                                       "and validations; OUT/cost.json with --out")
+    cost.add_argument("--config", default=None,
+                      help="recipe JSON (default: drib/configs/resnet20_cifar10_cpu.json with "
+                           f"{' and '.join(MAIN_JOB_SETTINGS)}, the benchmark main job's DRIB settings); --set "
+                           "applies on top")
+    add_common_arguments(cost, weights=True, out=True, overrides=True, val_source=True, data=True,
+                         out_help="folder for cost.json (default: print only)")
+    _set_help(cost, "set", "override one of DribSettings, e.g. decision.alternate=true; repeatable")
+    cost.set_defaults(threads=1)
+    _set_help(cost, "threads", "torch CPU threads (default 1)")
+    add_precision_argument(cost, default=None)
+    _set_help(cost, "precision", "compute precision of DRIB's steps: auto, fp32 or bf16 (default: the settings' "
+                                 "train.precision)")
+    cost.add_argument("--baseline-precision", choices=CHOICES, default=None,
+                      help="compute precision of the cross-entropy step (default: DRIB's; the benchmark's "
+                           "baseline trains at auto)")
+    cost.add_argument("--epochs", type=float, default=1.0,
+                      help="epochs of the projected run (default 1, the main job's)")
+    cost.add_argument("--steps", type=int, default=20, help="timed steps of each, interleaved (default 20)")
+    cost.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    cost.add_argument("--separate-backward", action="store_true",
+                      help="also time the former one-forward decision step (a backward of the whole loss for the "
+                           "gates, then one of CE for the backbone)")
     for command in (evaluate, explain):
         _set_help(command, "val_source", "validation split of the run's dataset, which decides the reported "
                                          "split: auto (the one the run was trained with), train (hold-out of the "
@@ -203,9 +231,43 @@ def cmd_explain(args: argparse.Namespace) -> None:
         print(f"wrote {png}: {shown}")
 
 
+def cmd_cost(args: argparse.Namespace) -> None:
+    from common.run import atomic_write_json
+
+    from .cost import training_cost
+
+    check_positive(args.steps, "--steps")
+    if args.warmup < 0:
+        raise CLIError(f"--warmup must be 0 or more, got {args.warmup}")
+    recipe = read_recipe(args.config if args.config is not None else COST_RECIPE)
+    defaults = list(MAIN_JOB_SETTINGS) if args.config is None else []
+    config = apply_overrides(recipe.settings, [*defaults, *args.set])
+    if args.precision is not None:
+        config.train.precision = args.precision
+    config.validate()
+    if args.separate_backward and config.decision.alternate:
+        raise CLIError("--separate-backward times the one-forward step: it needs decision.alternate=false")
+    device = pick_device(args.device)
+    val_source = resolve_val_source(args.val_source, args.weights is not None)
+    weights, data = gather_inputs(
+        lambda: require_weights(args),
+        lambda: load_dataset(recipe.dataset, args.data_root, download=args.download, val_source=val_source),
+        what=f"{PROG} cost")
+    report = training_cost(recipe.backbone, None if weights is None else str(weights), data, config, device,
+                           steps=args.steps, warmup=args.warmup, epochs=args.epochs, seed=args.seed,
+                           baseline_precision=args.baseline_precision, separate_backward=args.separate_backward)
+    report = {"backbone": recipe.backbone, "dataset": recipe.dataset, "val_source": val_source, **report}
+    for key, value in report.items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    if args.out is not None:
+        path = Path(args.out) / "cost.json"
+        atomic_write_json(report, path)
+        print(f"wrote {path}")
+
+
 def _run(argv: list[str] | None) -> None:
     args = parse_args(build_parser(), argv)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain}
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain, "cost": cmd_cost}
     with command_scope(args, PROG):  # train: one process per --out; run files name their rebuild
         commands[args.command](args)
 

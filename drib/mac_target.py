@@ -74,10 +74,15 @@ def calibrate_codebooks(net: DynamicNetwork, images: Tensor, reduction: float, t
     ranked = [_ranked_rows(cb, imp.to(cb)) for cb, imp in zip(originals, importance)]
     max_scale = max(float(cb.shape[1]) for cb in originals)
 
+    measured: dict[bytes, float] = {}  # code books -> reduction: kept counts are rounded, so scales repeat them
+
     def apply(scale: float) -> float:
         for gate, cb, (order, counts, fill) in zip(gates, originals, ranked):
             gate.codebook.copy_(_scaled_codebook(cb, order, counts, fill, scale))
-        return achieved_reduction(net, images)
+        key = b"".join(gate.codebook.detach().cpu().numpy().tobytes() for gate in gates)
+        if key not in measured:  # the reduction is a function of the code books alone (eval mode, same images)
+            measured[key] = achieved_reduction(net, images)
+        return measured[key]
 
     low, high = (0.0, 1.0) if before < reduction else (1.0, max_scale)  # more reduction: fewer channels
     best = (abs(before - reduction), 1.0, before)

@@ -184,7 +184,7 @@ def test_help_lists_every_command_and_every_documented_flag_parses(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     top = capsys.readouterr().out
-    for command in ("train", "evaluate", "explain"):
+    for command in ("train", "evaluate", "explain", "cost"):
         assert f"    {command} " in top, command
     shared = ["--run", "R", "--out", "O", "--images", "4", "--device", "cpu", "--threads", "1", "--precision",
               "fp32", "--data-root", "D", "--download", "--val-source", "train"]
@@ -201,7 +201,7 @@ def test_help_lists_every_command_and_every_documented_flag_parses(capsys):
     capsys.readouterr()
     # every flag that drib/README.md's commands use is one this parser knows
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    commands = re.findall(r"python -m drib (train|evaluate|explain)((?:[^\n]|\\\n)*)", readme)
+    commands = re.findall(r"python -m drib (train|evaluate|explain|cost)((?:[^\n]|\\\n)*)", readme)
     assert commands
     commands_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     known = {c: {o for a in sub._actions for o in a.option_strings} for c, sub in commands_action.choices.items()}
