@@ -10,10 +10,14 @@ from common.training import evaluate_top1
 
 
 def test_resnet20_learns_embedded_digits_in_one_epoch():
+    # One thread, whatever an earlier test in this process left: one epoch at this size is sensitive to the
+    # order of CPU sums (lr 0.05: 52.1% at 1 thread, 52.8% at 2; lr 0.01 gave 57% at 2 threads, 33% at 1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     seed_everything(0)
     data = load_dataset("digits")
     model = build_backbone("resnet20", data.num_classes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     before = evaluate_top1(model, BatchLoader(data.val, 256, train=False))
     model.train()
     for x, y in BatchLoader(data.train, 32, train=True, seed=0, augment=False):
@@ -22,7 +26,8 @@ def test_resnet20_learns_embedded_digits_in_one_epoch():
         loss.backward()
         optimizer.step()
     after = evaluate_top1(model, BatchLoader(data.val, 256, train=False))
-    # Ten balanced classes: chance is 10%. One epoch of real digits gets far above it (57% measured).
+    torch.set_num_threads(threads)
+    # Ten balanced classes: chance is 10%. One epoch of real digits gets far above it (52% measured).
     assert after > 40.0 and after > before + 20.0, (before, after)
 
 
