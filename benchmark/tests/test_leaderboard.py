@@ -56,6 +56,7 @@ def test_batch_size_reaches_every_method_under_its_own_key() -> None:
     assert get_preset("smoke", seconds=5.0).budget().seconds == 5.0
 
 
+@pytest.mark.slow
 def test_cli_reports_missing_weights_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["--preset", "cifar10-cpu", "--out", str(tmp_path), "--weights-dir", str(tmp_path / "nowhere"),
                  "--methods", "baseline"])

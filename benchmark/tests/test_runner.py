@@ -25,6 +25,7 @@ def _board(results: Path) -> pd.DataFrame:
     return pd.DataFrame(json.loads((results / "smoke" / "leaderboard.json").read_text())).set_index("method")
 
 
+@pytest.mark.slow
 def test_failing_method_gives_failed_row_and_the_rest_complete(results_with_start: Path) -> None:
     preset = replace(get_preset("smoke"), methods=("baseline", "broken", "dynamic"))
     registry = registry_of(baseline=baseline_run_method, broken=broken, dynamic=half_dynamic)
@@ -50,6 +51,7 @@ def test_failing_method_gives_failed_row_and_the_rest_complete(results_with_star
     assert runs.loc["dynamic", "own_explainer"] == "method"
 
 
+@pytest.mark.slow
 def test_kill_mid_run_then_rerun_skips_finished_jobs(results_with_start: Path) -> None:
     smoke = get_preset("smoke")
     cheap = replace(smoke.metrics, mis_images=0, latency_batches=(1,))  # this test is about resuming
@@ -100,6 +102,7 @@ class _FakeExecutor:
         return [type("Handle", (), {"result": lambda self, r=r: r})() for r in results]
 
 
+@pytest.mark.slow
 def test_submitit_launcher_submits_only_unfinished_jobs(results_with_start: Path, monkeypatch) -> None:
     import sys
     import types

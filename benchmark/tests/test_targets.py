@@ -71,6 +71,7 @@ def test_one_board_per_target_keeps_the_uncompressed_rows_and_flags_misses() -> 
     assert frame[frame["method"] == "baseline"]["target"].isna().all()
 
 
+@pytest.mark.slow
 def test_the_gpu_preset_runs_its_three_targets_on_tiny_data(tmp_path) -> None:
     """The ``cifar10`` preset (ResNet-56, targets 30/50/70%, meant for a GPU) as written, shrunk to the
     embedded digits, one batch and a random ResNet-56 start: every target's row finishes on target."""
