@@ -29,7 +29,15 @@ from .figures import method_style
 from .jobs import Context, Job, is_finished, run_job
 from .leaderboard import collect_runs, write_leaderboard
 from .presets import MetricSpec, Preset, get_preset
-from .runner import _check_identities, _load_inputs, _run_worker_pairs, plan_jobs, resolve_workers
+from .runner import (
+    NoRunsError,
+    _check_identities,
+    _load_inputs,
+    _run_worker_pairs,
+    job_states,
+    plan_jobs,
+    resolve_workers,
+)
 from .start import prepare_start, start_path
 
 # Longest rows first (measured train seconds per epoch at one thread, main job): a worker that is handed a short
@@ -88,6 +96,10 @@ def run_ladder(ladder: Ladder, out: str | os.PathLike = "results", *, data_root:
         for epochs, _ in rungs:
             _check_identities(contexts[epochs], plans[epochs], replace_changed=replace_changed,
                               aggregate_only=skip_training)
+        if skip_training and not any(job_states(contexts[e], plans[e])[state] for e, _ in rungs
+                                     for state in ("finished", "failed")):
+            raise NoRunsError(f"--aggregate-only: no run of ladder {ladder.name!r} under {results}; check --out "
+                              f"(now {out}), or run without --aggregate-only first")
         pending = [(job, contexts[epochs]) for epochs, _ in sorted(rungs, key=lambda r: -r[0])
                    for job in sorted(plans[epochs], key=lambda j: _cost_rank(j.method))
                    if not is_finished(contexts[epochs], job)]
