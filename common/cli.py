@@ -127,6 +127,17 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, images: int | None = N
                              "is reported)")
 
 
+def retell(parser: argparse.ArgumentParser, dest: str, **attributes: Any) -> None:
+    """Give a shared flag (by ``dest``) the help or default that is true for this command, e.g.
+    ``retell(evaluate, "precision", default=None, help="...")``; a flag the parser lacks is a ``KeyError``."""
+    for action in parser._actions:
+        if action.dest == dest:
+            for key, value in attributes.items():
+                setattr(action, key, value)
+            return
+    raise KeyError(f"{parser.prog} has no flag with dest {dest!r}")
+
+
 def add_budget_arguments(parser: argparse.ArgumentParser, *, epochs: float | None = 1.0) -> None:
     """``--epochs``, ``--max-batches`` and ``--budget-seconds``: the one spelling of each budget flag."""
     parser.add_argument("--epochs", type=float, default=epochs,

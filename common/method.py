@@ -17,6 +17,7 @@ Every package's ``metrics.json`` and ``MethodResult.metrics`` name the figures a
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -150,3 +151,33 @@ class LoadRun(Protocol):
     """``load_run``: a package's trained network from a run directory."""
 
     def __call__(self, path: str | os.PathLike, *, device: torch.device | str | None = None) -> nn.Module: ...
+
+
+# A recipe (``<package>/configs/*.json``): exactly these top-level keys; ``settings`` is the dict the package's
+# settings class takes, ``epochs`` the recipe's total passes over the training set (null: its stage keys decide).
+RECIPE_KEYS = ("description", "backbone", "dataset", "epochs", "settings")
+
+
+def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe file in the one layout, its layout checked (the package checks ``settings`` against its own
+    class). A missing file is a ``FileNotFoundError``, anything else wrong a one-line ``ValueError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    try:
+        recipe = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"recipe {path} is not valid JSON ({exc})") from None
+    if not isinstance(recipe, dict) or set(recipe) != set(RECIPE_KEYS):
+        found = sorted(recipe) if isinstance(recipe, dict) else type(recipe).__name__
+        raise ValueError(f"recipe {path}: a recipe has exactly the keys {list(RECIPE_KEYS)}, found {found}")
+    for key in ("description", "backbone", "dataset"):
+        if not isinstance(recipe[key], str) or not recipe[key]:
+            raise ValueError(f"recipe {path}: {key!r} must be a non-empty string, got {recipe[key]!r}")
+    epochs = recipe["epochs"]
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int | float)
+                               or not 0 < epochs < math.inf):
+        raise ValueError(f"recipe {path}: 'epochs' must be a positive number or null, got {epochs!r}")
+    if not isinstance(recipe["settings"], dict):
+        raise ValueError(f"recipe {path}: 'settings' must be a JSON object")
+    return recipe

@@ -25,6 +25,7 @@ from common.cli import (
     parse_args,
     require_weights,
     resolve_val_source,
+    retell,
 )
 from common.precision import add_precision_argument
 
@@ -46,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", help="digits, cifar10, cifar100, ... (default: from --config)")
     add_common_arguments(train, weights=True, out=True, overrides=True, val_source=True, data=True)
     add_precision_argument(train, default=None)  # None: the config's precision setting (default auto)
-    _retell(train, "--precision", help="compute precision of training: auto (bf16 where the device has native "
-            "bf16, else fp32), fp32 or bf16 (default: the settings' precision, auto)")
+    retell(train, "precision", help="compute precision of training: auto (bf16 where the device has native bf16, else "
+                                    "fp32), fp32 or bf16 (default: the settings' precision, auto)")
     add_budget_arguments(train, epochs=None)
-    _retell(train, "--epochs", help="passes over the training set (default: the --config's epochs)")
+    retell(train, "epochs", help="passes over the training set (default: the --config's epochs)")
     train.add_argument("--config", help="JSON recipe with description, backbone, dataset, epochs and settings "
                        "(a dict over config.DecouplingSettings), e.g. decoupling/configs/resnet20_cifar10_cpu.json")
 
@@ -109,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "settings), as train's")
     add_common_arguments(cost, weights=True, overrides=True, val_source=True, data=True)
     add_precision_argument(cost, default=None)
-    _retell(cost, "--precision", help="compute precision of the timed steps: auto, fp32 or bf16 (default: the "
-            "settings' precision, auto)")
+    retell(cost, "precision", help="compute precision of the timed steps: auto, fp32 or bf16 (default: the settings' "
+                                   "precision, auto)")
     cost.add_argument("--steps", type=int, default=20, help="timed steps of each, interleaved (default 20)")
 
     explain = sub.add_parser("explain", help="figures of filter states, calculation paths and an occlusion; writes "
@@ -123,26 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _retell(parser: argparse.ArgumentParser, flag: str, **changes: Any) -> None:
-    """Change the default or help of a shared flag where this CLI means something more precise by it."""
-    for action in parser._actions:
-        if flag in action.option_strings:
-            for key, value in changes.items():
-                setattr(action, key, value)
-            return
-    raise KeyError(flag)
-
-
 def _run_arguments(parser: argparse.ArgumentParser, **kwargs: Any) -> None:
     """``common.cli.add_run_arguments``, with the run's own precision and validation split as defaults."""
     add_run_arguments(parser, **kwargs)
-    _retell(parser, "--precision", default=None,
+    retell(parser, "precision", default=None,
             help="compute precision of the path figures (top-1 and MACs are always of the fp32 deployed network): "
                  "auto (bf16 where the device has native bf16, else fp32), fp32 or bf16 (default: the run's "
                  "precision setting)")
-    _retell(parser, "--val-source", help="validation split: auto (default: the one the run was trained with), "
-            "train (hold-out of the training set) or test-half (half of the test set; the other half is reported)")
-    _retell(parser, "--data-root", help="dataset root (default: the run's, else $DATA_ROOT, else ./data)")
+    retell(parser, "val_source", help="validation split: auto (default: the one the run was trained with), train "
+                                      "(hold-out of the training set) or test-half (half of the test set; the other "
+                                      "half is reported)")
+    retell(parser, "data_root", help="dataset root (default: the run's, else $DATA_ROOT, else ./data)")
 
 
 def _run_flags(parser: argparse.ArgumentParser, precision: bool = True) -> None:
@@ -152,8 +144,8 @@ def _run_flags(parser: argparse.ArgumentParser, precision: bool = True) -> None:
     add_common_arguments(parser, seed=False)
     if precision:
         add_precision_argument(parser, default=None)
-        _retell(parser, "--precision", help="precision of the static twin's fine-tuning: auto, fp32 or bf16 "
-                "(default: the run's precision setting); top-1 and MACs are of the fp32 deployed network")
+        retell(parser, "precision", help="precision of the static twin's fine-tuning: auto, fp32 or bf16 (default: the "
+                                         "run's precision setting); top-1 and MACs are of the fp32 deployed network")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -9,11 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.method import settings_from_dict
-from common.run import read_json
+from common.method import read_recipe_file, settings_from_dict
 
 # The keys of every recipe file (configs/*.json), the same layout in every method package.
-RECIPE_KEYS = ("description", "backbone", "dataset", "epochs", "settings")
 
 # Table 5 (lambda_m, lambda_k, lambda_s, R). The paper has no ResNet-20/32/44/110 row: the CIFAR ResNets
 # all use the ResNet-56 row.
@@ -145,7 +143,7 @@ def resolve_settings(backbone: str, overrides: dict[str, Any] | DecouplingSettin
 
 
 def load_recipe(path: str | None) -> dict[str, Any]:
-    """A recipe JSON (a path, or the name of a file in ``configs/``) with exactly ``RECIPE_KEYS``: text
+    """A recipe JSON (a path, or the name of a file in ``configs/``) with exactly ``common.method.RECIPE_KEYS``: text
     ``description``, ``backbone`` and ``dataset``, ``epochs`` (the recipe's total epochs, or null) and a
     ``settings`` dict over ``DecouplingSettings``; {} for None."""
     if path is None:
@@ -157,19 +155,4 @@ def load_recipe(path: str | None) -> dict[str, Any]:
             raise FileNotFoundError(f"config {path} not found (packaged configs: "
                              f"{', '.join(p.name for p in (Path(__file__).parent / 'configs').glob('*.json'))})")
         file = packaged
-    recipe = read_json(file)
-    if not isinstance(recipe, dict):
-        raise ValueError(f"config {path} must hold a JSON object")
-    if set(recipe) != set(RECIPE_KEYS):
-        unknown, missing = sorted(set(recipe) - set(RECIPE_KEYS)), sorted(set(RECIPE_KEYS) - set(recipe))
-        raise ValueError(f"config {path}: expected exactly the keys {', '.join(RECIPE_KEYS)}"
-                         + (f"; unknown {unknown}" if unknown else "") + (f"; missing {missing}" if missing else ""))
-    for key in ("description", "backbone", "dataset"):
-        if not isinstance(recipe[key], str) or not recipe[key]:
-            raise ValueError(f"config {path}: {key} must be a non-empty string, got {recipe[key]!r}")
-    epochs = recipe["epochs"]
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int | float) or not epochs > 0):
-        raise ValueError(f"config {path}: epochs must be a positive number or null, got {epochs!r}")
-    if not isinstance(recipe["settings"], dict):
-        raise ValueError(f"config {path}: settings must be a JSON object over DecouplingSettings")
-    return recipe
+    return read_recipe_file(file)

@@ -21,6 +21,7 @@ from common.cli import (
     parse_args,
     require_weights,
     resolve_val_source,
+    retell,
 )
 from common.data import default_val_source, load_dataset
 from common.precision import CHOICES, add_precision_argument, resolve_precision
@@ -35,11 +36,6 @@ COMMANDS = ("train", "evaluate", "explain", "cost")
 # cost's default settings: the benchmark main job's DRIB recipe (its cifar10-cpu preset: 50% target, batch 128)
 COST_RECIPE = Path(__file__).parent / "configs" / "resnet20_cifar10_cpu.json"
 MAIN_JOB_SETTINGS = ("target_mac_reduction=0.5", "train.batch_size=128")
-
-
-def _set_help(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
-    """Replace a shared flag's help where this command gives it a narrower meaning."""
-    next(action for action in parser._actions if action.dest == dest).help = text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,16 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{DEFAULT_DATASET})")
     add_common_arguments(train, weights=True, out=True, overrides=True, val_source=True, data=True,
                          out_help="run directory (resumes if it holds checkpoint.pt)")
-    _set_help(train, "set", "override one of DribSettings, e.g. target_mac_reduction=0.5 or, dotted into a "
-                            "section, train.backbone_lr=0.02; repeatable; the value is checked against the key's "
-                            "type")
+    retell(train, "set", help="override one of DribSettings, e.g. target_mac_reduction=0.5 or, dotted into a section, "
+                              "train.backbone_lr=0.02; repeatable; the value is checked against the key's type")
     add_budget_arguments(train, epochs=None)
-    _set_help(train, "epochs", f"passes over the training set (default: the recipe's epochs, else "
+    retell(train, "epochs", help=f"passes over the training set (default: the recipe's epochs, else "
                                f"{DEFAULT_EPOCHS:g})")
     add_precision_argument(train, default=None)
-    _set_help(train, "precision", "compute precision of the training forward passes: auto (bf16 where the "
-                                  "device has native bf16, else fp32), fp32 or bf16 (default: the settings' "
-                                  "train.precision)")
+    retell(train, "precision", help="compute precision of the training forward passes: auto (bf16 where the device has "
+                                    "native bf16, else fp32), fp32 or bf16 (default: the settings' train.precision)")
 
     evaluate = sub.add_parser("evaluate", help="write metrics.json: top-1, MACs, dynamism, static twin, IBA "
                                                "faithfulness, credibility")
@@ -77,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "draw from the reported split (0 skips them)",
                       out_help="directory for metrics.json (default: --run)")
     add_common_arguments(evaluate, device=False, threads=False, seed=True)
-    _set_help(evaluate, "precision", "compute precision of the channel-skipping forward that gives top-1 and "
-                                     "MACs: auto (bf16 where the device has native bf16, else fp32), fp32 or "
-                                     "bf16 (default: %(default)s); IBA, credibility and the controls run in fp32")
+    retell(evaluate, "precision", help="compute precision of the channel-skipping forward that gives top-1 and MACs: "
+                                       "auto (bf16 where the device has native bf16, else fp32), fp32 or bf16 "
+                                       "(default: %(default)s); IBA, credibility and the controls run in fp32")
     evaluate.add_argument("--no-compare", action="store_true",
                           help="skip the controls of the IBA map (Grad-CAM, random and centre maps)")
     evaluate.add_argument("--degradation-points", type=int, default=20,
@@ -101,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                       images_help="test images to explain, one PNG each (explain_<i>.png): the first N of the "
                                   "reported split, which is class-interleaved",
                       out_help="directory for the PNGs (default: RUN/explain)")
-    _set_help(explain, "precision", "compute precision of the forward pass that gives the prediction and the "
-                                    "selected channels: auto (bf16 where the device has native bf16, else fp32), "
-                                    "fp32 or bf16 (default: %(default)s); IBA runs in fp32")
+    retell(explain, "precision", help="compute precision of the forward pass that gives the prediction and the "
+                                      "selected channels: auto (bf16 where the device has native bf16, else fp32), "
+                                      "fp32 or bf16 (default: %(default)s); IBA runs in fp32")
     cost = sub.add_parser("cost", help="training cost: DRIB's steps against cross-entropy steps of the same backbone, "
                                        "interleaved in one process, and the projected run with its MAC calibrations "
                                        "and validations; OUT/cost.json with --out")
@@ -113,12 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "applies on top")
     add_common_arguments(cost, weights=True, out=True, overrides=True, val_source=True, data=True,
                          out_help="folder for cost.json (default: print only)")
-    _set_help(cost, "set", "override one of DribSettings, e.g. decision.alternate=true; repeatable")
+    retell(cost, "set", help="override one of DribSettings, e.g. decision.alternate=true; repeatable")
     cost.set_defaults(threads=1)
-    _set_help(cost, "threads", "torch CPU threads (default 1)")
+    retell(cost, "threads", help="torch CPU threads (default 1)")
     add_precision_argument(cost, default=None)
-    _set_help(cost, "precision", "compute precision of DRIB's steps: auto, fp32 or bf16 (default: the settings' "
-                                 "train.precision)")
+    retell(cost, "precision", help="compute precision of DRIB's steps: auto, fp32 or bf16 (default: the settings' "
+                                   "train.precision)")
     cost.add_argument("--baseline-precision", choices=CHOICES, default=None,
                       help="compute precision of the cross-entropy step (default: DRIB's; the benchmark's "
                            "baseline trains at auto)")
@@ -130,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also time the former one-forward decision step (a backward of the whole loss for the "
                            "gates, then one of CE for the backbone)")
     for command in (evaluate, explain):
-        _set_help(command, "val_source", "validation split of the run's dataset, which decides the reported "
-                                         "split: auto (the one the run was trained with), train (hold-out of the "
-                                         "training set, the test set reported) or test-half (the other half of "
-                                         "the test set reported)")
+        retell(command, "val_source", help="validation split of the run's dataset, which decides the reported split: "
+                                           "auto (the one the run was trained with), train (hold-out of the training "
+                                           "set, the test set reported) or test-half (the other half of the test set "
+                                           "reported)")
     return parser
 
 

@@ -9,11 +9,12 @@ Gaussian smoothing sigma = 1). The DRIB paper itself gives none of these numbers
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common.method import read_recipe_file
 
 
 @dataclass
@@ -211,11 +212,6 @@ class DribSettings:
         b.validate()
 
 
-# A recipe (configs/*.json) has exactly these top-level keys; "settings" is the dict DribSettings takes and
-# "epochs" the recipe's total passes over the training set (the default of `train --epochs`).
-RECIPE_KEYS = ("description", "backbone", "dataset", "epochs", "settings")
-
-
 @dataclass
 class Recipe:
     description: str
@@ -226,24 +222,10 @@ class Recipe:
 
 
 def read_recipe(path: str | Path) -> Recipe:
-    """A recipe file, checked: its top-level keys are exactly ``RECIPE_KEYS`` and its settings valid."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist (see drib/configs/)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"recipe {path} is not valid JSON ({exc})") from None
-    keys = sorted(data) if isinstance(data, dict) else []
-    if keys != sorted(RECIPE_KEYS):
-        raise ValueError(f"recipe {path} must have exactly the top-level keys {', '.join(RECIPE_KEYS)}; "
-                         f"it has {', '.join(keys) or 'none'}")
+    """A recipe file (``common.method.read_recipe_file``: the one layout) with its settings checked."""
+    data = read_recipe_file(path)
     epochs = data["epochs"]
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int | float) or epochs <= 0):
-        raise ValueError(f"recipe {path}: epochs must be a positive number or null, got {epochs!r}")
-    if not isinstance(data["settings"], dict):
-        raise ValueError(f"recipe {path}: settings must be an object (the DribSettings sections)")
-    return Recipe(str(data["description"]), str(data["backbone"]), str(data["dataset"]),
+    return Recipe(data["description"], data["backbone"], data["dataset"],
                   None if epochs is None else float(epochs), DribSettings.from_dict(data["settings"]))
 
 

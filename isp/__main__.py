@@ -23,6 +23,7 @@ from common.cli import (
     parse_args,
     require_weights,
     resolve_val_source,
+    retell,
 )
 from common.data import load_dataset
 from common.precision import add_precision_argument
@@ -43,23 +44,15 @@ NOT_IDENTITY = ("seconds", "data_root")
 IDENTITY_FIX = "pass a new --out to keep the old run, or delete it to train this config there"
 
 
-def _retell(parser: argparse.ArgumentParser, **helps: str) -> None:
-    """Replace the help of shared flags (by dest) where their generic text would not be true for this command."""
-    for action in parser._actions:
-        if action.dest in helps:
-            action.help = helps[action.dest]
-
-
 def _reopened_run_flags(parser: argparse.ArgumentParser) -> None:
     """What --precision, --val-source and --data-root mean on a command that reopens a finished run."""
     parser.set_defaults(precision=None)
-    _retell(parser,
-            precision="compute precision of this evaluation: auto (bf16 where the device has native bf16, else "
-                      "fp32), fp32 or bf16 (default: the run's own precision setting)",
-            val_source="validation split of the reopened run: auto (the one it was trained with, in its "
-                       "config.json), train or test-half (re-split for this command; metrics.json records "
-                       "val_source and split)",
-            data_root="dataset root (default: the run's own, else $DATA_ROOT, else ./data)")
+    retell(parser, "precision", help="compute precision of this evaluation: auto (bf16 where the device has native "
+                                     "bf16, else fp32), fp32 or bf16 (default: the run's own precision setting)")
+    retell(parser, "val_source", help="validation split of the reopened run: auto (the one it was trained with, in its "
+                                      "config.json), train or test-half (re-split for this command; metrics.json "
+                                      "records val_source and split)")
+    retell(parser, "data_root", help="dataset root (default: the run's own, else $DATA_ROOT, else ./data)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,16 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_argument(train, default=None)  # None: the settings' precision (default auto)
     add_budget_arguments(train, epochs=None)  # None: the recipe's epochs, else DEFAULT_EPOCHS
     train.add_argument("--stage", default=None, choices=STAGES, help="run only this stage")
-    _retell(train,
-            set="override one ISP setting (isp/config.py), e.g. gamma1=0 or target_mac_reduction=0.5; "
-                "repeatable; applied after --config; the value is checked against the setting's type",
-            precision="compute precision of training and evaluation: auto (bf16 where the device has native "
-                      "bf16, else fp32), fp32 or bf16 (default: the recipe's or --set's precision setting, else auto)",
-            epochs=f"budget in passes over the training set, shared 30/10/10/50%% by the predictor, selector, "
-                   f"gate search and fine-tuning where no *_epochs setting fixes a stage's length (default: the "
-                   f"recipe's epochs, else {DEFAULT_EPOCHS:g})",
-            budget_seconds="also stop (resumably) after this many seconds of training, split 30/10/10/50%% "
-                           "over the predictor, selector, gate search and fine-tuning")
+    retell(train, "set", help="override one ISP setting (isp/config.py), e.g. gamma1=0 or target_mac_reduction=0.5; "
+                              "repeatable; applied after --config; the value is checked against the setting's type")
+    retell(train, "precision", help="compute precision of training and evaluation: auto (bf16 where the device has "
+                                    "native bf16, else fp32), fp32 or bf16 (default: the recipe's or --set's precision "
+                                    "setting, else auto)")
+    retell(train, "epochs", help="budget in passes over the training set, shared 30/10/10/50%% by the predictor, "
+                                 "selector, gate search and fine-tuning where no *_epochs setting fixes a stage's "
+                                 f"length (default: the recipe's epochs, else {DEFAULT_EPOCHS:g})")
+    retell(train, "budget_seconds", help="also stop (resumably) after this many seconds of training, split "
+                                         "30/10/10/50%% over the predictor, selector, gate search and fine-tuning")
 
     evaluate = sub.add_parser("evaluate", help="(re)compute the metrics.json of a finished run")
     add_run_arguments(evaluate, images=EXPLAINED_IMAGES,

@@ -3,14 +3,11 @@ recipes of ``isp/configs/`` that set some of them."""
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from common.method import settings_from_dict
+from common.method import read_recipe_file, settings_from_dict
 
 STAGE_SHARES = {"predictor": 0.3, "selector": 0.1, "gates": 0.1, "finetune": 0.5}
 
@@ -145,31 +142,11 @@ class IspSettings:
 
 
 # The one layout of a recipe file (isp/configs/*.json), the same in every method package.
-RECIPE_KEYS = ("description", "backbone", "dataset", "epochs", "settings")
 
 
 def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """A recipe file: exactly ``RECIPE_KEYS``; ``settings`` are ``IspSettings`` keys (checked here), ``epochs``
-    the recipe's budget in passes over the training set, or null where its stage keys (``*_epochs``) set
-    every stage's length. A file of another layout is a one-line ``ValueError`` naming what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path} does not exist (recipes live in isp/configs/)")
-    try:
-        recipe = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--config {path} is not valid JSON: {exc}") from None
-    if not isinstance(recipe, dict) or set(recipe) != set(RECIPE_KEYS):
-        found = sorted(recipe) if isinstance(recipe, dict) else type(recipe).__name__
-        raise ValueError(f"--config {path}: a recipe holds exactly the keys {list(RECIPE_KEYS)}, found {found}")
-    for key in ("description", "backbone", "dataset"):
-        if not isinstance(recipe[key], str) or not recipe[key]:
-            raise ValueError(f"--config {path}: {key!r} must be a non-empty string, got {recipe[key]!r}")
-    epochs = recipe["epochs"]
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int | float)
-                               or not 0 < epochs < math.inf):
-        raise ValueError(f"--config {path}: 'epochs' must be a positive number or null, got {epochs!r}")
-    if not isinstance(recipe["settings"], dict):
-        raise ValueError(f"--config {path}: 'settings' must be a JSON object of ISP settings")
+    """A recipe file in the one layout (``common.method.read_recipe_file``), its ``settings`` checked as
+    ``IspSettings`` keys; ``epochs`` is null where the stage keys (``*_epochs``) set every stage's length."""
+    recipe = read_recipe_file(path)
     IspSettings.from_dict(recipe["settings"])  # unknown keys and bad values fail here, naming them
     return recipe

@@ -26,9 +26,10 @@ from common.cli import (
     parse_args,
     require_weights,
     resolve_val_source,
+    retell,
 )
 from common.data import BatchLoader, DatasetSplits, load_dataset
-from common.method import Budget
+from common.method import Budget, read_recipe_file
 from common.precision import add_precision_argument, resolve_precision
 from common.run import RunDir, atomic_write_json, check_config, pick_device, read_json, seed_everything
 
@@ -46,7 +47,6 @@ SETTING_FLAGS = {"lam": float, "assignment": str, "cluster_index": str, "lr": fl
                  "mis_samples": int, "precision": str}
 RUN_KEYS = ("backbone", "dataset", "epochs", "max_batches", "seconds", "weights", "val_fraction", "val_source")
 # The one layout of a recipe (picnn/configs/*.json).
-RECIPE_KEYS = ("description", "backbone", "dataset", "epochs", "settings")
 # config.json keys that describe a run without changing what it computes: a resumed run may change them
 # (a larger time budget continues a run that stopped on time). Everything else is the run's identity: a
 # checkpoint is resumed only into the config that wrote it.
@@ -54,13 +54,6 @@ NOT_IDENTITY = ("seconds", "data_root")
 RUN_VAL_SOURCE_HELP = ("the validation split, which decides the test images used: auto (the run's own, recorded in "
                        "its config.json), train (a hold-out of the training set: the whole test set is used) or "
                        "test-half (half of the test set: the other half is used)")
-
-
-def _retell(parser: argparse.ArgumentParser, dest: str, text: str) -> None:
-    """Give a shared flag the help that is true for this command."""
-    for action in parser._actions:
-        if action.dest == dest:
-            action.help = text
 
 
 def _settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_arguments(train)
     add_common_arguments(train, weights=True, out=True, overrides=True, val_source=True, data=True)
     add_budget_arguments(train, epochs=None)
-    _retell(train, "epochs", "passes over the training set (default: the recipe's epochs, else 1)")
+    retell(train, "epochs", help="passes over the training set (default: the recipe's epochs, else 1)")
     train.add_argument("--val-fraction", type=float,
                        help="share of the training set held out when --val-source is train (default 0.1)")
     _settings_arguments(train)
@@ -104,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backbone-lr-scale", type=float, help="backbone lr = lr * this (default 1)")
     train.add_argument("--mis-samples", type=int, help="test images used for MIS (default all)")
     add_precision_argument(train, default=None)  # None: the config's settings.precision (default auto)
-    _retell(train, "precision", "compute precision of training and evaluation: auto (bf16 where the device has "
-                                "native bf16, else fp32), fp32 or bf16 (default: the settings' precision, auto)")
+    retell(train, "precision", help="compute precision of training and evaluation: auto (bf16 where the device has "
+                                    "native bf16, else fp32), fp32 or bf16 (default: the settings' precision, auto)")
     # None: the --config file's seed and split, else 0 and auto (test-half with --weights)
     train.set_defaults(seed=None, val_source=None)
 
@@ -114,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(evaluate, images_help="test images evaluated: the first N of the reported split, which is "
                                             "class-interleaved (default: all of it)",
                       out_help="directory for metrics.json (default: --run)")
-    _retell(evaluate, "val_source", RUN_VAL_SOURCE_HELP)
-    _retell(evaluate, "precision", "compute precision of the forward pass over the test images: auto (bf16 where "
-                                   "the device has native bf16, else fp32), fp32 or bf16 (default: %(default)s); "
-                                   "the metrics themselves in fp32")
+    retell(evaluate, "val_source", help=RUN_VAL_SOURCE_HELP)
+    retell(evaluate, "precision", help="compute precision of the forward pass over the test images: auto (bf16 where "
+                                       "the device has native bf16, else fp32), fp32 or bf16 (default: %(default)s); "
+                                       "the metrics themselves in fp32")
     evaluate.add_argument("--draws", type=int, help="Bernoulli draws averaged for ACC2/ACC3 (default: the run's "
                                                     "eval_draws, 5)")
     evaluate.add_argument("--mis-samples", type=int, help="test images used for MIS, a seeded random subset of "
@@ -128,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(explain, images=5, images_help="test images shown, one row each: the first of each class in "
                                                      "class order, then the second of each, ...",
                       out_help="directory for explain.png (default: --run)")
-    _retell(explain, "val_source", RUN_VAL_SOURCE_HELP)
-    _retell(explain, "precision", "compute precision of the Grad-CAM passes: auto (bf16 where the device has "
-                                  "native bf16, else fp32), fp32 or bf16 (default: %(default)s)")
+    retell(explain, "val_source", help=RUN_VAL_SOURCE_HELP)
+    retell(explain, "precision", help="compute precision of the Grad-CAM passes: auto (bf16 where the device has "
+                                      "native bf16, else fp32), fp32 or bf16 (default: %(default)s)")
 
     overhead = sub.add_parser("overhead", help="seconds per training step, PICNN vs the plain backbone, "
                                                "timed side by side in one process")
@@ -141,24 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps of each (default 3)")
     overhead.add_argument("--out", dest="result", help="write the result to this .json file too")
     add_precision_argument(overhead, default=None)
-    _retell(overhead, "precision", "compute precision of both models' steps: auto (bf16 where the device has "
-                                   "native bf16, else fp32), fp32 or bf16 (default: the settings' precision, auto)")
+    retell(overhead, "precision", help="compute precision of both models' steps: auto (bf16 where the device has "
+                                       "native bf16, else fp32), fp32 or bf16 (default: the settings' precision, auto)")
     overhead.set_defaults(seed=None)
     return parser
-
-
-def _read_recipe(path: Path) -> dict[str, Any]:
-    """A recipe in the one layout: exactly ``RECIPE_KEYS``, ``settings`` a dict, ``epochs`` a number or null."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path} does not exist")
-    recipe = read_json(path)
-    if not isinstance(recipe, dict) or set(recipe) != set(RECIPE_KEYS):
-        keys = sorted(recipe) if isinstance(recipe, dict) else type(recipe).__name__
-        raise ValueError(f"--config {path}: a recipe has exactly the keys {list(RECIPE_KEYS)}, got {keys}")
-    epochs = recipe["epochs"]
-    if not isinstance(recipe["settings"], dict) or not (epochs is None or isinstance(epochs, int | float)):
-        raise ValueError(f"--config {path}: settings must be an object and epochs a number or null")
-    return recipe
 
 
 def _run_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,7 +147,7 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
                               "seconds": None, "weights": None, "val_fraction": 0.1, "val_source": "auto",
                               "seed": 0, "settings": {}}
     if args.config:
-        recipe = _read_recipe(Path(args.config))
+        recipe = read_recipe_file(args.config)
         config.update(backbone=recipe["backbone"], dataset=recipe["dataset"], settings=dict(recipe["settings"]))
         if recipe["epochs"] is not None:
             config["epochs"] = recipe["epochs"]

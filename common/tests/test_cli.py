@@ -293,3 +293,14 @@ def test_out_commands_hold_the_lock_and_name_the_rebuild(tmp_path: Path, capsys:
     with command_scope(evaluate_args, "python -m m"), pytest.raises(Exception) as info:
         load_checkpoint(out / "list.pt")
     assert f"python -m m train --out {out}" in str(info.value)
+
+
+def test_retell_changes_the_help_and_default_of_one_flag_and_refuses_an_unknown_one() -> None:
+    from common.cli import retell
+
+    parser = _parser()
+    retell(parser, "epochs", help="passes (default: the recipe's)", default=None)
+    assert parser.parse_args([]).epochs is None
+    assert "passes (default: the recipe's)" in parser.format_help()
+    with pytest.raises(KeyError, match="no_such_flag"):
+        retell(parser, "no_such_flag", help="x")

@@ -13,10 +13,10 @@ import torch
 from common.backbones import build_backbone
 from common.data import load_dataset
 from common.loop import CHECKPOINT_FORMAT
-from common.method import Budget, shared_metric_problems
+from common.method import RECIPE_KEYS, Budget, shared_metric_problems
 from decoupling import load_run, run_method
 from decoupling.__main__ import COMMANDS, build_parser, main
-from decoupling.config import RECIPE_KEYS, load_recipe
+from decoupling.config import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_every_packaged_recipe_has_the_one_layout(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"backbone": "resnet20", "dataset": "digits", "epochs": 1, "settings": {},
                                "_comment": "old layout"}))
-    with pytest.raises(ValueError, match="expected exactly the keys"):
+    with pytest.raises(ValueError, match="a recipe has exactly the keys"):
         load_recipe(str(bad))
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from common.method import RECIPE_KEYS
 from isp.__main__ import build_parser, main
-from isp.config import RECIPE_KEYS, IspSettings, read_recipe
+from isp.config import IspSettings, read_recipe
 
 PACKAGE = Path(__file__).resolve().parents[1]
 COMMANDS = ("train", "evaluate", "explain", "sweep", "blocks", "speed", "report", "compare")

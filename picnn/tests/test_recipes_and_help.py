@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from common.method import Budget
+from common.method import RECIPE_KEYS, Budget
 from picnn import PicnnSettings
-from picnn.__main__ import COMMANDS, RECIPE_KEYS, build_parser, main
+from picnn.__main__ import COMMANDS, build_parser, main
 
 PACKAGE = Path(__file__).resolve().parents[1]
 RECIPES = sorted((PACKAGE / "configs").glob("*.json"))
