@@ -30,6 +30,16 @@ def smoke_start(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def smoke(results_with_start: Path):
+    """The smoke preset, its data and its (cached) scratch-trained start."""
+    preset = get_preset("smoke")
+    ctx = Context(preset, results_with_start / preset.name, device="cpu")
+    data = load_data(ctx)
+    start = prepare_start(preset, data, ctx.results_dir, weights_dir=None, device=torch.device("cpu"))
+    return preset, data, start
+
+
+@pytest.fixture
 def results_with_start(tmp_path: Path, smoke_start: Path) -> Path:
     """A results folder whose smoke preset already holds the cached start."""
     preset = get_preset("smoke")

@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.jobs import Context, load_data
-from benchmark.presets import COMPRESSING, get_preset
+from benchmark.presets import COMPRESSING
 from benchmark.registry import default_registry
-from benchmark.start import prepare_start
 from common.loop import TrainLoop
 from common.run import seed_everything
 
@@ -21,16 +19,6 @@ METHODS = ("drib", "picnn", "decoupling", "isp")
 
 class Killed(RuntimeError):
     """Stands for a SIGKILL between a step and its checkpoint."""
-
-
-@pytest.fixture
-def smoke(results_with_start: Path):
-    """The smoke preset, its data and its (cached) scratch-trained start."""
-    preset = get_preset("smoke")
-    ctx = Context(preset, results_with_start / preset.name, device="cpu")
-    data = load_data(ctx)
-    start = prepare_start(preset, data, ctx.results_dir, weights_dir=None, device=torch.device("cpu"))
-    return preset, data, start
 
 
 def _run(method: str, smoke, out: Path):

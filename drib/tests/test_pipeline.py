@@ -62,6 +62,7 @@ def test_run_method_returns_a_dynamic_model_and_resumes(tmp_path, digits):
 
 
 def test_load_run_gives_the_logits_of_the_runs_own_evaluation(tmp_path, digits):
+    from common.speed import class_mixed_images
     from drib.evaluate import accuracy_and_macs
     from drib.sparse_inference import sparse_forward
 
@@ -69,7 +70,7 @@ def test_load_run_gives_the_logits_of_the_runs_own_evaluation(tmp_path, digits):
     result = run_method(start, digits, Budget(epochs=1, max_batches=2), tmp_path, settings=TINY)  # default device
     net = load_run(tmp_path, device="cpu")
     assert isinstance(net, torch.nn.Module) and not net.training
-    x = digits.test.images[:16].float() / 255  # pixels in [0, 1]
+    x = class_mixed_images(digits.test, 16)  # pixels in [0, 1], every class
     with torch.no_grad():
         logits = net(x)
         evaluated, _ = sparse_forward(net, x)  # what evaluate's top-1 is computed from
