@@ -6,6 +6,8 @@ corner of the frame, so a centre of (M/2, N/2) is the exact middle of the image.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,6 +34,16 @@ def rbf_bernoulli(params: Tensor, height: int, width: int) -> Tensor:
     c_z, c_t = params[:, 0, None, None], params[:, 1, None, None]
     sigma = params[:, 2, None, None].clamp_min(MIN_SIGMA)
     return torch.exp(-((z - c_z) ** 2 + (t - c_t) ** 2) / (2 * sigma**2))
+
+
+def rbf_mass_outside_frame(params: Tensor, height: int, width: int) -> Tensor:
+    """The part of the kernel of Eq. 4 that the frame does not hold, per sample, in pixels: its whole-plane mass
+    2 pi sigma^2 less the sum of its Bernoulli parameters over the H x W pixels, floored at 0 (the pixel sum of
+    a kernel narrower than a pixel can exceed the integral). For sigma >= 1 px the pixel sum of a kernel far from
+    the edges equals 2 pi sigma^2 to float precision: ~0 there, growing as the kernel moves out of the frame."""
+    sigma = params[:, 2].clamp_min(MIN_SIGMA)
+    inside = rbf_bernoulli(params, height, width).flatten(1).sum(1)
+    return (2 * math.pi * sigma**2 - inside).clamp_min(0.0)
 
 
 def centre_nonlinearity(u: Tensor, size: int, margin: float = 2.0) -> Tensor:

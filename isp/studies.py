@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from .artefacts import images_as_float, load_backbone, load_run
 from .evaluate import explanation_distance, speed_against_dense
 from .losses import area_penalty, kl_to_classifier, smoothness_penalty
 from .model import prunable_sites
-from .rbf import rbf_bernoulli, sample_mask
+from .rbf import MIN_SIGMA, rbf_bernoulli, rbf_mass_outside_frame, sample_mask
 from .selector import Selector, SelectorDecoder, forward_with_stages
 from .slim import slim_copy
 from .train import Pipeline, reopen_pipeline
@@ -134,8 +135,25 @@ def selector_codes(classifier: Backbone, decoder, images: Tensor, batch: int = 2
     return torch.cat(codes), torch.cat(classes)
 
 
+def centre_statistics(codes: Tensor, height: int, width: int) -> dict[str, float]:
+    """Where the RBF selector's kernels (B x 3 codes (c_z, c_t, sigma) in pixels, Eq. 4) sit in an H x W frame:
+    the spread of the centres and of sigma across images, the centres' offset from the image centre (H/2, W/2)
+    (mean Euclidean distance and mean signed offset per axis, in pixels), and the mean share of each kernel's
+    whole-plane mass 2 pi sigma^2 that lies outside the frame (``rbf_mass_outside_frame``), which R(m') of
+    Eq. 9, counting only the frame's pixels, does not charge."""
+    codes = codes.float()
+    dz, dt = codes[:, 0] - height / 2, codes[:, 1] - width / 2
+    plane = 2 * math.pi * codes[:, 2].clamp_min(MIN_SIGMA) ** 2
+    outside = (rbf_mass_outside_frame(codes, height, width) / plane).clamp(0.0, 1.0)
+    return {"centre_sd_z": float(codes[:, 0].std()), "centre_sd_t": float(codes[:, 1].std()),
+            "sigma_mean": float(codes[:, 2].mean()), "sigma_sd": float(codes[:, 2].std()),
+            "centre_offset_mean": float(torch.hypot(dz, dt).mean()),
+            "centre_offset_z_mean": float(dz.mean()), "centre_offset_t_mean": float(dt.mean()),
+            "kernel_mass_outside_frame_mean": float(outside.mean())}
+
+
 def selector_report(classifier: Backbone, decoder, images: Tensor, seed: int = 0) -> dict[str, float]:
-    """The selector's masks (kept-pixel fraction, centre spread across images) and its maps' faithfulness
+    """The selector's masks (kept-pixel fraction; for RBF kernels ``centre_statistics``) and its maps' faithfulness
     (tiled insertion on a blurred canvas, ROAD) beside Grad-CAM, a seeded random map and a centred Gaussian
     map, on ``images``. A single RBF blob ranks pixels by distance from its centre, so the centred map (the
     same shape, never moved) is the control that isolates what the selector's image-specific centres add."""
@@ -149,12 +167,9 @@ def selector_report(classifier: Backbone, decoder, images: Tensor, seed: int = 0
         "images": float(len(images)),
         "kept_fraction_mean": float(probs.flatten(1).mean(1).mean()),
         "kept_fraction_median": float(probs.flatten(1).mean(1).median()),
-        "centre_sd_z": float(codes[:, 0].std()), "centre_sd_t": float(codes[:, 1].std()),
-        "sigma_mean": float(codes[:, 2].mean()), "sigma_sd": float(codes[:, 2].std()),
     }
-    if decoder.kind != "rbf":
-        for key in ("centre_sd_z", "centre_sd_t", "sigma_mean", "sigma_sd"):
-            out.pop(key)
+    if decoder.kind == "rbf":  # REAL-X codes are per-pixel logits: no centre, no sigma
+        out.update(centre_statistics(codes, *images.shape[-2:]))
     maps = {"selector": probs,
             "grad-cam": torch.cat([grad_cam(classifier, classifier.cam_layer(), images[s:s + 128], classes[s:s + 128])
                                    for s in range(0, len(images), 128)]),
@@ -323,8 +338,8 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
     add_common_arguments(speed, device=False, seed=False)
     add_precision_argument(speed)  # bf16: every model is timed with bf16 weights (common.deploy)
 
-    report = sub.add_parser("report", help="the selector's masks (kept fraction, centre spread) and its insertion "
-                                           "/ ROAD beside Grad-CAM and random, on the held-out test split")
+    report = sub.add_parser("report", help="the selector's masks (kept fraction, centre spread and offset) and its "
+                                           "insertion / ROAD beside Grad-CAM and random, on the held-out test split")
     run_flags(report)
     report.add_argument("--images", type=int, default=500, help="class-mixed test images")
 

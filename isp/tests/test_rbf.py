@@ -13,6 +13,7 @@ from isp.rbf import (
     hard_mask_from_noise,
     logistic_noise,
     rbf_bernoulli,
+    rbf_mass_outside_frame,
     sample_mask,
     sample_random_rbf_params,
     sigma_nonlinearity,
@@ -146,3 +147,14 @@ def test_sample_mask_is_hard_at_zero_and_rejects_negative_temperatures():
     assert abs(hard.mean().item() - 0.3) < 5 * math.sqrt(0.21 / 2000)
     with pytest.raises(ValueError, match="temperature"):
         sample_mask(probs, -0.1)
+
+
+def test_mass_outside_the_frame_is_the_plane_integral_less_the_pixel_sum():
+    sigma = 4.0
+    centred, edge, corner, beyond = rbf_mass_outside_frame(
+        torch.tensor([[16.0, 16.0, sigma], [0.0, 16.0, sigma], [0.0, 0.0, sigma], [-40.0, 16.0, sigma]]), 32, 32)
+    plane = 2 * math.pi * sigma**2
+    assert float(centred) < 1e-3 * plane  # 4 sigma from every edge: the frame holds all of it
+    assert float(edge) == pytest.approx(plane / 2, rel=0.02)  # centre on an edge: half outside
+    assert float(corner) == pytest.approx(3 * plane / 4, rel=0.02)  # on a corner: three quarters
+    assert float(beyond) == pytest.approx(plane, rel=1e-4)  # 10 sigma outside: all of it
