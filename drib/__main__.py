@@ -1,4 +1,4 @@
-"""The CLI: python -m drib {train, evaluate, explain, cost}."""
+"""The CLI: python -m drib {train, evaluate, explain, cost, seeds}."""
 
 from __future__ import annotations
 
@@ -32,14 +32,14 @@ from .config import NOT_IDENTITY, DribSettings, read_recipe, run_identity
 PROG = "python -m drib"
 TRAIN_FIX = "pass a new --out to keep the old run, or delete it to train these settings there"
 DEFAULT_BACKBONE, DEFAULT_DATASET, DEFAULT_EPOCHS = "resnet20", "cifar10", 1.0
-COMMANDS = ("train", "evaluate", "explain", "cost")
+COMMANDS = ("train", "evaluate", "explain", "cost", "seeds")
 # cost's default settings: the benchmark main job's DRIB recipe (its cifar10-cpu preset: 50% target, batch 128)
 COST_RECIPE = Path(__file__).parent / "configs" / "resnet20_cifar10_cpu.json"
 MAIN_JOB_SETTINGS = ("target_mac_reduction=0.5", "train.batch_size=128")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser: ``train``, ``evaluate``, ``explain`` and ``cost``, each on ``common.cli``'s shared flags."""
+    """The full parser: ``train``, ``evaluate``, ``explain``, ``cost`` and ``seeds``, on common.cli's shared flags."""
     parser = argparse.ArgumentParser(prog=PROG, description=(
         "DRIB: dynamic reasoning (per-sample channel selection) + information bottleneck verification."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
@@ -123,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--separate-backward", action="store_true",
                       help="also time the former one-forward decision step (a backward of the whole loss for the "
                            "gates, then one of CE for the backbone)")
+    seeds = sub.add_parser("seeds", help="DRIB beside its static twins over seeds (paired by seed), from each run's "
+                                         "metrics.json; OUT/seeds.json and seeds.md with --out")
+    seeds.add_argument("--run", action="append", required=True,
+                       help="a DRIB run evaluated by `python -m drib evaluate`, one per seed; repeatable")
+    seeds.add_argument("--static", action="append", default=[],
+                       help="the static network (b) of the same seed, in --run's order (--set decision.actions=1); "
+                            "repeatable")
+    seeds.add_argument("--out", default=None, help="folder for seeds.json and seeds.md (default: print only)")
     for command in (evaluate, explain):
         retell(command, "val_source", help="validation split of the run's dataset, which decides the reported split: "
                                            "auto (the one the run was trained with), train (hold-out of the training "
@@ -259,9 +267,27 @@ def cmd_cost(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def cmd_seeds(args: argparse.Namespace) -> None:
+    from common.run import atomic_write_json, atomic_write_text
+
+    from .seeds import render_markdown, seeds_table
+
+    try:
+        table = seeds_table(args.run, args.static)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        raise CLIError(f"seeds: {error}") from None
+    text = render_markdown(table)
+    print(text, end="")
+    if args.out is not None:
+        atomic_write_json(table, Path(args.out) / "seeds.json")
+        atomic_write_text(text, Path(args.out) / "seeds.md")
+        print(f"wrote {Path(args.out) / 'seeds.json'} and seeds.md")
+
+
 def _run(argv: list[str] | None) -> None:
     args = parse_args(build_parser(), argv)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain, "cost": cmd_cost}
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "explain": cmd_explain, "cost": cmd_cost,
+                "seeds": cmd_seeds}
     with command_scope(args, PROG):  # train: one process per --out; run files name their rebuild
         commands[args.command](args)
 
