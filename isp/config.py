@@ -37,6 +37,10 @@ class IspSettings:
     lambda1: float = 0.2
     lambda2: float = 0.001
     selector_samples: int = 1  # relaxed masks per image in Eq. 8's Monte-Carlo estimate (paper: 1)
+    # R(m') of Eq. 9 over "frame" (the paper: kept fraction of the image's pixels) or "plane" (not the paper,
+    # RBF only): plus the kernel's expected mass outside the frame / (H W), so hanging out of the image saves
+    # no area; a control for whether the selector's off-centre offset comes from R counting only the frame.
+    selector_area: str = "frame"
     # Checkpoint choice (not in the paper): the selector objective on this many fixed validation images with
     # fixed mask noise, every selector_val_every steps; the lowest is kept (0 images: the last step is kept).
     selector_val_images: int = 256
@@ -94,6 +98,11 @@ class IspSettings:
     def validate(self) -> None:
         if self.selector not in ("rbf", "realx"):
             raise ValueError(f"selector must be 'rbf' or 'realx', got {self.selector!r}")
+        if self.selector_area not in ("frame", "plane"):
+            raise ValueError(f"selector_area must be 'frame' or 'plane', got {self.selector_area!r}")
+        if self.selector_area == "plane" and self.selector != "rbf":
+            raise ValueError(f"selector_area = 'plane' needs an RBF kernel's mass (selector = 'rbf'), got selector "
+                             f"{self.selector!r}")
         if not 0.0 < self.target_ratio <= 1.0:
             raise ValueError(f"target_ratio p must be in (0, 1], got {self.target_ratio}")
         if not 0.0 < self.subset_fraction <= 1.0:

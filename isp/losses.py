@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from common.precision import Precision
 
-from .rbf import mask_input, sample_mask
+from .rbf import mask_input, rbf_mass_outside_frame, sample_mask
 from .selector import SelectorDecoder
 
 
@@ -42,6 +42,13 @@ def smoothness_penalty(mask: Tensor) -> Tensor:
     return (vertical + horizontal) / pairs
 
 
+def outside_area_penalty(code: Tensor, height: int, width: int) -> Tensor:
+    """What ``selector_area = "plane"`` adds to R(m') (not the paper), per sample: the RBF kernel's expected mass
+    outside the H x W frame (``rbf_mass_outside_frame``, code (c_z, c_t, sigma) in pixels) in units of the
+    frame's pixel count, so that a kernel cannot lower its area by hanging out of the image. fp32."""
+    return rbf_mass_outside_frame(code.float(), height, width) / (height * width)
+
+
 @dataclass
 class SelectorLossParts:
     kl: Tensor
@@ -52,14 +59,20 @@ class SelectorLossParts:
 
 def selector_loss(classifier_logits: Tensor, predictor: nn.Module, images: Tensor, probs: Tensor, *,
                   lambda1: float, lambda2: float, tau: float, generator: torch.Generator | None = None,
-                  policy: Precision | None = None, samples: int = 1) -> SelectorLossParts:
+                  policy: Precision | None = None, samples: int = 1,
+                  outside_area: Tensor | None = None) -> SelectorLossParts:
     """Eq. 8-9: KL + lambda1 R(m') + lambda2 S(m') on ``samples`` relaxed samples m' (Eq. 14) per image (the
     paper: one), drawn by the predictor's own sampler at its own temperature ``tau`` (R: fraction of kept
     pixels, S: mean over neighbour pairs; both in [0, 1]). More samples average the Monte-Carlo estimate of
-    the expectation in Eq. 8, not its value. The predictor runs under ``policy`` (a
-    common.precision.Precision; None: as called); mask, penalties and KL are fp32."""
+    the expectation in Eq. 8, not its value. ``outside_area`` (per image, ``outside_area_penalty``; the
+    ``selector_area = "plane"`` control) is added to R before lambda1, and the returned ``area`` includes it.
+    The predictor runs under ``policy`` (a common.precision.Precision; None: as called); mask, penalties and KL
+    are fp32."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    if outside_area is not None and tuple(outside_area.shape) != (len(probs),):
+        raise ValueError(f"outside_area must hold one value per image, {len(probs)}, got "
+                         f"{tuple(outside_area.shape)}")
     if samples > 1:
         classifier_logits, images, probs = (t.repeat_interleave(samples, 0)
                                             for t in (classifier_logits, images, probs))
@@ -72,6 +85,8 @@ def selector_loss(classifier_logits: Tensor, predictor: nn.Module, images: Tenso
             predicted = predictor(policy.prepare_inputs(masked))
     kl = kl_to_classifier(classifier_logits, predicted)
     area = area_penalty(mask).mean()
+    if outside_area is not None:  # each image repeated ``samples`` times: the mean over images is the same
+        area = area + outside_area.float().mean()
     smooth = smoothness_penalty(mask).mean()
     return SelectorLossParts(kl, area, smooth, kl + lambda1 * area + lambda2 * smooth)
 

@@ -35,7 +35,14 @@ from .artefacts import identify_backbone, images_as_float, load_backbone, load_d
 from .config import STAGE_SHARES, IspSettings
 from .evaluate import EXPLAINED_IMAGES, evaluate_run
 from .hardware import resolve_channel_group
-from .losses import GateLossWeights, gate_loss_terms, gradient_shares, kl_to_classifier, selector_loss
+from .losses import (
+    GateLossWeights,
+    gate_loss_terms,
+    gradient_shares,
+    kl_to_classifier,
+    outside_area_penalty,
+    selector_loss,
+)
 from .model import (
     ChannelGates,
     GateInjector,
@@ -128,15 +135,31 @@ def train_predictor(run: RunDir, classifier: Backbone, predictor: Backbone, load
 
 # Mask draws per validation image: the checkpoint choice compares objectives that differ by a few hundredths.
 VALIDATION_SAMPLES = 4
+SELECTOR_AREAS = ("frame", "plane")
+
+
+def check_selector_area(selector_area: str, decoder: SelectorDecoder) -> None:
+    if selector_area not in SELECTOR_AREAS:
+        raise ValueError(f"selector_area must be one of {SELECTOR_AREAS}, got {selector_area!r}")
+    if selector_area == "plane" and decoder.kind != "rbf":
+        raise ValueError(f"selector_area = 'plane' needs an RBF decoder (its kernel's mass), got {decoder.kind!r}")
+
+
+def outside_area(selector_area: str, decoder: SelectorDecoder, code: Tensor, probs: Tensor) -> Tensor | None:
+    """The per-image addition to R(m') of ``selector_area`` (``IspSettings``): None for "frame" (the paper),
+    the kernel's mass outside the frame of ``probs`` / (H W) for "plane" (RBF decoders only)."""
+    check_selector_area(selector_area, decoder)
+    return None if selector_area == "frame" else outside_area_penalty(code, *probs.shape[-2:])
 
 
 @torch.no_grad()
 def selector_validation(classifier: Backbone, predictor: Backbone, decoder: SelectorDecoder, images: Tensor, *,
                         lambda1: float, lambda2: float, tau: float, policy: Precision | None = None,
-                        batch_size: int = 128, seed: int = 0, samples: int = 1) -> dict[str, float]:
-    """The selector objective (Eq. 8-9) on fixed validation images with fixed mask noise (the same draws at
-    every call, so two decoders are compared on common random numbers), and the mean kept fraction of the
-    Bernoulli maps. The decoder's train/eval mode is restored."""
+                        batch_size: int = 128, seed: int = 0, samples: int = 1,
+                        selector_area: str = "frame") -> dict[str, float]:
+    """The selector objective (Eq. 8-9, R as ``selector_area`` says) on fixed validation images with fixed mask
+    noise (the same draws at every call, so two decoders are compared on common random numbers), and the mean
+    kept fraction of the Bernoulli maps. The decoder's train/eval mode is restored."""
     policy = policy or fp32_policy()
     was_training = decoder.training
     decoder.eval()
@@ -149,7 +172,8 @@ def selector_validation(classifier: Backbone, predictor: Backbone, decoder: Sele
             code = decoder.code(stages, logits.argmax(1))
         probs = decoder.probabilities(code).float()
         parts = selector_loss(logits, predictor, x, probs, lambda1=lambda1, lambda2=lambda2, tau=tau,
-                              generator=generator, policy=policy, samples=samples)
+                              generator=generator, policy=policy, samples=samples,
+                              outside_area=outside_area(selector_area, decoder, code, probs))
         total += float(parts.total) * len(x)
         kept += float(probs.flatten(1).mean(1).sum())
     decoder.train(was_training)
@@ -160,13 +184,15 @@ def train_selector(run: RunDir, classifier: Backbone, predictor: Backbone, decod
                    loader: BatchLoader, steps: int, *, lr: float, weight_decay: float, lambda1: float,
                    lambda2: float, tau: float, seconds: float | None, log,
                    save_every: int = 200, policy: Precision | None = None, val_images: Tensor | None = None,
-                   val_every: int = 50, samples: int = 1) -> LoopState:
+                   val_every: int = 50, samples: int = 1, selector_area: str = "frame") -> LoopState:
     """Only the decoder learns; the encoder (the classifier's backbone) and the predictor stay frozen.
-    Encoder, decoder and predictor run under ``policy``; the RBF map, the mask and the loss are fp32.
+    Encoder, decoder and predictor run under ``policy``; the RBF map, the mask and the loss are fp32. R(m') is
+    over the frame (the paper) or, with ``selector_area = "plane"``, charges the kernel's mass outside it too.
 
     With ``val_images``, the objective is measured on them every ``val_every`` steps (``selector_validation``)
     and the decoder of the lowest validation objective is kept, so a run that drifts out of the interior
     optimum into all-off or all-on masks (a flat KL there) returns the interior state it passed through."""
+    check_selector_area(selector_area, decoder)  # before any step
     policy = policy or fp32_policy()
     freeze(classifier)
     freeze(predictor)
@@ -182,8 +208,10 @@ def train_selector(run: RunDir, classifier: Backbone, predictor: Backbone, decod
             with torch.no_grad():
                 logits, stages = forward_with_stages(classifier, x)
             code = decoder.code(stages, logits.argmax(1))
-        parts = selector_loss(logits, predictor, x, decoder.probabilities(code), lambda1=lambda1,
-                              lambda2=lambda2, tau=tau, policy=policy, samples=samples)
+        probs = decoder.probabilities(code)
+        parts = selector_loss(logits, predictor, x, probs, lambda1=lambda1, lambda2=lambda2, tau=tau,
+                              policy=policy, samples=samples,
+                              outside_area=outside_area(selector_area, decoder, code, probs))
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         optimizer.step()
@@ -191,7 +219,8 @@ def train_selector(run: RunDir, classifier: Backbone, predictor: Backbone, decod
 
     def validate(done: int, state: LoopState) -> None:
         result = selector_validation(classifier, predictor, decoder, val_images, lambda1=lambda1,
-                                     lambda2=lambda2, tau=tau, policy=policy, samples=VALIDATION_SAMPLES)
+                                     lambda2=lambda2, tau=tau, policy=policy, samples=VALIDATION_SAMPLES,
+                                     selector_area=selector_area)
         state.extra.setdefault("val_history", []).append({"step": done, **result})
         if log:
             log.info("selector step %d: validation objective %.4f, kept %.3f", done, result["loss"],
@@ -481,7 +510,7 @@ class Pipeline:
                                       seconds=self._seconds("selector"), log=self.log,
                                       save_every=min(s.checkpoint_every, len(loader)), policy=self.policy,
                                       val_images=self._selector_val_images(), val_every=s.selector_val_every,
-                                      samples=s.selector_samples)
+                                      samples=s.selector_samples, selector_area=s.selector_area)
         save_decoder(self.path("selector"), decoder, fix=lr_fix("selector", s.selector_lr))
         if "best_step" in state.extra:
             atomic_write_json({k: state.extra[k] for k in ("best_step", "best_val_loss", "best_kept", "val_history")}
