@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from common.cli import add_common_arguments
 from common.data import load_dataset
 from common.macs import count_macs
 from common.precision import add_precision_argument, resolve_precision
-from common.run import load_checkpoint
+from common.run import atomic_write_json, load_checkpoint
 from common.training import evaluate_top1
 
 from .artefacts import images_as_float, load_backbone, load_run
@@ -246,7 +247,7 @@ def run_summary(pipeline: Pipeline, images: Tensor, split: str = "test") -> dict
     decoder = pipeline.decoder()
     s = pipeline.settings
     split_name = pipeline.data.test_split_name if split == "test" else f"validation ({pipeline.data.val_source})"
-    out: dict[str, Any] = {"gamma1": s.gamma1, "interpretation_units": s.interpretation_units,
+    out: dict[str, Any] = {"gamma1": s.gamma1, "gamma2": s.gamma2, "interpretation_units": s.interpretation_units,
                            "gate_objective": s.gate_objective, "seed": pipeline.seed,
                            "prunable_kept_ratio": gates["prunable_kept_ratio"],
                            "channels_kept": {k: len(v) for k, v in gates["keep"].items()},
@@ -357,6 +358,10 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
                          help="top-1, drift and interpretation-term images: the held-out split (test) or the "
                               "validation split (val, for choosing settings)")
     compare.add_argument("--images", type=int, default=500, help="class-mixed images of --split for the drift")
+    compare.add_argument("--figure", default=None, metavar="PATH.png",
+                         help="also draw the runs against gamma1 (interpretation term with the unsteered spread, "
+                              "top-1, drift; isp/figures.py) into PATH (.png, .pdf or .svg) and write the printed "
+                              "JSON beside it (same stem, .json), so the figure can be redrawn")
     compare.add_argument("--data-root", default=None)
     add_common_arguments(compare, seed=False)
     add_precision_argument(compare, default=None)
@@ -437,6 +442,8 @@ def report_command(args: argparse.Namespace) -> None:
 def compare_command(args: argparse.Namespace) -> None:
     from common.speed import class_mixed_images
 
+    from .figures import FIGURE_SUFFIXES, sweep_figure  # matplotlib is loaded by this command only
+
     measured: dict[str, dict] = {}  # a run named in two roles (--paired and --unsteered) is measured once
 
     def summaries(specs: list[str]) -> dict[str, dict]:
@@ -452,7 +459,10 @@ def compare_command(args: argparse.Namespace) -> None:
             rows[name] = dict(measured[key])
         return rows
 
-    if args.unsteered and len(args.unsteered) < MIN_UNSTEERED:  # before any run is reopened
+    figure = Path(args.figure) if args.figure is not None else None
+    if figure is not None and figure.suffix.lower() not in FIGURE_SUFFIXES:  # before any run is reopened
+        raise ValueError(f"--figure must end in one of {', '.join(FIGURE_SUFFIXES)}, got {args.figure!r}")
+    if args.unsteered and len(args.unsteered) < MIN_UNSTEERED:
         raise ValueError(f"the manipulation check needs >= {MIN_UNSTEERED} --unsteered runs, got "
                          f"{len(args.unsteered)}")
     if args.paired:  # --run A (one per seed) --paired B (the same seeds, same order)
@@ -478,6 +488,10 @@ def compare_command(args: argparse.Namespace) -> None:
     for row in [*result["runs"].values(), *result.get("unsteered_runs", {}).values()]:
         row.pop("keep", None)
     print(json.dumps(result, indent=1))
+    if figure is not None:
+        atomic_write_json(result, figure.with_suffix(".json"))
+        sweep_figure(result["runs"], result.get("unsteered_runs"), figure)
+        print(f"figure written to {figure}, its data to {figure.with_suffix('.json')}", file=sys.stderr)
 
 
 STUDY_COMMANDS = {"sweep": sweep_command, "blocks": blocks_command, "speed": speed_command,

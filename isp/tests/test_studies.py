@@ -52,3 +52,58 @@ def test_selector_report_adds_the_centre_statistics_for_rbf_only(monkeypatch):
             assert {k: out[k] for k in expected} == pytest.approx(expected)
         else:
             assert not set(keys) & set(out)
+
+
+def _row(gamma1: float, gamma2: float = 80.0, term: float = 10.0, finetuned: bool = False) -> dict:
+    """A run_summary row as compare prints it (keep popped)."""
+    row = {"gamma1": gamma1, "gamma2": gamma2, "interpretation_units": "pixels", "gate_objective": "eq10",
+           "seed": 0, "interpretation_term_subset": term, "interpretation_term_images": 1.5 * term,
+           "top1_before_finetune": 60.0 + gamma1, "gradcam_drift_before_finetune": {"spearman": 0.5,
+                                                                                  "top_overlap": 0.4},
+           "selector_drift_before_finetune": {"spearman": 0.8, "top_overlap": 0.7, "code_l2_px": 2.0}}
+    if finetuned:
+        row |= {"top1_after_finetune": 88.0, "gradcam_drift_after_finetune": {"spearman": 0.6, "top_overlap": 0.5},
+                "selector_drift_after_finetune": {"spearman": 0.9, "top_overlap": 0.8, "code_l2_px": 1.0}}
+    return row
+
+
+def test_sweep_figure_draws_three_runs_into_a_png(tmp_path):
+    from isp.figures import sweep_figure
+
+    rows = {"g0": _row(0.0, term=40.0), "g05": _row(0.5, term=5.0, finetuned=True),
+            "g05-gamma2-400": _row(0.5, gamma2=400.0, term=3.0)}
+    unsteered = {f"u{seed}": _row(0.0, term=30.0 + seed) for seed in range(3)}
+    path = sweep_figure(rows, unsteered, tmp_path / "sweep.png")
+    assert path == tmp_path / "sweep.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000 and [p.name for p in tmp_path.iterdir()] == ["sweep.png"]  # no temporary
+    assert sweep_figure(rows, None, tmp_path / "plain.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="must end in one of"):
+        sweep_figure(rows, None, tmp_path / "sweep.json")
+
+
+def test_compare_figure_writes_the_figure_and_its_json(monkeypatch, tmp_path, capsys):
+    import json
+
+    import common.speed
+    from isp.__main__ import build_parser
+
+    args = build_parser().parse_args(["compare", "--run", "a=runs/a", "--run", "b=runs/b", "--figure",
+                                      str(tmp_path / "out" / "sweep.png")])
+    assert args.figure == str(tmp_path / "out" / "sweep.png")
+
+    class Fake:
+        data = type("data", (), {"test": None, "val": None})
+        device = "cpu"
+
+    summaries = {"a": _row(0.0, term=40.0) | {"keep": {"s": [0]}}, "b": _row(5.0, term=2.0) | {"keep": {"s": [1]}}}
+    monkeypatch.setattr(isp.studies, "reopen_pipeline", lambda path, *_a, **_k: Fake())
+    monkeypatch.setattr(common.speed, "class_mixed_images", lambda *_a, **_k: torch.zeros(1, 3, 32, 32))
+    rows = iter(summaries.values())
+    monkeypatch.setattr(isp.studies, "run_summary", lambda *_a, **_k: dict(next(rows)))
+    isp.studies.compare_command(args)
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert written == printed and set(written["runs"]) == {"a", "b"} and "keep" not in written["runs"]["a"]
+    assert (tmp_path / "out" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="--figure must end in"):
+        isp.studies.compare_command(build_parser().parse_args(["compare", "--run", "x", "--figure", "f.json"]))
