@@ -17,6 +17,10 @@ from typing import Any
 from common.run import read_json
 
 MIN_SEEDS = 2
+# credibility at the configured beta (drib.verification): raw, size-corrected, and how often the controls differ
+CREDIBILITY_KEYS = ("credibility_own", "credibility_other", "credibility_static", "credibility_sized_own",
+                    "credibility_sized_other", "credibility_sized_static", "credibility_other_differs_share",
+                    "credibility_static_equals_own_share")
 
 
 def run_figures(metrics: dict[str, Any]) -> dict[str, float]:
@@ -36,6 +40,9 @@ def run_figures(metrics: dict[str, Any]) -> dict[str, float]:
                    dynamic_filter_share=float(dyn["dynamic_filter_share"]))
         if "probe_over_shuffled" in dyn:
             out["probe_over_shuffled"] = float(dyn["probe_over_shuffled"])
+    for key in CREDIBILITY_KEYS:  # null in metrics.json (no other image's selection differed): NaN here
+        if key in metrics:
+            out[key] = math.nan if metrics[key] is None else float(metrics[key])
     return out
 
 
@@ -49,6 +56,12 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
     verdict = ("a beats b" if mean > 2 * se else "b beats a" if mean < -2 * se else "no measured difference")
     return {"differences": diffs, "mean_difference": mean, "se": se, "verdict": verdict}
+
+
+def _mean(values: Sequence[float]) -> float:
+    """The mean of the known values (NaN: a figure undefined for that seed); NaN when none is known."""
+    known = [v for v in values if not math.isnan(v)]
+    return sum(known) / len(known) if known else math.nan
 
 
 def _read(path: str | Path) -> dict[str, Any]:
@@ -73,7 +86,7 @@ def seeds_table(dynamic: Sequence[str | Path], static: Sequence[str | Path] = ()
                          "re-run `python -m drib evaluate`")
     shared = [k for k in rows[0] if all(k in r for r in rows)]
     out: dict[str, Any] = {"dynamic": [str(p) for p in dynamic], "per_seed": rows,
-                           "mean": {k: sum(r[k] for r in rows) / len(rows) for k in shared}}
+                           "mean": {k: _mean([r[k] for r in rows]) for k in shared}}
     col = {k: [r[k] for r in rows] for k in ("top1", "macs", "twin_top1", "twin_macs")}
     out["drib_minus_twin"] = {"top1": paired(col["top1"], col["twin_top1"]),
                               "macs": paired(col["macs"], col["twin_macs"])}
@@ -93,8 +106,9 @@ def render_markdown(table: dict[str, Any]) -> str:
     lines = [head, "|---|" + "---:|" * (seeds + 1)]
 
     def line(label: str, values: list[float], fmt: str) -> None:
-        lines.append(f"| {label} | " + " | ".join(format(v, fmt) for v in values) + " | "
-                     + format(sum(values) / len(values), fmt) + " |")
+        mean = _mean(values)
+        lines.append(f"| {label} | " + " | ".join("-" if math.isnan(v) else format(v, fmt) for v in values)
+                     + " | " + ("-" if math.isnan(mean) else format(mean, fmt)) + " |")
 
     line("DRIB top-1 (%)", [r["top1"] for r in rows], ".2f")
     line("DRIB MACs (M, heads included)", [r["macs"] / 1e6 for r in rows], ".2f")
@@ -108,14 +122,24 @@ def render_markdown(table: dict[str, Any]) -> str:
                             ("mean_usage_perplexity", "mean usage perplexity", ".2f"),
                             ("mask_difference", "mask difference", ".3f"),
                             ("dynamic_filter_share", "dynamic_filter_share", ".3f"),
-                            ("probe_over_shuffled", "class probe - shuffled (points)", ".1f")):
+                            ("probe_over_shuffled", "class probe - shuffled (points)", ".1f"),
+                            ("credibility_own", "credibility own", ".3f"),
+                            ("credibility_other", "credibility other (a differing selection)", ".3f"),
+                            ("credibility_static", "credibility static row", ".3f"),
+                            ("credibility_sized_own", "size-corrected own", ".3f"),
+                            ("credibility_sized_other", "size-corrected other", ".3f"),
+                            ("credibility_sized_static", "size-corrected static", ".3f"),
+                            ("credibility_other_differs_share", "images with a differing other selection", ".2f"),
+                            ("credibility_static_equals_own_share", "own selection = static row", ".2f")):
         if all(key in r for r in rows):
             line(label, [r[key] for r in rows], fmt)
     lines.append("")
-    for name in ("drib_minus_twin", "drib_minus_static"):
+    for name, other in (("drib_minus_twin", "static twin (a)"), ("drib_minus_static", "static (b)")):
         if name in table:
             t, m = table[name]["top1"], table[name]["macs"]
-            lines.append(f"- {name.replace('_', ' ')}: top-1 {t['mean_difference']:+.2f} +- {t['se']:.2f} pts "
-                         f"(s.e., {seeds} seeds: {t['verdict']}); MACs {m['mean_difference'] / 1e6:+.2f} +- "
+            verdict = {"a beats b": f"DRIB beats {other}", "b beats a": f"{other} beats DRIB"}.get(t["verdict"],
+                                                                                                 t["verdict"])
+            lines.append(f"- DRIB - {other}: top-1 {t['mean_difference']:+.2f} +- {t['se']:.2f} pts "
+                         f"(s.e. over {seeds} seeds: {verdict}); MACs {m['mean_difference'] / 1e6:+.2f} +- "
                          f"{m['se'] / 1e6:.2f} M")
     return "\n".join(lines) + "\n"

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 
 from drib.__main__ import main
-from drib.seeds import paired, seeds_table
+from drib.seeds import paired, render_markdown, seeds_table
 
 
 def _metrics(top1: float, twin: float, macs: float = 20e6, twin_macs: float = 20.5e6) -> dict:
     return {"top1": top1, "macs": macs, "mac_reduction": 0.5,
             "static_twin": {"top1": twin, "macs_without_heads": twin_macs, "mac_reduction_without_heads": 0.49},
             "dynamism": {"max_top_row_share": 0.9, "min_rows_over_5pct": 1, "mean_usage_perplexity": 1.5,
-                         "mask_difference": 0.05, "dynamic_filter_share": 0.2, "probe_over_shuffled": 12.0}}
+                         "mask_difference": 0.05, "dynamic_filter_share": 0.2, "probe_over_shuffled": 12.0},
+            "credibility_own": 0.7, "credibility_other": None, "credibility_other_differs_share": 0.0}
 
 
 def _write(root: Path, name: str, metrics: dict) -> Path:
@@ -41,6 +42,8 @@ def test_seeds_table_pairs_each_dynamic_run_with_its_twin_and_static_run(tmp_pat
     assert table["drib_minus_static"]["top1"]["mean_difference"] == pytest.approx(-5.0)
     assert table["drib_minus_static"]["top1"]["verdict"] == "b beats a"
     assert table["mean"]["twin_top1"] == pytest.approx(81.0)
+    assert table["mean"]["credibility_own"] == pytest.approx(0.7)
+    assert "| credibility other (a differing selection) | - | - | - | - |" in render_markdown(table)
 
 
 def test_cli_writes_the_table_and_names_a_run_without_evaluate(tmp_path, capsys):
