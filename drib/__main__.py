@@ -125,10 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "gates, then one of CE for the backbone)")
     seeds = sub.add_parser("seeds", help="DRIB beside its static twins over seeds (paired by seed), from each run's "
                                          "metrics.json; OUT/seeds.json and seeds.md with --out")
-    seeds.add_argument("--run", action="append", required=True,
-                       help="a DRIB run evaluated by `python -m drib evaluate`, one per seed; repeatable")
-    seeds.add_argument("--static", action="append", default=[],
-                       help="the static network (b) of the same seed, in --run's order (--set decision.actions=1); "
+    seeds.add_argument("--run", action="extend", nargs="+", required=True,
+                       help="DRIB runs evaluated by `python -m drib evaluate`, one per seed (runs/a_s{0,1,2}); "
+                            "repeatable")
+    seeds.add_argument("--static", action="extend", nargs="+", default=[],
+                       help="the static networks (b) of the same seeds, in --run's order (--set decision.actions=1); "
                             "repeatable")
     seeds.add_argument("--out", default=None, help="folder for seeds.json and seeds.md (default: print only)")
     for command in (evaluate, explain):

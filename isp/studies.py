@@ -347,11 +347,12 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
     compare = sub.add_parser("compare", help="gate searches side by side (e.g. gamma1 vs gamma1 = 0): kept "
                                              "channels, top-1, drift, the interpretation term under the hard "
                                              "gates and the manipulation check of steering")
-    compare.add_argument("--run", action="append", required=True, metavar="[NAME=]DIR", help="repeatable")
-    compare.add_argument("--paired", action="append", default=[], metavar="[NAME=]DIR",
+    compare.add_argument("--run", action="extend", nargs="+", required=True, metavar="[NAME=]DIR",
+                         help="one or more runs (runs/a_s0 runs/a_s1 or runs/a_s{0,1,2}); repeatable")
+    compare.add_argument("--paired", action="extend", nargs="+", default=[], metavar="[NAME=]DIR",
                          help="the other arm, one run per --run in the same seed order: per-pair kept-channel "
                               "differences and a paired t-test of every metric (e.g. gamma1 = 0 vs the default)")
-    compare.add_argument("--unsteered", action="append", default=[], metavar="[NAME=]DIR",
+    compare.add_argument("--unsteered", action="extend", nargs="+", default=[], metavar="[NAME=]DIR",
                          help=f"an unsteered search (gamma1 = 0; >= {MIN_UNSTEERED} seeds): the manipulation "
                               "check, each --run's interpretation term against their spread")
     compare.add_argument("--split", default="test", choices=("test", "val"),
