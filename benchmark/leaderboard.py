@@ -17,6 +17,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from common.run import CheckpointError, atomic_write_text, read_json
+from common.stats import beyond_two_se, paired_difference
 
 from .explain_metrics import COLUMNS as EXPLANATION_COLUMNS
 from .explain_metrics import FAITHFULNESS, GRIDPG, SANITY
@@ -191,7 +192,6 @@ MECHANISM_FIGURES: dict[str, list[tuple[str, str, int]]] = {
     "picnn": [("mis", "MIS ↑", 1)],
 }
 MECHANISM_FIELDS = ("method", "control", "difference", "se", "verdict", "pairing")
-VERDICT_SE = 2.0  # "beats its control" / "below its control" only beyond this many standard errors
 
 
 def verdict(difference: float, se: float, direction: int = 1) -> str:
@@ -201,12 +201,8 @@ def verdict(difference: float, se: float, direction: int = 1) -> str:
         return "not measured"
     if not math.isfinite(se):
         return "no standard error: not judged"
-    better = direction * difference
-    if better > VERDICT_SE * se:
-        return "beats its control"
-    if better < -VERDICT_SE * se:
-        return "below its control"
-    return "no measured difference"
+    return {1: "beats its control", -1: "below its control", 0: "no measured difference"}[
+        beyond_two_se(direction * difference, se)]
 
 
 def _top1_difference(mine: pd.Series, theirs: pd.Series) -> tuple[float, float, str]:
@@ -217,8 +213,8 @@ def _top1_difference(mine: pd.Series, theirs: pd.Series) -> tuple[float, float, 
             and pd.notna(n) and n == theirs.get("top1_images")):
         a = unpack_correct(mine["top1_correct"], int(n)).double()
         b = unpack_correct(theirs["top1_correct"], int(n)).double()
-        d = 100.0 * (a - b)
-        return float(d.mean()), float(d.std() / math.sqrt(len(d))), f"paired over {int(n)} test images"
+        difference, se, _ = paired_difference(100.0 * a, 100.0 * b)
+        return difference, se, f"paired over {int(n)} test images"
     p, q = float(mine["top1"]) / 100, float(theirs["top1"]) / 100
     n = mine.get("top1_images", np.nan)
     if not pd.notna(n):

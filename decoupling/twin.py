@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from common.loop import TrainLoop, batch_stream, require_finite
 from common.method import Budget
 from common.precision import resolve_precision
 from common.run import RunDir
+from common.stats import paired_difference as mean_and_se
 
 from .config import DecouplingSettings
 from .model import DecoupledNet
@@ -117,9 +117,8 @@ def paired_difference(correct_a: Tensor, correct_b: Tensor) -> dict[str, float]:
     """Paired top-1 difference a - b in points over the same images, with its standard error
     (sd of the per-image differences / sqrt(n)) and the share of images on which the two disagree."""
     a, b = correct_a.double(), correct_b.double()
-    d = a - b
-    return {"difference": 100.0 * float(d.mean()), "se": 100.0 * float(d.std(unbiased=True) / math.sqrt(len(d))),
-            "disagree": float((a != b).double().mean())}
+    difference, se, _ = mean_and_se(a, b)
+    return {"difference": 100.0 * difference, "se": 100.0 * se, "disagree": float((a != b).double().mean())}
 
 
 def twin_report(decoupled: DecoupledNet, twin: DecoupledNet, test, val, device: torch.device,

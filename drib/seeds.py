@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.run import read_json
+from common.stats import beyond_two_se, paired_difference
 
 MIN_SEEDS = 2
 # credibility at the configured beta (drib.verification): raw, size-corrected, and how often the controls differ
@@ -50,12 +51,9 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     """Mean of a - b over pairs, its standard error and whether it lies beyond two of them."""
     if len(a) != len(b) or len(a) < MIN_SEEDS:
         raise ValueError(f"a paired difference needs >= {MIN_SEEDS} pairs of equal length, got {len(a)} and {len(b)}")
-    diffs = [x - y for x, y in zip(a, b)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
-    verdict = ("a beats b" if mean > 2 * se else "b beats a" if mean < -2 * se else "no measured difference")
-    return {"differences": diffs, "mean_difference": mean, "se": se, "verdict": verdict}
+    mean, se, _ = paired_difference(a, b)
+    verdict = {1: "a beats b", -1: "b beats a", 0: "no measured difference"}[beyond_two_se(mean, se)]
+    return {"differences": [x - y for x, y in zip(a, b)], "mean_difference": mean, "se": se, "verdict": verdict}
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -93,7 +91,7 @@ def seeds_table(dynamic: Sequence[str | Path], static: Sequence[str | Path] = ()
     if static:
         srows = [run_figures(_read(p)) for p in static]
         out.update(static=[str(p) for p in static], static_per_seed=srows,
-                   static_mean={k: sum(r[k] for r in srows) / len(srows) for k in ("top1", "macs", "mac_reduction")})
+                   static_mean={k: _mean([r[k] for r in srows]) for k in ("top1", "macs", "mac_reduction")})
         out["drib_minus_static"] = {"top1": paired(col["top1"], [r["top1"] for r in srows]),
                                     "macs": paired(col["macs"], [r["macs"] for r in srows])}
     return out

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from common.stats import beyond_two_se, paired_difference
+
 from .bottleneck import FeatureStats, attribute_sites, check_cut
 from .config import BottleneckSettings
 from .model import BACKBONE_PREFIX, DynamicNetwork, GatedSite
@@ -183,10 +185,8 @@ def channel_bits(net: DynamicNetwork, images: Tensor, targets: Tensor, stats: di
 
 
 def _beats(own: Tensor, control: Tensor) -> dict[str, float | bool]:
-    diff = (own - control)[~torch.isnan(own - control)]
-    mean = float(diff.mean()) if len(diff) else float("nan")
-    se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else float("nan")
-    return {"difference": mean, "standard_error": se, "beats": bool(len(diff) > 1 and mean > 2 * se)}
+    mean, se, _ = paired_difference(own, control)  # images where a control is undefined (NaN) drop out
+    return {"difference": mean, "standard_error": se, "beats": beyond_two_se(mean, se) > 0}
 
 
 def _other_differing(selected: Tensor, seed: int = 0) -> tuple[Tensor, Tensor]:
