@@ -10,6 +10,7 @@ from typing import Any
 from common.method import read_recipe_file, settings_from_dict
 
 STAGE_SHARES = {"predictor": 0.3, "selector": 0.1, "gates": 0.1, "finetune": 0.5}
+SELECTOR_AREAS = ("frame", "plane")  # R(m') over the image (the paper) or the whole plane (a control)
 
 
 @dataclass
@@ -98,8 +99,8 @@ class IspSettings:
     def validate(self) -> None:
         if self.selector not in ("rbf", "realx"):
             raise ValueError(f"selector must be 'rbf' or 'realx', got {self.selector!r}")
-        if self.selector_area not in ("frame", "plane"):
-            raise ValueError(f"selector_area must be 'frame' or 'plane', got {self.selector_area!r}")
+        if self.selector_area not in SELECTOR_AREAS:
+            raise ValueError(f"selector_area must be one of {SELECTOR_AREAS}, got {self.selector_area!r}")
         if self.selector_area == "plane" and self.selector != "rbf":
             raise ValueError(f"selector_area = 'plane' needs an RBF kernel's mass (selector = 'rbf'), got selector "
                              f"{self.selector!r}")

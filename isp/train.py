@@ -32,7 +32,7 @@ from common.training import evaluate_top1
 
 # The run's model files (artefacts.py); their names stay importable from here (isp.train.save_backbone).
 from .artefacts import identify_backbone, images_as_float, load_backbone, load_decoder, save_backbone, save_decoder
-from .config import STAGE_SHARES, IspSettings
+from .config import SELECTOR_AREAS, STAGE_SHARES, IspSettings
 from .evaluate import EXPLAINED_IMAGES, evaluate_run
 from .hardware import resolve_channel_group
 from .losses import (
@@ -135,10 +135,10 @@ def train_predictor(run: RunDir, classifier: Backbone, predictor: Backbone, load
 
 # Mask draws per validation image: the checkpoint choice compares objectives that differ by a few hundredths.
 VALIDATION_SAMPLES = 4
-SELECTOR_AREAS = ("frame", "plane")
 
 
 def check_selector_area(selector_area: str, decoder: SelectorDecoder) -> None:
+    """Once, before a selector stage: the setting names an area form this decoder has."""
     if selector_area not in SELECTOR_AREAS:
         raise ValueError(f"selector_area must be one of {SELECTOR_AREAS}, got {selector_area!r}")
     if selector_area == "plane" and decoder.kind != "rbf":
@@ -147,8 +147,8 @@ def check_selector_area(selector_area: str, decoder: SelectorDecoder) -> None:
 
 def outside_area(selector_area: str, decoder: SelectorDecoder, code: Tensor, probs: Tensor) -> Tensor | None:
     """The per-image addition to R(m') of ``selector_area`` (``IspSettings``): None for "frame" (the paper),
-    the kernel's mass outside the frame of ``probs`` / (H W) for "plane" (RBF decoders only)."""
-    check_selector_area(selector_area, decoder)
+    the kernel's mass outside the frame of ``probs`` / (H W) for "plane" (RBF decoders only; the stage checked
+    that with ``check_selector_area``)."""
     return None if selector_area == "frame" else outside_area_penalty(code, *probs.shape[-2:])
 
 
@@ -160,6 +160,7 @@ def selector_validation(classifier: Backbone, predictor: Backbone, decoder: Sele
     """The selector objective (Eq. 8-9, R as ``selector_area`` says) on fixed validation images with fixed mask
     noise (the same draws at every call, so two decoders are compared on common random numbers), and the mean
     kept fraction of the Bernoulli maps. The decoder's train/eval mode is restored."""
+    check_selector_area(selector_area, decoder)
     policy = policy or fp32_policy()
     was_training = decoder.training
     decoder.eval()

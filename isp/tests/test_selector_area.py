@@ -12,7 +12,7 @@ from isp.config import IspSettings
 from isp.losses import outside_area_penalty, selector_loss
 from isp.rbf import rbf_bernoulli
 from isp.selector import SelectorDecoder, decoder_shape, forward_with_stages
-from isp.train import outside_area, selector_validation, train_selector
+from isp.train import check_selector_area, outside_area, selector_validation, train_selector
 
 SIZE = 32
 
@@ -53,8 +53,11 @@ def test_plane_needs_an_rbf_selector_and_unknown_areas_are_refused():
     classifier = build_backbone("resnet20").eval()
     realx = SelectorDecoder(decoder_shape(classifier, (SIZE, SIZE), 10), "realx")
     assert outside_area("frame", realx, torch.zeros(1, SIZE, SIZE), torch.zeros(1, SIZE, SIZE)) is None
-    with pytest.raises(ValueError, match="needs an RBF decoder"):
-        outside_area("plane", realx, torch.zeros(1, SIZE, SIZE), torch.zeros(1, SIZE, SIZE))
+    check_selector_area("frame", realx)
+    with pytest.raises(ValueError, match="needs an RBF decoder"):  # what every selector stage checks first
+        check_selector_area("plane", realx)
+    with pytest.raises(ValueError, match="selector_area must be"):
+        check_selector_area("disk", realx)
 
 
 def test_validation_objective_with_plane_is_frame_plus_lambda1_times_the_outside_mass():
